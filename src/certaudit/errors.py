@@ -1,0 +1,37 @@
+"""Exceptions for bad user input.
+
+Anything the user can get wrong (shapes, ranges, NaN, unknown names, bad files) raises an
+:class:`InputError`; the CLI turns it into one line on stderr and exit code 2. Bugs are any
+other exception (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input from the user: wrong shape/range, unknown name, unreadable or untrusted file."""
+
+
+class DataNotFoundError(InputError):
+    """A data set is not on disk and cannot be downloaded."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, corrupt, untrusted or inconsistent."""
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise :class:`InputError` with ``message`` unless ``cond`` holds (never ``assert``)."""
+    if not cond:
+        raise InputError(message)
+
+
+def positive(name: str, value: float) -> float:
+    """Check that a scalar is a finite number > 0 and return it as float."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
+    return v

@@ -1,0 +1,327 @@
+"""Architectures, the in-model ``Normalize`` layer, and safetensors checkpoints with metadata.
+
+Architectures:
+
+* ``2c2f``, ``4c3f``, ``6c2f``: the small convolutional nets of the GloRo paper (Leino et al. 2021),
+  with ReLU; ``2c2f`` is also the Wong & Kolter (2018) model. Feed-forward ``nn.Sequential`` of
+  ``Normalize``, ``Conv2d``, ``ReLU``, ``Flatten``, ``Linear`` so layer-wise bound methods can walk it.
+* ``resnet20``, ``resnet110``: the CIFAR ResNets that Cohen et al. (2019) smoothed (BasicBlock,
+  widths 16/32/64, BatchNorm); parameter names follow the public checkpoints so they import.
+
+Every model is ``nn.Sequential(Normalize(mean, std), body...)``: inputs are always in [0, 1] and
+radii are measured in input space.
+
+Checkpoints are ``safetensors`` files whose metadata holds a JSON :class:`ModelMeta`, so any command
+rebuilds the model from the file alone. Pickles are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from certaudit.errors import CheckpointError, InputError
+
+FORMAT_VERSION = 1
+META_KEY = "certaudit"
+
+ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "resnet20", "resnet110")
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` inside the model, so data and radii stay in [0, 1] space."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        mean_t = torch.as_tensor(list(mean), dtype=torch.float32)
+        std_t = torch.as_tensor(list(std), dtype=torch.float32)
+        if mean_t.dim() != 1 or mean_t.shape != std_t.shape:
+            raise InputError("normalization mean and std must be equal-length lists, one per channel")
+        if not bool(torch.isfinite(mean_t).all()) or not bool((std_t > 0).all()):
+            raise InputError("normalization std must be > 0 and mean finite")
+        self.register_buffer("mean", mean_t.view(-1, 1, 1))
+        self.register_buffer("std", std_t.view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def _feedforward(in_shape: tuple[int, int, int], convs: list[tuple[int, int, int]], dense: list[int],
+                 num_classes: int, normalize: Normalize) -> nn.Sequential:
+    """Conv(out, k, stride) with 'same'-style padding, ReLU after each, then dense layers."""
+    c, h, w = in_shape
+    layers: list[nn.Module] = [normalize]
+    for out, k, stride in convs:
+        pad = 1  # 3x3 stride 1 keeps the size; 4x4 stride 2 halves it (as the GloRo/KW models)
+        layers += [nn.Conv2d(c, out, k, stride=stride, padding=pad), nn.ReLU()]
+        h = (h + 2 * pad - k) // stride + 1
+        w = (w + 2 * pad - k) // stride + 1
+        c = out
+        if h < 1 or w < 1:
+            raise InputError(f"input shape {in_shape} is too small for this architecture")
+    layers.append(nn.Flatten())
+    width = c * h * w
+    for d in dense:
+        layers += [nn.Linear(width, d), nn.ReLU()]
+        width = d
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and an identity (or 1x1 conv) shortcut."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016), as used by Cohen et al. (2019)."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise InputError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.inplanes = 16
+        self.layer1 = self._make_layer(16, n, 1)
+        self.layer2 = self._make_layer(32, n, 2)
+        self.layer3 = self._make_layer(64, n, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # = AvgPool2d(8) on 32x32 inputs, no parameters
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [BasicBlock(self.inplanes, planes, stride)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))  # (B, 16, H, W)
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 64, H/4, W/4)
+        x = torch.flatten(self.avgpool(x), 1)  # (B, 64)
+        return self.fc(x)
+
+
+def build_model(arch: str, input_shape: Sequence[int], num_classes: int,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Sequential:
+    """Build ``Sequential(Normalize, ...)`` for an architecture name and an input shape (C, H, W)."""
+    name = str(arch).lower()
+    if name not in ARCHITECTURES:
+        raise InputError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"input shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
+    if int(num_classes) < 2:
+        raise InputError(f"num_classes must be >= 2, got {num_classes}")
+    c = shape[0]
+    mean = [0.0] * c if mean is None else list(mean)
+    std = [1.0] * c if std is None else list(std)
+    if len(mean) != c or len(std) != c:
+        raise InputError(f"normalization needs {c} means and stds, got {len(mean)} and {len(std)}")
+    norm = Normalize(mean, std)
+    if name == "2c2f":
+        return _feedforward(shape, [(16, 4, 2), (32, 4, 2)], [100], num_classes, norm)
+    if name == "4c3f":
+        return _feedforward(shape, [(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512], num_classes, norm)
+    if name == "6c2f":
+        convs = [(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)]
+        return _feedforward(shape, convs, [512], num_classes, norm)
+    depth = 20 if name == "resnet20" else 110
+    return nn.Sequential(norm, CifarResNet(depth, num_classes, in_channels=c))
+
+
+@dataclass
+class ModelMeta:
+    """Everything needed to rebuild a model and interpret its certificates."""
+
+    arch: str
+    dataset: str
+    input_shape: list[int]
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    method: str = "standard"  # training method: standard, gaussian, gloro, ibp, crown-ibp, imported
+    sigma: float | None = None  # Gaussian-noise training σ (randomized smoothing)
+    eps: float | None = None  # certified-training radius (GloRo: ℓ2, IBP: ℓ∞)
+    norm: str | None = None  # threat-model norm of eps
+    format_version: int = FORMAT_VERSION
+    training: dict[str, Any] = field(default_factory=dict)  # epochs, seed, accuracy, source, ...
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMeta":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"checkpoint metadata is not valid JSON ({exc.msg})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError("checkpoint metadata must be a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"unsupported checkpoint format version {version!r} (this certaudit reads {FORMAT_VERSION})")
+        known = set(cls.__dataclass_fields__)
+        missing = {"arch", "dataset", "input_shape", "num_classes", "mean", "std"} - set(raw)
+        if missing:
+            raise CheckpointError(f"checkpoint metadata lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Path:
+    """Write weights as safetensors with ``meta`` as JSON metadata (atomic rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: meta.to_json()})
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> ModelMeta:
+    """Read only the metadata of a checkpoint."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({_short(exc)})") from None
+    if META_KEY not in md:
+        raise CheckpointError(f"{path} has no certaudit metadata; convert it with `certaudit import`")
+    return ModelMeta.from_json(md[META_KEY])
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Sequential, ModelMeta]:
+    """Rebuild the model from a certaudit checkpoint; the model is in eval mode on ``device``."""
+    from safetensors.torch import load_file
+
+    path = _existing(path)
+    meta = read_meta(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({_short(exc)})") from None
+    try:
+        model = build_model(meta.arch, meta.input_shape, meta.num_classes, meta.mean, meta.std)
+    except InputError as exc:
+        raise CheckpointError(f"{path}: metadata describes no valid model ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match architecture {meta.arch!r} ({_short(exc)})") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or infinite values")
+    model.eval()
+    return model.to(_device(device)), meta
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a foreign checkpoint (safetensors, or a PyTorch file through ``weights_only=True``).
+
+    Never unpickles code: a file that needs arbitrary classes is refused.
+    """
+    path = _existing(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) == 8 and path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({_short(exc)})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: refused to load (only plain tensors and containers are read, never pickled code): {_short(exc)}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model file not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"model path is not a file: {p}")
+    return p
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda requested but CUDA is not available")
+    return dev
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when present; otherwise validate the name."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _device(device)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ARCHITECTURES", "Normalize", "CifarResNet", "BasicBlock", "build_model", "ModelMeta",
+    "save_checkpoint", "load_checkpoint", "read_meta", "read_state_dict", "resolve_device",
+    "count_parameters", "FORMAT_VERSION",
+]
