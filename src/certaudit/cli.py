@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "certaudit.commands.train",
     "certaudit.commands.evaluate",
     "certaudit.commands.certify",
+    "certaudit.commands.import_model",
     "certaudit.commands.check_detector",
     "certaudit.commands.demo",
 ]
