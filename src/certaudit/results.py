@@ -110,13 +110,14 @@ class RowWriter:
         rows = list(rows)
         if not rows:
             return
-        text = []
+        text, keys = [], []
         for row in rows:
             k = _hashable(row.get(self.key))
-            if k in self._done:
+            if k in self._done or k in keys:
                 raise RuntimeError(f"row with {self.key}={k!r} already written to {self.path}")
-            self._done.add(k)
-            text.append(_dumps(row) + "\n")
+            keys.append(k)
+            text.append(_dumps(row) + "\n")  # serialise everything before writing anything
+        self._done.update(keys)
         self._fh.write("".join(text))
         self._fh.flush()
         os.fsync(self._fh.fileno())
