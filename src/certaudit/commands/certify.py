@@ -1,0 +1,228 @@
+"""``certaudit certify``: certify every image of a data set split with a defense; rows + summary.
+
+Rows (one JSON object per image, written as produced, resumed after a crash): ``index``,
+``label``, ``prediction`` (ABSTAIN = -1), ``radius``, ``correct``, ``seconds`` and the defense's
+extras (for smoothing: ``counts_selection``, ``counts``, ``p_lower``). The summary is computed by
+:mod:`certaudit.audits.certified` from all rows of the selected range, old and new.
+
+Example (randomized smoothing, Cohen et al.'s settings)::
+
+    certaudit certify --model m.safetensors --defense smoothing --sigma 0.25 \\
+        --n0 100 --n 100000 --alpha 0.001 --dataset cifar10 --limit 500 --out rows.jsonl
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.errors import InputError
+
+DEFAULT_CHUNK = 256  # images per certify call for defenses without their own suggestion
+
+
+def register(app: typer.Typer) -> None:
+    app.command("certify", help="Certify a data set split with a defense (smoothing, lipschitz, interval); "
+                                "write one row per image and print certified accuracy at radii.")(certify_cmd)
+
+
+def certify_cmd(
+    model: Path = typer.Option(..., "--model", help="certaudit checkpoint (.safetensors)"),
+    defense: str = typer.Option("smoothing", "--defense", help="smoothing, lipschitz or interval"),
+    sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing noise σ (default: the model's training σ)"),
+    n0: int = typer.Option(100, "--n0", help="smoothing: selection samples per image"),
+    n: int = typer.Option(100_000, "--n", help="smoothing: estimation samples per image"),
+    alpha: str = typer.Option("0.001", "--alpha", help="smoothing: failure probability of each certificate"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="also report VRA at ε and 2ε and the clean rejection rate at ε"),
+    radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the table, e.g. 0,0.25,0.5 or 0,2/255"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per forward pass (default: from memory)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (bf16: certificate about the bf16 model)"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels-last memory layout (CUDA speed-up)"),
+    seed: int = typer.Option(0, "--seed", help="noise seed; image i's noise derives from (seed, i)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="data set (default: the model's own)"),
+    split: str = typer.Option("test", "--split", help="train or test"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="certify K images"),
+    skip: int = typer.Option(0, "--skip", help="start at image J"),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="images per certify call (default: automatic)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
+    out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    import torch
+
+    from certaudit.audits.certified import default_radii, summarize
+    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.defenses.registry import build_defense
+    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.results import RowWriter
+
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if skip < 0:
+        raise InputError(f"--skip must be >= 0, got {skip}")
+    if chunk is not None and chunk < 1:
+        raise InputError(f"--chunk must be >= 1, got {chunk}")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    eps_v = None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)
+    radii_v = None if radii is None else _parse_radii(radii)
+    options: dict[str, Any] = {
+        "sigma": None if sigma is None else parse_number(sigma, "--sigma"),
+        "n0": n0, "n": n, "alpha": parse_number(alpha, "--alpha"), "eps": eps_v, "batch_size": batch_size,
+        "precision": precision, "channels_last": channels_last or None, "seed": seed,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+
+    dev = resolve_device(device)
+    net, meta = load_checkpoint(model, dev)
+    info = dataset_info(dataset or meta.dataset)
+    if list(info.shape) != list(meta.input_shape):
+        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
+    if info.num_classes != meta.num_classes:
+        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    guard = build_defense(defense, net, meta, options)
+    x, y = load_dataset(info.name, split, data_root)
+    if skip >= len(y):
+        raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y)} images)")
+    stop = len(y) if limit is None else min(len(y), skip + limit)
+    wanted = list(range(skip, stop))
+
+    settings = guard.settings() if hasattr(guard, "settings") else {k: v for k, v in options.items() if k != "batch_size"}
+    config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
+              "settings": settings, "dataset": info.name, "split": split, "device": dev.type}
+    writer: Any = RowWriter(out, config) if out is not None else _MemoryRows()
+    with writer:
+        done = writer.done()
+        todo = [i for i in wanted if i not in done]
+        if len(todo) < len(wanted) and not as_json:
+            err_console.print(f"resuming {out}: {len(wanted) - len(todo)} of {len(wanted)} images already certified")
+        per_call = chunk or _chunk_for(guard, info.shape)
+        takes_indices = "indices" in inspect.signature(guard.certify).parameters
+        t_run = time.perf_counter()
+        with _progress(enabled=bool(todo)) as bar:
+            task = bar.add_task(f"certify ({defense})", total=len(todo))
+            for a in range(0, len(todo), per_call):
+                idx = todo[a:a + per_call]
+                xc = x[idx].to(dev)
+                t0 = time.perf_counter()
+                cert = guard.certify(xc, indices=idx) if takes_indices else guard.certify(xc)
+                label = cert.label.cpu()  # one transfer per chunk
+                radius = cert.radius.detach().cpu()
+                extras = {k: v.detach().cpu() for k, v in cert.extras.items()}
+                seconds = (time.perf_counter() - t0) / len(idx)
+                rows = []
+                for b, i in enumerate(idx):
+                    pred = int(label[b])
+                    row = {"index": i, "label": int(y[i]), "prediction": pred, "radius": float(radius[b]),
+                           "correct": pred == int(y[i]), "seconds": round(seconds, 6)}
+                    for key, val in extras.items():
+                        row[key] = val[b].tolist()
+                    rows.append(row)
+                writer.write_many(rows)
+                bar.advance(task, len(idx))
+        wall = time.perf_counter() - t_run
+        selected = set(wanted)
+        rows_all = sorted((r for r in writer.rows if r.get("index") in selected), key=lambda r: r["index"])
+
+    norm_name = getattr(getattr(guard, "norm", None), "value", "l2")
+    grid = radii_v if radii_v is not None else _trim(default_radii(norm_name), rows_all)
+    summary = summarize(rows_all, grid, eps_v)
+    summary = {"model": str(model), "defense": defense.lower(), "norm": norm_name, "dataset": info.name,
+               "split": split, "range": [skip, stop], "settings": settings, "device": str(dev),
+               "new_images": len(todo), "wall_seconds": round(wall, 3), **summary}
+    if todo and wall > 0:
+        summary["images_per_second_this_run"] = len(todo) / wall
+        if "n0" in settings and "n" in settings:
+            summary["samples_per_second_this_run"] = len(todo) * (settings["n0"] + settings["n"]) / wall
+    if out is not None:
+        summary["out"] = str(out)
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _parse_radii(text: str) -> list[float]:
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    if not parts:
+        raise InputError("--radii needs at least one radius, e.g. 0,0.25,0.5")
+    return [parse_number(p, "--radii", positive=True, allow_zero=True) for p in parts]
+
+
+def _trim(radii: tuple[float, ...], rows: list[dict[str, Any]]) -> list[float]:
+    """Drop the default grid's radii beyond the first one that no row reaches (all zeros after it)."""
+    top = max((float(r.get("radius", 0.0)) for r in rows), default=0.0)
+    out = []
+    for r in radii:
+        out.append(r)
+        if r > top:
+            break
+    return out
+
+
+def _chunk_for(guard: Any, shape: tuple[int, ...]) -> int:
+    suggest = getattr(guard, "images_per_chunk", None)
+    return int(suggest(shape)) if callable(suggest) else DEFAULT_CHUNK
+
+
+class _MemoryRows:
+    """Stand-in for RowWriter when no --out is given (nothing persists, nothing resumes)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def done(self) -> set[Any]:
+        return set()
+
+    def write_many(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def __enter__(self) -> "_MemoryRows":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{s['defense']}[/bold] on {s['dataset']} ({s['split']}), {s['images']} images")
+    table = Table()
+    table.add_column(f"radius ({s['norm']})", justify="right")
+    table.add_column("certified accuracy", justify="right")
+    for item in s.get("certified_accuracy", []):
+        table.add_row(f"{item['radius']:.4g}", f"{item['accuracy']:.4f}")
+    console.print(table)
+    stats = Table(show_header=False, box=None)
+    stats.add_column("what")
+    stats.add_column("value", justify="right")
+    stats.add_row("model", Path(s["model"]).name)
+    if s["images"]:
+        stats.add_row("clean accuracy (certified label, radius >= 0)", f"{s['clean_accuracy']:.4f}")
+        stats.add_row("abstention rate", f"{s['abstain_rate']:.4f}")
+    if "eps" in s:
+        stats.add_row(f"VRA at eps = {s['eps']:.4g}", f"{s['vra_eps']:.4f}")
+        stats.add_row(f"VRA at 2 eps = {2 * s['eps']:.4g}", f"{s['vra_2eps']:.4f}")
+        stats.add_row(f"clean rejection rate at eps = {s['eps']:.4g}", f"{s['rejection_rate_eps']:.4f}")
+    if s.get("images_per_second_this_run"):
+        stats.add_row("images/s (this run)", f"{s['images_per_second_this_run']:.3g}")
+    if s.get("samples_per_second_this_run"):
+        stats.add_row("noise samples/s (this run)", f"{s['samples_per_second_this_run']:.4g}")
+    stats.add_row("wall time (this run)", f"{s['wall_seconds']:.1f} s ({s['new_images']} new images)")
+    if s.get("out"):
+        stats.add_row("rows", s["out"])
+    console.print(stats)
