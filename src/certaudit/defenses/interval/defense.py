@@ -1,0 +1,192 @@
+"""``IntervalDefense``: ℓ∞ certification of a ReLU network by IBP, CROWN-IBP or CROWN bounds.
+
+* :meth:`IntervalDefense.accept` is Algorithm 2.1 of the degradation paper with
+  ``cert(x, ε)`` = "the lower bound of every logit margin ``f_y − f_j`` over the clipped ℓ∞ ball of
+  radius ε is > 0" (``y`` the model's prediction at ``x``): one bound evaluation at ε itself.
+* :meth:`IntervalDefense.certify` finds, for every image in parallel, the largest certified radius
+  by bisection on ε in ``[0, max_radius]`` to within ``tol``; the returned radius is one of the
+  bisection points at which the bound *was* evaluated and positive, so it is itself certified
+  (radii are float32 numbers, and the bound was evaluated at exactly that number).
+* :meth:`IntervalDefense.margin` is the differentiable worst-case lower bound of
+  ``f_target − f_j`` (minimum over ``j ≠ target``): positive iff ``target`` is certified at ``x``
+  with radius ε. The degradation attack minimizes it inside the ε-ball; the Shadow Attack
+  maximizes it for a wrong target (the paper's CROWN-IBP setting: ``method="crown-ibp"``).
+
+Note: a CROWN bound is not always monotone in ε (the adaptive ReLU slopes change with it), so
+``accept(x, ε)`` may, rarely, reject at an ε below a radius that ``certify`` found; both answers
+are sound (the ball of radius ε lies inside the certified ball). IBP bounds are monotone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels
+from certaudit.defenses.interval.bounds import (
+    METHODS, Network, compile_network, down32, margin_bounds, no_tf32, parse_method,
+)
+from certaudit.defenses.interval.ops import check_supported
+from certaudit.errors import InputError, positive
+
+
+class IntervalDefense(Defense):
+    """ℓ∞ certificates from interval / linear-relaxation bounds (see :mod:`.bounds`)."""
+
+    norm = Norm.LINF
+
+    def __init__(self, model: nn.Module, num_classes: int, method: str = "crown", *,
+                 input_shape: Sequence[int] | None = None, tol: float = 1e-3, max_radius: float = 1.0,
+                 batch_size: int = 256, budget_mb: float | None = None):
+        super().__init__(model, num_classes)
+        check_supported(model)
+        self.method = parse_method(method)
+        self.tol = positive("tol", tol)
+        self.max_radius = positive("max_radius", max_radius)
+        if self.tol >= self.max_radius:
+            raise InputError(f"tol ({tol}) must be smaller than max_radius ({max_radius})")
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.budget_mb = None if budget_mb is None else positive("budget_mb", budget_mb)
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+
+    @classmethod
+    def from_options(cls, model: nn.Module, meta: Any, options: dict[str, Any]) -> "IntervalDefense":
+        """Options: ``method`` (ibp | crown-ibp | crown, default crown), ``tol``, ``max_radius``,
+        ``batch_size``, ``budget_mb``. ``eps`` is not a setting of the defense (it is per query)."""
+        kwargs: dict[str, Any] = {}
+        for key in ("tol", "max_radius", "batch_size", "budget_mb"):
+            if options.get(key) is not None:
+                kwargs[key] = options[key]
+        method = options.get("method") or "crown"
+        shape = getattr(meta, "input_shape", None)
+        return cls(model, int(meta.num_classes), method, input_shape=shape, **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.method, "tol": self.tol, "max_radius": self.max_radius, "norm": "linf",
+                "domain": "[0,1]", "bounds": "sound-float32"}
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _network(self, x: torch.Tensor) -> Network:
+        shape = tuple(x.shape[1:])
+        if self.input_shape is not None and shape != self.input_shape:
+            raise InputError(f"x has per-image shape {shape}, the model takes {self.input_shape}")
+        net = compile_network(self.model, shape)
+        if net.num_classes != self.num_classes:
+            raise InputError(f"the model has {net.num_classes} outputs, the defense expects {self.num_classes}")
+        return net
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x.detach() if isinstance(x, torch.Tensor) else x)
+        dev = self.device
+        return x.to(device=dev, dtype=torch.float32) if (x.device != dev or x.dtype != torch.float32) else x
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).argmax(1)
+
+    def bounds(self, x: torch.Tensor, eps: float | torch.Tensor, target: torch.Tensor | None = None,
+               method: str | None = None) -> torch.Tensor:
+        """(B, K) float64 lower bounds of ``f_target − f_j`` (``+inf`` at the target; target
+        defaults to the prediction). No gradient; batched by ``batch_size``."""
+        x = self._check(x)
+        if not isinstance(eps, torch.Tensor):
+            eps = check_eps(eps)
+        meth = self.method if method is None else parse_method(method)
+        net = self._network(x)
+        tgt = None if target is None else check_labels(target, x.shape[0], self.num_classes).to(x.device)
+        out = []
+        with torch.no_grad(), no_tf32(x.device):
+            for i in range(0, x.shape[0], self.batch_size):
+                xb = x[i:i + self.batch_size]
+                tb = self._predict(xb) if tgt is None else tgt[i:i + self.batch_size]
+                eb = eps[i:i + self.batch_size] if isinstance(eps, torch.Tensor) else eps
+                out.append(margin_bounds(net, xb, eb, tb, meth, budget_mb=self.budget_mb))
+        return torch.cat(out)
+
+    # ----------------------------------------------------------------------------- protocol
+
+    def margin(self, x: torch.Tensor, eps: float, target: torch.Tensor) -> torch.Tensor:
+        """Differentiable (B,) worst-case lower bound of ``f_target − f_j`` over the clipped ε-ball,
+        minimized over ``j ≠ target``; > 0 iff ``target`` is certified at ``x`` with radius ε."""
+        x = self._check(x)
+        eps = check_eps(eps)
+        target = check_labels(target, x.shape[0], self.num_classes).to(x.device)
+        net = self._network(x)
+        with no_tf32(x.device):
+            low = margin_bounds(net, x, eps, target, self.method, budget_mb=self.budget_mb)
+        return low.min(1).values.to(x.dtype)
+
+    def accept(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """Algorithm 2.1: the prediction if its margins are certified at ``eps``, else ABSTAIN."""
+        x = self._check(x)
+        eps = check_eps(eps)
+        net = self._network(x)
+        out = []
+        with torch.no_grad(), no_tf32(x.device):
+            for i in range(0, x.shape[0], self.batch_size):
+                xb = x[i:i + self.batch_size]
+                label = self._predict(xb)
+                ok = margin_bounds(net, xb, eps, label, self.method, budget_mb=self.budget_mb).min(1).values > 0
+                out.append(torch.where(ok, label, torch.full_like(label, ABSTAIN)))
+        return torch.cat(out)
+
+    def certify(self, x: torch.Tensor) -> Certificates:
+        """Prediction and largest certified ℓ∞ radius (bisection on ε, all images in parallel).
+
+        The radius is certified (the bound was evaluated at exactly that float32 value) and is
+        within ``tol`` of the largest radius the bisection can certify: a bisection point above
+        it failed. ``max_radius`` (default 1: the whole cube [0,1]^d) caps it. Radius 0 means no
+        certificate at ``tol``; the label is still the prediction. Extras: ``margin`` (the clean
+        top-1 minus top-2 logit gap), ``evaluations`` (bound evaluations per image).
+        """
+        x = self._check(x)
+        net = self._network(x)
+        labels, radii, gaps = [], [], []
+        steps = max(1, math.ceil(math.log2(self.max_radius / self.tol)))
+        with torch.no_grad(), no_tf32(x.device):
+            for i in range(0, x.shape[0], self.batch_size):
+                xb = x[i:i + self.batch_size]
+                logits = self.model(xb)
+                top2 = logits.topk(2, dim=1)
+                label = top2.indices[:, 0]
+                gaps.append((top2.values[:, 0] - top2.values[:, 1]).float())
+                lo, hi = self._bisect(net, xb, label, steps)
+                labels.append(label)
+                radii.append(lo)
+        label = torch.cat(labels)
+        return Certificates(label=label, radius=torch.cat(radii), norm=Norm.LINF,
+                            extras={"margin": torch.cat(gaps),
+                                    "evaluations": torch.full_like(label, steps + 1)})
+
+    def _bisect(self, net: Network, x: torch.Tensor, label: torch.Tensor, steps: int):
+        b = x.shape[0]
+        dev = x.device
+        lo = torch.zeros(b, dtype=torch.float64, device=dev)
+        cap = float(down32(torch.tensor(self.max_radius, dtype=torch.float64)))  # a float32 number <= max_radius
+        hi = torch.full((b,), cap, dtype=torch.float64, device=dev)
+        ok = self._certified(net, x, hi, label)
+        lo = torch.where(ok, hi, lo)
+        todo = ~ok
+        for _ in range(steps):
+            if not bool(todo.any()):
+                break
+            mid = ((lo + hi) / 2).float().double()  # a float32 number: the radius returned is exact
+            split = todo & (mid > lo) & (mid < hi)
+            if not bool(split.any()):
+                break
+            idx = split.nonzero().squeeze(1)
+            good = self._certified(net, x[idx], mid[idx], label[idx])
+            lo[idx] = torch.where(good, mid[idx], lo[idx])
+            hi[idx] = torch.where(good, hi[idx], mid[idx])
+        return lo.float(), hi.float()
+
+    def _certified(self, net: Network, x: torch.Tensor, eps: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return margin_bounds(net, x, eps, label, self.method, budget_mb=self.budget_mb).min(1).values > 0
+
+
+__all__ = ["IntervalDefense", "METHODS"]
