@@ -106,7 +106,10 @@ class GaussianMethod(StandardMethod):
 
 METHODS: dict[str, Method] = {"standard": StandardMethod(), "gaussian": GaussianMethod()}
 # name -> "module:attribute" of a Method instance, imported on first use (certified methods).
-LAZY_METHODS: dict[str, str] = {}
+LAZY_METHODS: dict[str, str] = {
+    "crown-ibp": "certaudit.defenses.interval:CROWN_IBP", "ibp": "certaudit.defenses.interval:IBP",
+    "gloro": "certaudit.defenses.lipschitz:GLORO_METHOD",
+}
 
 
 def get_method(name: str) -> Method:

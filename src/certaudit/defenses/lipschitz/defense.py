@@ -1,0 +1,354 @@
+"""Lipschitz-margin certification (GloRo Nets, Leino, Wang & Fredrikson, ICML 2021), ℓ2.
+
+For logits ``f = W_L · h(x) + b`` with a penultimate map ``h`` whose Lipschitz constant is at most
+``L = Π_l ‖layer_l‖₂`` (ReLU, Flatten and Identity are 1-Lipschitz), the margin ``f_y − f_j`` is
+``K_{y,j} = L·‖w_y − w_j‖₂``-Lipschitz. Hence ``f`` keeps label ``y`` on the ball of radius
+
+    R(x) = min_{j≠y} (f_y(x) − f_j(x)) / K_{y,j}                       (GloRo, §2)
+
+and the GloRo network's ⊥ logit at radius ε is ``f_⊥ = max_{j≠y} (f_j + ε·K_{y,j})``: the input is
+accepted (Algorithm 2.1 of the degradation paper) iff ``f_y > f_⊥``, iff ``R(x) > ε``. Lemma A.5 of
+the degradation paper (monotonicity) holds because ``K`` is global.
+
+Soundness details (``docs/lipschitz.md``): every ``‖layer‖`` is a *certified upper bound*
+(:mod:`.bounds`), never a power-iteration estimate; and the logits are computed in float32, so a
+magnitude pass bounds the forward rounding error ``e_i ≥ |f̂_i − f_i|`` of every logit (Higham's
+``|fl(Wx+b) − (Wx+b)| ≤ γ_{K+1}(|W||x| + |b|)`` propagated through ``|W|``). The margins are reduced
+by ``2(e_y + e_j)``: once for the evaluation at ``x``, once (to first order) for the float32
+evaluation at any point of the ball. Bounds are computed once per input shape and weight version
+(parameters' ``data_ptr`` and ``_version``) and cached; :meth:`LipschitzDefense.refresh` forces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels
+from certaudit.defenses.lipschitz.bounds import (
+    EXACT_LIMIT, SAFETY, U32, U64, conv_bound, gamma, linear_bound, normalize_bound,
+)
+from certaudit.defenses.lipschitz.network import Layer, walk
+from certaudit.errors import InputError
+
+DEFAULT_BATCH = 1024
+SLACK_INFLATION = 1.01  # the magnitude pass is itself computed in float32
+CUDA_SLACK_FACTOR = 16.0  # cuDNN may pick other summation algorithms than direct/GEMM
+
+
+@dataclass
+class LayerBound:
+    """Certified bound of one layer and how it was obtained."""
+
+    name: str
+    kind: str
+    bound: float
+    method: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LipschitzReport:
+    """All certified constants for one input shape.
+
+    ``pairwise[i, j] = K_{i,j} = penultimate·‖w_i − w_j‖₂`` (float64, zero on the diagonal).
+    """
+
+    input_shape: tuple[int, ...]
+    layers: list[LayerBound]
+    penultimate: float
+    pairwise: torch.Tensor  # (C, C) float64
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape), "penultimate_lipschitz": self.penultimate,
+                "max_pairwise": float(self.pairwise.max()),
+                "layers": [{"name": l.name, "kind": l.kind, "bound": l.bound, "method": l.method} for l in self.layers]}
+
+
+@dataclass
+class _State:
+    report: LipschitzReport
+    layers: list[Layer]
+    pairwise: torch.Tensor  # (C, C) float64 on the model's device
+    abs_weights: list[torch.Tensor | None]
+
+
+def certified_report(model: nn.Module, input_shape: Sequence[int], num_classes: int,
+                     exact_limit: int = EXACT_LIMIT) -> tuple[LipschitzReport, list[Layer]]:
+    """Certified layer bounds, penultimate bound and pairwise margin constants of ``model``."""
+    layers = walk(model, tuple(int(s) for s in input_shape), num_classes)
+    out: list[LayerBound] = []
+    prod = 1.0
+    with torch.no_grad():
+        for layer in layers[:-1]:
+            m = layer.module
+            if layer.kind == "normalize":
+                b, info = normalize_bound(m.std)  # type: ignore[arg-type]
+            elif layer.kind == "conv":
+                b, info = conv_bound(m.weight, layer.geom, exact_limit)  # type: ignore[arg-type]
+            elif layer.kind == "linear":
+                b, info = linear_bound(m.weight)  # type: ignore[arg-type]
+            else:
+                b, info = 1.0, {"method": "1-Lipschitz"}
+            if not math.isfinite(b):
+                raise InputError(f"layer {layer.name!r} has a non-finite Lipschitz bound (NaN/inf weights?)")
+            out.append(LayerBound(layer.name, layer.kind, b, info.pop("method"), info))
+            prod *= b
+        prod *= 1.0 + 4 * len(layers) * U64  # rounding of the product itself
+        w = layers[-1].module.weight.detach().to(torch.float64).cpu()  # type: ignore[union-attr]
+        if not bool(torch.isfinite(w).all()):
+            raise InputError("the logit layer has NaN or infinite weights")
+        dist = torch.cdist(w.unsqueeze(0), w.unsqueeze(0)).squeeze(0)  # (C, C) ‖w_i − w_j‖
+        dist = dist * (1.0 + SAFETY * w.shape[1] * U64)
+        dist.fill_diagonal_(0.0)
+    return LipschitzReport(tuple(int(s) for s in input_shape), out, prod, prod * dist), layers
+
+
+class LipschitzDefense(Defense):
+    """GloRo-style ℓ2 certification of a feed-forward ReLU network from certified Lipschitz bounds.
+
+    ``eps`` is the default radius of :meth:`accept` and :meth:`gloro_logits`; ``input_shape``
+    (C, H, W) fixes the shape the convolution bounds are computed for (else taken from the first
+    batch); ``exact_limit`` caps the banded Gram matrices of the Cholesky certificate (0: circulant
+    bound only).
+    """
+
+    norm = Norm.L2
+
+    def __init__(self, model: nn.Module, num_classes: int, eps: float | None = None, *,
+                 input_shape: Sequence[int] | None = None, exact_limit: int = EXACT_LIMIT,
+                 batch_size: int | None = None):
+        super().__init__(model, num_classes)
+        walk(model, None, self.num_classes)  # refuse unsupported layers now
+        self.eps = None if eps is None else check_eps(eps)
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        if self.input_shape is not None:
+            walk(model, self.input_shape, self.num_classes)
+        if int(exact_limit) < 0:
+            raise InputError(f"exact_limit must be >= 0, got {exact_limit}")
+        self.exact_limit = int(exact_limit)
+        if batch_size is not None and int(batch_size) < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size or DEFAULT_BATCH)
+        dtypes = {p.dtype for p in model.parameters()}
+        if not dtypes <= {torch.float32, torch.float64}:
+            raise InputError(f"the Lipschitz defense certifies float32/float64 models, got {sorted(map(str, dtypes))}")
+        self._states: dict[tuple[int, ...], tuple[tuple, _State]] = {}
+
+    # ------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_options(cls, model: nn.Module, meta: Any, options: dict[str, Any]) -> "LipschitzDefense":
+        """CLI entry: ``eps`` (default: the GloRo training ε of the checkpoint), ``batch_size``,
+        ``exact_limit``; ``precision`` must be fp32; smoothing-only settings are ignored."""
+        if options.get("sigma") is not None:
+            raise InputError("--sigma is a randomized-smoothing setting; the lipschitz defense has no noise")
+        precision = str(options.get("precision", "fp32")).lower()
+        if precision not in ("fp32", "float32"):
+            raise InputError(f"the lipschitz defense certifies the fp32 model only, got precision {precision!r}")
+        eps = options.get("eps")
+        if eps is None and getattr(meta, "method", None) == "gloro" and (getattr(meta, "norm", None) or "l2") == "l2":
+            eps = getattr(meta, "eps", None)
+        return cls(model, int(meta.num_classes), eps, input_shape=tuple(meta.input_shape),
+                   exact_limit=int(options.get("exact_limit", EXACT_LIMIT)), batch_size=options.get("batch_size"))
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"eps": self.eps, "norm": "l2", "exact_limit": self.exact_limit,
+                               "float_slack": "2*(e_y+e_j), magnitude pass"}
+        if self.input_shape is not None:
+            out.update(self.lipschitz_constants().to_dict())
+        return out
+
+    def images_per_chunk(self, sample_shape: Sequence[int]) -> int:
+        return self.batch_size
+
+    # ------------------------------------------------------------------------------- bounds
+
+    def refresh(self) -> None:
+        """Forget cached bounds (they are also recomputed automatically when weights change)."""
+        self._states.clear()
+
+    def _key(self) -> tuple:
+        ts = list(self.model.parameters()) + list(self.model.buffers())
+        return tuple((t.data_ptr(), t._version, str(t.device), tuple(t.shape)) for t in ts)
+
+    def _state(self, shape: tuple[int, ...]) -> _State:
+        key = self._key()
+        hit = self._states.get(shape)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        report, layers = certified_report(self.model, shape, self.num_classes, self.exact_limit)
+        dev = self.device
+        abs_w = [layer.module.weight.detach().abs() if layer.kind in ("conv", "linear") else None  # type: ignore[union-attr]
+                 for layer in layers]
+        state = _State(report, layers, report.pairwise.to(dev), abs_w)
+        self._states[shape] = (key, state)
+        return state
+
+    def lipschitz_constants(self, input_shape: Sequence[int] | None = None) -> LipschitzReport:
+        """Certified per-layer bounds, penultimate bound L and ``K_{i,j}`` for ``input_shape``."""
+        shape = tuple(int(s) for s in input_shape) if input_shape is not None else self.input_shape
+        if shape is None:
+            raise InputError("input_shape is needed (convolution bounds depend on the image size)")
+        return self._state(shape).report
+
+    # ---------------------------------------------------------------------------- forward
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x)
+        shape = tuple(int(s) for s in x.shape[1:])
+        if self.input_shape is not None and shape != self.input_shape:
+            raise InputError(f"x has image shape {shape}, the defense was built for {self.input_shape}")
+        p = next(self.model.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    def _forward(self, x: torch.Tensor, state: _State, slack: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (differentiable) and, with ``slack``, a bound ``e ≥ |f̂ − f|`` on their rounding
+        error (B, C) float64 (no gradient)."""
+        p = next(self.model.parameters())
+        u = U32 if p.dtype == torch.float32 else U64
+        factor = CUDA_SLACK_FACTOR if p.device.type == "cuda" else 1.0
+        h = x
+        err: torch.Tensor | None = None
+        with _no_tf32(p.device):
+            for layer, wabs in zip(state.layers, state.abs_weights):
+                m = layer.module
+                if slack and layer.kind in ("conv", "linear"):
+                    kdim = m.weight[0].numel()  # type: ignore[union-attr,index]
+                    g = gamma(kdim + 1, u) * factor
+                    with torch.no_grad():
+                        src = g * h.detach().abs() if err is None else err + g * h.detach().abs()
+                        if layer.kind == "conv":
+                            err = F.conv2d(src, wabs, None, m.stride, m.padding, m.dilation, m.groups)  # type: ignore[arg-type]
+                        else:
+                            err = F.linear(src, wabs)
+                        if m.bias is not None:  # type: ignore[union-attr]
+                            shape = (1, -1, 1, 1) if layer.kind == "conv" else (1, -1)
+                            err = err + g * m.bias.detach().abs().view(shape)  # type: ignore[union-attr]
+                h = m(h)
+                if slack and layer.kind == "normalize":
+                    with torch.no_grad():
+                        add = 3.0 * SAFETY * u * factor * h.detach().abs()
+                        err = add if err is None else err / m.std + add  # type: ignore[operator]
+                elif slack and layer.kind == "flatten" and err is not None:
+                    err = err.flatten(1)
+        if not slack:
+            return h, None
+        e = torch.zeros_like(h, dtype=torch.float64) if err is None else err.to(torch.float64) * SLACK_INFLATION
+        return h, e
+
+    # ----------------------------------------------------------------------- certificates
+
+    def certify(self, x: torch.Tensor) -> Certificates:
+        """Predicted label and certified ℓ2 radius ``min_j (f_y − f_j − 2(e_y+e_j)) / K_{y,j}``;
+        ABSTAIN (radius 0) where not even that is positive (float ties)."""
+        x = self._check_x(x)
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        labels, radii, runners, gaps = [], [], [], []
+        with torch.no_grad():
+            for a in range(0, x.shape[0], self.batch_size):
+                f, e = self._forward(x[a:a + self.batch_size], state)
+                lab, rad, run, gap = _radius(f, e, state.pairwise)  # type: ignore[arg-type]
+                labels.append(lab)
+                radii.append(rad)
+                runners.append(run)
+                gaps.append(gap)
+        return Certificates(torch.cat(labels), torch.cat(radii), Norm.L2,
+                            {"runner_up": torch.cat(runners), "logit_margin": torch.cat(gaps)})
+
+    def accept(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        """Algorithm 2.1: the label where the certified radius is at least ``eps`` (default: the
+        defense's ε), else ABSTAIN."""
+        return self.certify(x).accept(self._eps(eps))
+
+    def margin(self, x: torch.Tensor, eps: float | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Differentiable (B,) ``f_t − max_{j≠t} (f_j + 2(e_t+e_j) + ε·K_{t,j})``: > 0 iff ``target``
+        is certified at radius ε (the slack ``e`` carries no gradient)."""
+        x = self._check_x(x)
+        b = x.shape[0]
+        t = check_labels(target, b, self.num_classes).to(x.device)
+        eps_t = _eps_tensor(eps, b, x.device)
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        f, e = self._forward(x, state)
+        assert e is not None
+        k = state.pairwise[t].to(f.dtype)  # (B, C)
+        slack = (2.0 * (e.gather(1, t.view(-1, 1)) + e)).to(f.dtype)  # (B, C)
+        rival = f + slack + eps_t.to(f.dtype).view(-1, 1) * k
+        rival = rival.masked_fill(F.one_hot(t, self.num_classes).bool(), -math.inf)
+        return f.gather(1, t.view(-1, 1)).squeeze(1) - rival.amax(dim=1)
+
+    def gloro_logits(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        """(B, C+1) logits of the GloRo network at radius ε: ``f`` and the ⊥ logit
+        ``max_{j≠ŷ} (f_j + 2(e_ŷ+e_j) + ε·K_{ŷ,j})`` for the predicted class ŷ (argmax = C: rejected)."""
+        eps_v = self._eps(eps)
+        x = self._check_x(x)
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        f, e = self._forward(x, state)
+        assert e is not None
+        pred = f.argmax(dim=1)
+        k = state.pairwise[pred].to(f.dtype)
+        slack = (2.0 * (e.gather(1, pred.view(-1, 1)) + e)).to(f.dtype)
+        bot = (f + slack + eps_v * k).masked_fill(F.one_hot(pred, self.num_classes).bool(), -math.inf).amax(1)
+        return torch.cat([f, bot.unsqueeze(1)], dim=1)
+
+    def _eps(self, eps: float | None) -> float:
+        if eps is None:
+            if self.eps is None:
+                raise InputError("no radius: pass eps or build the defense with eps")
+            return self.eps
+        return check_eps(eps)
+
+
+def _radius(f: torch.Tensor, e: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Label, radius (float64), binding runner-up class and its raw logit margin, per row."""
+    f64 = f.detach().to(torch.float64)  # (B, C)
+    pred = f64.argmax(dim=1)  # (B,)
+    fp = f64.gather(1, pred.view(-1, 1))  # (B, 1)
+    m = fp - f64 - 2.0 * (e.gather(1, pred.view(-1, 1)) + e)  # (B, C) certified margins
+    k = pairwise[pred]  # (B, C)
+    r = torch.where(k > 0, m / k.clamp_min(1e-300), torch.where(m > 0, math.inf, -math.inf))
+    r = r.masked_fill(F.one_hot(pred, f.shape[1]).bool(), math.inf)
+    radius, runner = r.min(dim=1)
+    gap = (fp.squeeze(1) - f64.gather(1, runner.view(-1, 1)).squeeze(1))
+    ok = radius > 0
+    label = torch.where(ok, pred, torch.full_like(pred, ABSTAIN))
+    radius = torch.where(ok, radius, torch.zeros_like(radius))
+    return label, radius, runner, gap
+
+
+def _eps_tensor(eps: float | torch.Tensor, b: int, device: torch.device) -> torch.Tensor:
+    if isinstance(eps, torch.Tensor):
+        e = eps.detach().to(device=device, dtype=torch.float64)
+        if e.dim() == 0:
+            e = e.expand(b)
+        if e.shape != (b,):
+            raise InputError(f"eps must be a number or a ({b},) tensor, got shape {tuple(e.shape)}")
+        if not bool(torch.isfinite(e).all()) or not bool((e >= 0).all()):
+            raise InputError("eps must be finite and >= 0")
+        return e
+    return torch.full((b,), check_eps(eps), dtype=torch.float64, device=device)
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
+    """TF32 (10-bit mantissa) would void the float32 rounding analysis on CUDA: disable it."""
+    if device.type != "cuda":
+        yield
+        return
+    old_mm, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_mm
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+__all__ = ["LipschitzDefense", "LipschitzReport", "LayerBound", "certified_report"]
