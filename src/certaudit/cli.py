@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "certaudit.commands.certify",
     "certaudit.commands.import_model",
     "certaudit.commands.check_detector",
+    "certaudit.commands.spoof",
     "certaudit.commands.demo",
 ]
 

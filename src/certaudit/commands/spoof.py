@@ -1,0 +1,303 @@
+"""``certaudit spoof``: the Shadow Attack against a certified defense; rows, Table 1/2 summary, grid.
+
+For every image: a natural CERTIFY, the untargeted Shadow Attack (all wrong classes at once), a
+selection CERTIFY of every candidate and a fresh judging CERTIFY of the chosen one (see
+:mod:`certaudit.audits.spoofing`). Rows are written as produced; rerun with the same ``--out`` to
+resume. Example (the paper's smoothing setting on CIFAR-10)::
+
+    certaudit spoof --model m.safetensors --defense smoothing --sigma 0.25 --channels 1 \\
+        --steps 300 --samples 400 --dataset cifar10 --limit 100 --stride 100 --out rows.jsonl --grid fig2.png
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.errors import InputError
+
+PRESETS = ("smoothing", "crown-ibp")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("spoof", help="Shadow Attack (Ghiasi et al. 2020): spoof certificates for wrong labels; "
+                              "natural vs spoofed radii, success rate, robust vs attack error.")(spoof_cmd)
+
+
+def spoof_cmd(
+    model: Path = typer.Option(..., "--model", help="certaudit checkpoint (.safetensors)"),
+    defense: str = typer.Option("smoothing", "--defense", help="smoothing, lipschitz or interval"),
+    sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing noise σ (default: the model's training σ)"),
+    channels: int = typer.Option(1, "--channels", help="1: one grey δ for all channels (Dissim = 0); 3: a δ per channel"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimization steps (paper: 300)"),
+    samples: int = typer.Option(400, "--samples", help="Gaussian copies in the smoothing loss (paper: 400)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="smoothing (paper Sec. 3) or crown-ibp (Sec. 5); "
+                                                                "default: smoothing for --defense smoothing, else crown-ibp"),
+    lr: Optional[str] = typer.Option(None, "--lr", help="step size (smoothing preset 0.1, crown-ibp 200)"),
+    lambda_tv: Optional[str] = typer.Option(None, "--lambda-tv", help="TV weight (0.3 / 9e-6)"),
+    lambda_c: Optional[str] = typer.Option(None, "--lambda-c", help="colour weight (1.0 / 0.02)"),
+    lambda_s: Optional[str] = typer.Option(None, "--lambda-s", help="dissimilarity weight, 3-channel only (0.5)"),
+    color: Optional[str] = typer.Option(None, "--color", help="mean_abs (paper Sec. 3) or l2 (‖δ‖₂, Sec. 5)"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (plain gradient ascent, as the authors) or adam"),
+    noise: str = typer.Option("fixed", "--noise", help="fixed: one set of copies per image for the whole run "
+                                                      "(authors' code); fresh: new copies every step"),
+    init: str = typer.Option("0.5", "--init", help="random start δ0 ~ U(−init, init); 0 starts at δ = 0"),
+    loss_name: Optional[str] = typer.Option(None, "--loss", help="ce (smoothing: mean cross-entropy over copies) or "
+                                                                  "margin (the defense's certificate margin at --eps)"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="radius for Table 2 (robust vs attack error) and the margin loss"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="comma list of candidate target classes (default: all)"),
+    n0: int = typer.Option(100, "--n0", help="smoothing: selection samples of CERTIFY"),
+    n: int = typer.Option(100_000, "--n", help="smoothing: estimation samples of the natural and judging CERTIFY"),
+    alpha: str = typer.Option("0.001", "--alpha", help="smoothing: failure probability of each certificate"),
+    select_n: int = typer.Option(200, "--select-n", help="smoothing: estimation samples of the CERTIFY that picks the "
+                                                         "best target (authors: 2·n0)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per forward pass (default: from memory)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the attack and certificate noise"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="data set (default: the model's own)"),
+    split: str = typer.Option("test", "--split", help="train or test"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="attack K images"),
+    skip: int = typer.Option(0, "--skip", help="start at image J"),
+    stride: int = typer.Option(1, "--stride", help="take every S-th image (CIFAR files are sorted by class)"),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="images per batched attack (default: from memory)"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
+    out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid natural | δ | x+δ (images attacked in this run)"),
+    grid_images: int = typer.Option(8, "--grid-images", help="rows of the grid"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    import torch
+
+    from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
+    from certaudit.audits.spoofing import is_randomized, save_grid, spoof_batch, summarize
+    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.defenses.base import ABSTAIN
+    from certaudit.defenses.registry import build_defense
+    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.results import RowWriter
+
+    # ---- validate everything before loading anything
+    for name, value, low in (("--limit", limit, 1), ("--chunk", chunk, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and value < low:
+            raise InputError(f"{name} must be >= {low}, got {value}")
+    if skip < 0:
+        raise InputError(f"--skip must be >= 0, got {skip}")
+    if stride < 1:
+        raise InputError(f"--stride must be >= 1, got {stride}")
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    if grid_images < 1:
+        raise InputError(f"--grid-images must be >= 1, got {grid_images}")
+    if select_n < 1:
+        raise InputError(f"--select-n must be >= 1, got {select_n}")
+    defense_name = defense.lower()
+    preset_name = (preset or ("smoothing" if defense_name == "smoothing" else "crown-ibp")).lower()
+    if preset_name not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    base = ShadowConfig() if preset_name == "smoothing" else ShadowConfig.crown_ibp()
+    changes: dict[str, Any] = {"channels": channels, "optimizer": optimizer.lower(),
+                               "init": parse_number(init, "--init")}
+    if steps is not None:
+        changes["steps"] = steps
+    for key, text, flag in (("lr", lr, "--lr"), ("lambda_tv", lambda_tv, "--lambda-tv"),
+                            ("lambda_c", lambda_c, "--lambda-c"), ("lambda_s", lambda_s, "--lambda-s")):
+        if text is not None:
+            changes[key] = parse_number(text, flag)
+    if color is not None:
+        changes["color"] = color.lower()
+    config = base.with_(**changes)  # raises InputError on bad values
+    loss_kind = (loss_name or ("ce" if defense_name == "smoothing" else "margin")).lower()
+    if loss_kind not in ("ce", "margin"):
+        raise InputError(f"unknown loss {loss_name!r}; choose ce or margin")
+    if loss_kind == "ce" and defense_name != "smoothing":
+        raise InputError("--loss ce is the randomized-smoothing loss; use --loss margin for other defenses")
+    eps_v = None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)
+    if loss_kind == "margin" and eps_v is None and defense_name != "smoothing":
+        raise InputError("--loss margin needs --eps: the radius at which the spoofed label should be certified")
+    if noise.lower() not in ("fixed", "fresh"):
+        raise InputError(f"unknown --noise {noise!r}; choose fixed or fresh")
+    cand = None if targets is None else _parse_classes(targets)
+
+    options: dict[str, Any] = {
+        "sigma": None if sigma is None else parse_number(sigma, "--sigma"), "n0": n0, "n": n,
+        "alpha": parse_number(alpha, "--alpha"), "eps": eps_v, "batch_size": batch_size, "seed": seed,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    dev = resolve_device(device)
+    net, meta = load_checkpoint(model, dev)
+    info = dataset_info(dataset or meta.dataset)
+    if list(info.shape) != list(meta.input_shape):
+        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
+    if info.num_classes != meta.num_classes:
+        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    if cand is not None and max(cand) >= info.num_classes:
+        raise InputError(f"--targets must lie in [0, {info.num_classes}), got {cand}")
+    guard = build_defense(defense_name, net, meta, options)
+    randomized = is_randomized(guard)  # noise in CERTIFY: skip abstentions, re-draw to judge
+    if loss_kind == "ce":
+        loss: Any = SmoothedCrossEntropy(net, guard.sigma, samples=samples, noise=noise.lower())
+    else:
+        kwargs = {"n_samples": samples} if "n_samples" in inspect.signature(guard.margin).parameters else {}
+        loss = DefenseMargin(guard, eps_v or 0.0, **kwargs)
+    x_all, y_all = load_dataset(info.name, split, data_root)
+    if skip >= len(y_all):
+        raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y_all)} images)")
+    wanted = list(range(skip, len(y_all), stride))
+    if limit is not None:
+        wanted = wanted[:limit]
+
+    cert_opts = {"n0": n0, "n": n} if randomized else {}
+    sel_opts = {"n0": n0, "n": select_n} if randomized else {}
+    settings = guard.settings() if hasattr(guard, "settings") else {k: v for k, v in options.items() if k != "batch_size"}
+    loss_settings = loss.settings() if hasattr(loss, "settings") else {"loss": loss_kind}
+    config_row = {"verb": "spoof", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense_name,
+                  "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
+                  "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
+                  "dataset": info.name, "split": split, "device": dev.type}
+    writer: Any = RowWriter(out, config_row) if out is not None else _MemoryRows()
+    shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]] = []
+    with writer:
+        done = writer.done()
+        todo = [i for i in wanted if i not in done]
+        if len(todo) < len(wanted) and not as_json:
+            err_console.print(f"resuming {out}: {len(wanted) - len(todo)} of {len(wanted)} images already attacked")
+        shape = tuple(info.shape)
+        per_call = chunk or _auto_chunk(loss, shape)
+        n_targets = len(cand) if cand is not None else info.num_classes - 1
+        t_run = time.perf_counter()
+        with _progress(enabled=bool(todo)) as bar:
+            task = bar.add_task(f"shadow attack ({defense_name}, {config.channels}-channel)",
+                                total=max(1, len(todo) * n_targets * config.steps))
+            finished = 0
+            for a in range(0, len(todo), per_call):
+                idx = todo[a:a + per_call]
+                xc = x_all[idx].to(dev)
+                yc = y_all[idx]
+                result = spoof_batch(guard, loss, xc, yc, config, indices=idx, seed=seed, candidates=cand,
+                                     certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
+                                     on_step=lambda k: bar.advance(task, k))
+                writer.write_many(result.rows)
+                finished += len(idx)
+                bar.update(task, completed=finished * n_targets * config.steps)
+                if grid is not None:
+                    for b, row in enumerate(result.rows):
+                        if row["attacked"] and len(shown) < grid_images:
+                            nat_txt = _caption(row["label"], row["natural_prediction"], row["natural_radius"], info, ABSTAIN)
+                            adv_txt = _caption(row["label"], row["spoofed_prediction"], row["spoofed_radius"], info, ABSTAIN)
+                            shown.append((result.natural[b].cpu(), result.delta[b].cpu(), result.x_adv[b].cpu(),
+                                          (nat_txt, adv_txt)))
+        wall = time.perf_counter() - t_run
+        selected = set(wanted)
+        rows_all = sorted((r for r in writer.rows if r.get("index") in selected), key=lambda r: r["index"])
+
+    summary = summarize(rows_all, eps_v)
+    summary = {"model": str(model), "defense": defense_name, "dataset": info.name, "split": split,
+               "images_selected": len(wanted), "settings": settings, "shadow": config.as_dict(),
+               "spoof_loss": loss_settings, "device": str(dev), "new_images": len(todo),
+               "wall_seconds": round(wall, 3), **summary}
+    if todo and wall > 0:
+        summary["images_per_second_this_run"] = len(todo) / wall
+    if out is not None:
+        summary["out"] = str(out)
+    if grid is not None:
+        if shown:
+            save_grid(grid, torch.stack([s[0] for s in shown]), torch.stack([s[1] for s in shown]),
+                      torch.stack([s[2] for s in shown]), [s[3] for s in shown])
+            summary["grid"] = str(grid)
+        elif not as_json:
+            err_console.print("no image was attacked in this run: no grid written")
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _parse_classes(text: str) -> list[int]:
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        out = sorted(set(int(p) for p in parts))
+    except ValueError:
+        raise InputError(f"--targets must be a comma list of class numbers, got {text!r}") from None
+    if not out or min(out) < 0:
+        raise InputError(f"--targets must be class numbers >= 0, got {text!r}")
+    return out
+
+
+def _auto_chunk(loss: Any, shape: tuple[int, ...]) -> int:
+    fn = getattr(loss, "max_images", None)
+    return max(1, min(256, int(fn(shape)))) if callable(fn) else 64
+
+
+def _caption(label: int, pred: Any, radius: Any, info: Any, abstain: int) -> str:
+    if pred is None:
+        return "not attacked"
+    name = "abstain" if pred == abstain else info.classes[int(pred)]
+    mark = "" if pred in (label, abstain) else " (wrong)"
+    return f"{name}{mark}, r={float(radius or 0.0):.3f}"
+
+
+class _MemoryRows:
+    """Stand-in for RowWriter when no --out is given."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def done(self) -> set[Any]:
+        return set()
+
+    def write_many(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def __enter__(self) -> "_MemoryRows":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True, disable=not enabled)
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]Shadow Attack[/bold] on {s['defense']} ({s['dataset']} {s['split']}), {s['images']} images, "
+                  f"{s['shadow']['channels']}-channel, {s['shadow']['steps']} steps")
+    t1 = Table(title="Table 1: certified radius")
+    t1.add_column("")
+    t1.add_column("mean", justify="right")
+    t1.add_column("std", justify="right")
+    t1.add_row("natural (not abstained)", _fmt(s.get("natural_radius_mean")), _fmt(s.get("natural_radius_std")))
+    t1.add_row("shadow (successful)", _fmt(s.get("shadow_radius_mean")), _fmt(s.get("shadow_radius_std")))
+    console.print(t1)
+    stats = Table(show_header=False, box=None)
+    stats.add_column("what")
+    stats.add_column("value", justify="right")
+    if s["images"]:
+        stats.add_row("natural abstention rate", _fmt(s.get("natural_abstain_rate"), ".4f"))
+        stats.add_row("attacked (not abstained)", str(s.get("attacked")))
+        stats.add_row("success rate (fresh CERTIFY gives a wrong label)", _fmt(s.get("success_rate"), ".4f"))
+        stats.add_row("spoofed radius >= natural radius", _fmt(s.get("spoofed_beats_natural"), ".4f"))
+        stats.add_row("mean ‖δ‖₂ / ‖δ‖∞ / TV", f"{_fmt(s.get('l2_mean'))} / {_fmt(s.get('linf_mean'))} / {_fmt(s.get('tv_mean'))}")
+    if "eps" in s:
+        stats.add_row(f"robust error, natural (eps = {s['eps']:.4g})", _fmt(s.get("robust_error"), ".4f"))
+        stats.add_row(f"attack error, shadow (eps = {s['eps']:.4g})", _fmt(s.get("attack_error"), ".4f"))
+    stats.add_row("wall time (this run)", f"{s['wall_seconds']:.1f} s ({s['new_images']} new images)")
+    if s.get("out"):
+        stats.add_row("rows", s["out"])
+    if s.get("grid"):
+        stats.add_row("grid", s["grid"])
+    console.print(stats)

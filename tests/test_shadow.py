@@ -1,0 +1,408 @@
+"""Shadow Attack: the paper's penalties, exact loss scaling, chunking, 1-channel δ, and success that
+only a real CERTIFY grants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certaudit.attacks.shadow import (
+    DefenseMargin,
+    ShadowConfig,
+    SmoothedCrossEntropy,
+    color_penalty,
+    dissim_penalty,
+    expand_delta,
+    mix_seed,
+    noise_key,
+    shadow_attack,
+    shadow_objective,
+    tv_penalty,
+    wrong_class_pairs,
+)
+from certaudit.audits.spoofing import ROLE_FINAL, certify_images, save_grid, spoof_batch, summarize
+from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm
+from certaudit.defenses.smoothing import SmoothedClassifier
+from certaudit.errors import InputError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors run faster on one thread (and do not fight other jobs for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_net(channels: int = 3, classes: int = 4, size: int = 6, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * size * size, classes)).eval()
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A 2C2F trained under Gaussian noise (σ = 0.25) on the 8x8 digits (a few seconds on CPU)."""
+    from certaudit.data import load_dataset
+    from certaudit.models import build_model
+    from certaudit.train import TrainConfig, train
+
+    x_tr, y_tr = load_dataset("digits", "train")
+    x_te, y_te = load_dataset("digits", "test")
+    model = build_model("2c2f", (1, 8, 8), 10)
+    train(model, x_tr, y_tr, TrainConfig(method="gaussian", sigma=0.25, epochs=10, lr=3e-3, seed=0),
+          device=torch.device("cpu"), progress=False)
+    return model.eval(), x_te, y_te
+
+
+# ------------------------------------------------------------------------------- penalties
+
+def test_penalties_match_hand_computed_values():
+    d = torch.tensor([[[[1.0, -2.0], [0.0, 3.0]],  # R
+                       [[0.0, 0.0], [0.0, 1.0]],  # G
+                       [[-1.0, 1.0], [1.0, -1.0]]]])  # B  -> (1, 3, 2, 2)
+    # C: mean |δ_c| = (6/4, 1/4, 4/4) -> ‖·‖₂ = sqrt(2.25 + 0.0625 + 1)
+    assert color_penalty(d).item() == pytest.approx(math.sqrt(2.25 + 0.0625 + 1.0))
+    assert color_penalty(d, "l2").item() == pytest.approx(math.sqrt(1 + 4 + 9 + 1 + 4 * 1))
+    # TV: vertical (row1 - row0) and horizontal (col1 - col0) differences, squared, all channels.
+    # R: vert (-1, 5), horiz (-3, 3) -> 1 + 25 + 9 + 9 = 44; G: vert (0, 1), horiz (0, 1) -> 2;
+    # B: vert (2, -2), horiz (2, -2) -> 16.
+    assert tv_penalty(d).item() == pytest.approx(44 + 2 + 16)
+    # Dissim: ‖((R−G)², (R−B)², (G−B)²)‖₂ over all pixels.
+    rg = [1, -2, 0, 2]
+    rb = [2, -3, -1, 4]
+    gb = [1, -1, -1, 2]
+    expected = math.sqrt(sum(v ** 4 for v in rg + rb + gb))
+    assert dissim_penalty(d).item() == pytest.approx(expected)
+    # One channel: no dissimilarity; a grey δ copied to 3 channels has none either.
+    assert dissim_penalty(d[:, :1]).item() == 0.0
+    assert dissim_penalty(expand_delta(d[:, :1], 3)).item() == 0.0
+
+
+def test_penalties_are_per_example_and_zero_at_zero():
+    d = torch.zeros(3, 3, 5, 5)
+    d[1] = torch.randn(3, 5, 5)
+    for f in (color_penalty, tv_penalty, dissim_penalty):
+        v = f(d)
+        assert v.shape == (3,) and v[0] == 0 and v[2] == 0 and v[1] > 0
+    # the penalties have finite (zero) gradients at δ = 0, so the zero start is safe
+    z = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    (color_penalty(z) + dissim_penalty(z) + tv_penalty(z)).sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().max() == 0
+
+
+# --------------------------------------------------------------------------- loss scaling
+
+def reference_pair_objective(model, x, delta, t, eps, sigma, cfg):
+    """One (image, target) pair, written naively: a Python loop over the noise copies."""
+    eff = delta.expand(x.shape[0], -1, -1) if delta.shape[0] == 1 else delta  # (C, H, W)
+    xa = (x + eff).clamp(0, 1)
+    ce = [F.cross_entropy(model((xa + sigma * eps[k])[None]), torch.tensor([t])) for k in range(eps.shape[0])]
+    loss = sum(ce) / len(ce)  # the mean over this pair's copies, nothing else
+    mean_abs = torch.stack([eff[c].abs().mean() for c in range(eff.shape[0])])
+    color = torch.sqrt((mean_abs ** 2).sum())
+    tv = sum(((eff[:, i + 1, :] - eff[:, i, :]) ** 2).sum() for i in range(eff.shape[1] - 1)) + \
+        sum(((eff[:, :, j + 1] - eff[:, :, j]) ** 2).sum() for j in range(eff.shape[2] - 1))
+    if delta.shape[0] == 3:  # a 1-channel δ has no dissimilarity (and sqrt(0) has no derivative)
+        r, g, b = eff
+        dissim = torch.sqrt(((r - g) ** 4).sum() + ((r - b) ** 4).sum() + ((g - b) ** 4).sum())
+    else:
+        dissim = torch.zeros(())
+    return -loss - cfg.lambda_c * color - cfg.lambda_tv * tv - cfg.lambda_s * dissim
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_gradient_equals_each_pairs_own_gradient(channels):
+    """The batched objective is a sum of per-pair objectives: no pair's classification gradient is
+    divided by the number of copies (the 1/n bug that silently disables the attack)."""
+    model = tiny_net()
+    s, sigma = 16, 0.3
+    cfg = ShadowConfig(channels=channels, lambda_c=0.7, lambda_tv=0.05, lambda_s=0.4)
+    loss = SmoothedCrossEntropy(model, sigma, samples=s)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 6, 6, generator=gen)
+    image, target = wrong_class_pairs(torch.tensor([0, 2]), 4)  # 6 pairs
+    cd = 1 if channels == 1 else 3
+    delta = 0.2 * torch.randn(6, cd, 6, 6, generator=gen)
+    keys = torch.tensor([noise_key(5, int(i)) for i in image])
+    obj, grad, parts = shadow_objective(loss, x[image], delta, target, keys, cfg)
+    for p in range(6):
+        eps = loss.copies(int(keys[p]), 0, (3, 6, 6))
+        d = delta[p].clone().requires_grad_(True)
+        ref = reference_pair_objective(model, x[image[p]], d, int(target[p]), eps, sigma, cfg)
+        (ref_grad,) = torch.autograd.grad(ref, d)
+        assert obj[p].item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(grad[p], ref_grad, rtol=1e-4, atol=1e-6)
+    # The classification term alone: its gradient is the mean over copies, not 1/S of it.
+    plain = ShadowConfig(channels=channels, lambda_c=0.0, lambda_tv=0.0, lambda_s=0.0)
+    _, g_cls, _ = shadow_objective(loss, x[image], delta, target, keys, plain)
+    eps = loss.copies(int(keys[0]), 0, (3, 6, 6))
+    d = delta[0].clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(reference_pair_objective(model, x[image[0]], d, int(target[0]), eps, sigma, plain), d)
+    ratio = (g_cls[0].norm() / g_ref.norm()).item()
+    assert ratio == pytest.approx(1.0, rel=1e-4)  # the bug would give 1/16
+
+
+def test_chunked_gradient_equals_unchunked_objective():
+    model = tiny_net()
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    image, target = wrong_class_pairs(torch.tensor([1, 0, 3]), 4)
+    keys = torch.tensor([noise_key(0, int(i)) for i in image])
+    delta = 0.1 * torch.randn(len(target), 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    cfg = ShadowConfig(channels=3)
+    whole = SmoothedCrossEntropy(model, 0.25, samples=10, chunk_rows=10_000)
+    chunked = SmoothedCrossEntropy(model, 0.25, samples=10, chunk_rows=7)  # chunks straddle pairs
+    o1, g1, p1 = shadow_objective(whole, x[image], delta, target, keys, cfg)
+    o2, g2, p2 = shadow_objective(chunked, x[image], delta, target, keys, cfg)
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p1["loss"], p2["loss"], rtol=1e-5, atol=1e-6)
+    # and whole attacks agree, whatever the chunk and image-group sizes
+    a = shadow_attack(whole, x, target, ShadowConfig(steps=4, channels=3), image=image, seed=3)
+    b = shadow_attack(chunked, x, target, ShadowConfig(steps=4, channels=3), image=image, seed=3, images_per_group=1)
+    torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=1e-6)
+    assert chunked.rows_per_chunk((3, 6, 6)) == 7
+    auto = SmoothedCrossEntropy(model, 0.25, samples=10)
+    assert 1 <= auto.rows_per_chunk((3, 6, 6)) <= 65536  # from memory
+
+
+def test_batched_untargeted_attack_equals_a_loop_over_targets_and_images():
+    model = tiny_net()
+    loss = SmoothedCrossEntropy(model, 0.25, samples=8)
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([3, 1])
+    image, target = wrong_class_pairs(y, 4)
+    cfg = ShadowConfig(steps=5, channels=3, optimizer="adam", lr=0.05)
+    batched = shadow_attack(loss, x, target, cfg, image=image, indices=[10, 20], seed=9)
+    for p in range(len(target)):
+        i = int(image[p])
+        alone = shadow_attack(loss, x[i:i + 1], target[p:p + 1], cfg, indices=[[10, 20][i]], seed=9)
+        torch.testing.assert_close(alone.delta[0], batched.delta[p], rtol=1e-4, atol=1e-6)
+        assert alone.loss[0].item() == pytest.approx(batched.loss[p].item(), rel=1e-5)
+
+
+def test_wrong_class_pairs_cover_every_wrong_class_once():
+    image, target = wrong_class_pairs(torch.tensor([2, 0]), 4)
+    assert list(zip(image.tolist(), target.tolist())) == [(0, 0), (0, 1), (0, 3), (1, 1), (1, 2), (1, 3)]
+    image, target = wrong_class_pairs(torch.tensor([2, 0]), 4, candidates=[0, 2])
+    assert list(zip(image.tolist(), target.tolist())) == [(0, 0), (1, 2)]
+    with pytest.raises(InputError):
+        wrong_class_pairs(torch.tensor([0]), 4, candidates=[7])
+
+
+# -------------------------------------------------------------------------------- channels
+
+def test_one_channel_delta_is_identical_across_channels():
+    model = tiny_net()
+    loss = SmoothedCrossEntropy(model, 0.25, samples=4)
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(5)) * 0.5 + 0.25
+    res = shadow_attack(loss, x, torch.tensor([1, 2]), ShadowConfig(steps=3, channels=1), seed=0)
+    assert res.delta.shape == (2, 3, 6, 6)
+    assert torch.equal(res.delta[:, 0], res.delta[:, 1]) and torch.equal(res.delta[:, 0], res.delta[:, 2])
+    assert (res.dissim == 0).all()
+    torch.testing.assert_close(res.x_adv, (x + res.delta).clamp(0, 1))
+    three = shadow_attack(loss, x, torch.tensor([1, 2]), ShadowConfig(steps=3, channels=3), seed=0)
+    assert not torch.equal(three.delta[:, 0], three.delta[:, 1])
+    assert (three.dissim > 0).all()
+
+
+def test_three_channel_mode_reduces_to_one_channel_on_grey_images():
+    model = tiny_net(channels=1)
+    loss = SmoothedCrossEntropy(model, 0.25, samples=4)
+    x = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(6))
+    a = shadow_attack(loss, x, torch.tensor([1, 2]), ShadowConfig(steps=3, channels=3), seed=0)
+    b = shadow_attack(loss, x, torch.tensor([1, 2]), ShadowConfig(steps=3, channels=1), seed=0)
+    assert a.delta.shape == (2, 1, 6, 6)
+    torch.testing.assert_close(a.delta, b.delta)
+    assert (a.dissim == 0).all()
+
+
+def test_images_are_clipped_inside_the_loop():
+    """The image optimized is the image certified: x + δ never leaves [0, 1]."""
+    model = tiny_net()
+    loss = SmoothedCrossEntropy(model, 0.25, samples=4)
+    x = torch.ones(1, 3, 6, 6) * 0.95
+    res = shadow_attack(loss, x, torch.tensor([2]), ShadowConfig(steps=3, channels=3, init=0.5), seed=0)
+    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
+    assert float((x + res.delta).max()) > 1.0  # δ itself is unbounded
+
+
+# ------------------------------------------------------------------------------ randomness
+
+def test_fixed_noise_stays_and_fresh_noise_changes():
+    model = tiny_net()
+    fixed = SmoothedCrossEntropy(model, 0.25, samples=4, noise="fixed")
+    fresh = SmoothedCrossEntropy(model, 0.25, samples=4, noise="fresh")
+    assert torch.equal(fixed.copies(7, 0, (3, 6, 6)), fixed.copies(7, 5, (3, 6, 6)))
+    assert not torch.equal(fresh.copies(7, 0, (3, 6, 6)), fresh.copies(7, 5, (3, 6, 6)))
+    assert not torch.equal(fixed.copies(7, 0, (3, 6, 6)), fixed.copies(8, 0, (3, 6, 6)))
+    x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    cfg = ShadowConfig(steps=3, channels=3)
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    a = shadow_attack(fresh, x, torch.tensor([1]), cfg, generator=g1)
+    b = shadow_attack(fresh, x, torch.tensor([1]), cfg, generator=g2)
+    torch.testing.assert_close(a.delta, b.delta)  # the same generator state gives the same attack
+    c = shadow_attack(fresh, x, torch.tensor([1]), cfg, seed=12)
+    assert not torch.equal(a.delta, c.delta)
+
+
+# -------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0}, "steps"), ({"lambda_tv": -1.0}, "lambda_tv"), ({"lambda_c": -0.1}, "lambda_c"),
+    ({"lambda_s": float("nan")}, "lambda_s"), ({"channels": 2}, "channels"), ({"lr": 0.0}, "lr"),
+    ({"optimizer": "rmsprop"}, "optimizer"), ({"color": "hsv"}, "color"), ({"init": -1}, "init"),
+])
+def test_bad_configuration_is_an_input_error(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        ShadowConfig(**kwargs)
+
+
+def test_bad_loss_settings_and_calls_are_input_errors():
+    model = tiny_net()
+    with pytest.raises(InputError, match="samples"):
+        SmoothedCrossEntropy(model, 0.25, samples=0)
+    with pytest.raises(InputError, match="noise"):
+        SmoothedCrossEntropy(model, 0.25, noise="sometimes")
+    loss = SmoothedCrossEntropy(model, 0.25, samples=2)
+    with pytest.raises(InputError):
+        shadow_attack(loss, torch.rand(1, 3, 6, 6) + 1.0, torch.tensor([0]))
+    with pytest.raises(InputError):
+        shadow_attack(loss, torch.rand(2, 3, 6, 6), torch.tensor([0, 1, 2]))
+
+
+def test_crown_ibp_preset_is_the_papers_section_5_setting():
+    cfg = ShadowConfig.crown_ibp()
+    assert (cfg.lambda_tv, cfg.lambda_c, cfg.color, cfg.lr, cfg.channels) == (9e-6, 0.02, "l2", 200.0, 1)
+    paper = ShadowConfig()
+    assert (paper.steps, paper.lr, paper.lambda_tv, paper.lambda_c, paper.lambda_s) == (300, 0.1, 0.3, 1.0, 0.5)
+
+
+# ---------------------------------------------------------------------- against a real model
+
+def test_attack_raises_the_targets_smoothed_probability(digits_model):
+    model, x_te, y_te = digits_model
+    smoothed = SmoothedClassifier(model, 10, 0.25, batch_size=512)
+    x, y = x_te[:6], y_te[:6]
+    target = (y + 3) % 10
+    loss = SmoothedCrossEntropy(model, 0.25, samples=32)
+    res = shadow_attack(loss, x, target, ShadowConfig(steps=30), seed=0)
+    before = smoothed.sample_counts(x, 400, seed=1).double() / 400  # (B, K) fresh noise
+    after = smoothed.sample_counts(res.x_adv, 400, seed=1).double() / 400
+    p0 = before.gather(1, target[:, None]).squeeze(1)
+    p1 = after.gather(1, target[:, None]).squeeze(1)
+    assert (p1 > p0).all()
+    assert p1.mean() > 0.5 and p0.mean() < 0.1
+
+
+def test_defense_margin_works_through_the_protocol(digits_model):
+    """Any defense's margin(x, r, t) serves as the spoofing loss (smoothing's soft margin here)."""
+    model, x_te, y_te = digits_model
+    smoothed = SmoothedClassifier(model, 10, 0.25)
+    loss = DefenseMargin(smoothed, 0.1, n_samples=16)
+    x, y = x_te[:4], y_te[:4]
+    target = (y + 1) % 10
+    keys = torch.tensor([noise_key(0, i) for i in range(4)])
+    value, grad = loss(x, target, keys, 0)
+    assert value.shape == (4,) and grad.shape == x.shape and torch.isfinite(grad).all()
+    res = shadow_attack(loss, x, target, ShadowConfig(steps=15, optimizer="adam", lr=0.05), seed=0)
+    m0 = smoothed.margin(x, 0.1, target, n_samples=256, generator=torch.Generator().manual_seed(0))
+    m1 = smoothed.margin(res.x_adv, 0.1, target, n_samples=256, generator=torch.Generator().manual_seed(0))
+    assert (m1 > m0).all()
+
+
+# ------------------------------------------------------------------ success needs a real CERTIFY
+
+class ConstantDefense(Defense):
+    """A deterministic defense that certifies class ``label`` with radius 1 for every input, and
+    whose margin *pretends* every target is certified (a lying surrogate)."""
+
+    norm = Norm.L2
+
+    def __init__(self, model, label: int):
+        super().__init__(model, 4)
+        self.label = label
+        self.calls: list[torch.Tensor] = []
+
+    def certify(self, x):
+        self.calls.append(x.detach().clone())
+        b = x.shape[0]
+        return Certificates(torch.full((b,), self.label), torch.ones(b), Norm.L2)
+
+    def margin(self, x, eps, target):
+        return 10.0 + 0.0 * x.flatten(1).sum(dim=1)
+
+
+def test_success_is_counted_only_after_a_real_certify():
+    model = tiny_net()
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    liar = ConstantDefense(model, label=1)
+    out = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3), skip_abstained=False)
+    # the surrogate claims every target is certified; CERTIFY says class 1 for everything
+    assert [r["spoofed_prediction"] for r in out.rows] == [1, 1, 1]
+    assert [r["success"] for r in out.rows] == [True, False, True]  # image 1's true label is 1
+    assert all(r["spoof_loss"] == -10.0 for r in out.rows)
+    # natural, selection (every candidate), then the judging CERTIFY of the chosen images
+    assert [c.shape[0] for c in liar.calls] == [3, 9, 3]
+    torch.testing.assert_close(liar.calls[-1], out.x_adv)
+    s = summarize(out.rows, eps=0.5)
+    assert s["success_rate"] == pytest.approx(2 / 3)
+    assert s["attack_error"] == pytest.approx(1 / 3)
+    assert s["robust_error"] == pytest.approx(2 / 3)  # only image 1 is certified correctly
+
+
+def test_judging_certify_is_fresh_and_reproducible(digits_model):
+    model, x_te, y_te = digits_model
+    smoothed = SmoothedClassifier(model, 10, 0.25, batch_size=512)
+    x, y = x_te[:4], y_te[:4]
+    loss = SmoothedCrossEntropy(model, 0.25, samples=16)
+    opts = {"n0": 32, "n": 300}
+    out = spoof_batch(smoothed, loss, x, y, ShadowConfig(steps=15), indices=[0, 1, 2, 3], seed=5,
+                      certify_options=opts, select_options={"n0": 32, "n": 64})
+    attacked = [b for b, r in enumerate(out.rows) if r["attacked"]]
+    assert attacked
+    judge = certify_images(smoothed, out.x_adv[attacked], seed=mix_seed(5, ROLE_FINAL), indices=attacked, **opts)
+    for a, b in enumerate(attacked):
+        row = out.rows[b]
+        assert row["spoofed_prediction"] == int(judge.label[a])
+        assert row["spoofed_radius"] == pytest.approx(float(judge.radius[a]))
+        assert row["success"] == (row["spoofed_prediction"] not in (row["label"], ABSTAIN))
+        assert sum(row["spoofed_counts"]) == 300  # the full count, not the selection's 64
+    assert sum(r["success"] for r in out.rows) >= len(attacked) // 2
+
+
+def test_summary_reproduces_table_1_definitions():
+    rows = [
+        {"index": 0, "label": 0, "natural_prediction": 0, "natural_radius": 0.2, "attacked": True,
+         "spoofed_prediction": 3, "spoofed_radius": 0.4, "success": True, "l2": 1.0, "linf": 0.2, "tv": 3.0},
+        {"index": 1, "label": 1, "natural_prediction": 1, "natural_radius": 0.4, "attacked": True,
+         "spoofed_prediction": 1, "spoofed_radius": 0.3, "success": False, "l2": 2.0, "linf": 0.4, "tv": 5.0},
+        {"index": 2, "label": 2, "natural_prediction": ABSTAIN, "natural_radius": 0.0, "attacked": False,
+         "spoofed_prediction": None, "spoofed_radius": None, "success": False},
+        {"index": 3, "label": 3, "natural_prediction": 3, "natural_radius": 0.6, "attacked": True,
+         "spoofed_prediction": 2, "spoofed_radius": 0.2, "success": True, "l2": 3.0, "linf": 0.6, "tv": 7.0},
+    ]
+    s = summarize(rows, eps=0.25)
+    assert s["attacked"] == 3 and s["successes"] == 2
+    assert s["success_rate"] == pytest.approx(2 / 3)
+    assert s["natural_radius_mean"] == pytest.approx(0.4)
+    assert s["natural_radius_std"] == pytest.approx(math.sqrt(((0.2 - 0.4) ** 2 + 0 + 0.2 ** 2) / 3))
+    assert s["shadow_radius_mean"] == pytest.approx(0.3) and s["shadow_radius_std"] == pytest.approx(0.1)
+    assert s["shadow_radius_mean_all"] == pytest.approx(0.6 / 3)
+    assert s["spoofed_beats_natural"] == pytest.approx(1 / 3)
+    assert s["l2_mean"] == pytest.approx(2.0)
+    assert s["robust_error"] == pytest.approx(1 - 2 / 4)  # images 1 and 3 are certified correctly at 0.25
+    assert s["attack_error"] == pytest.approx(1 - 1 / 4)  # only image 0's spoof is certified at 0.25
+
+
+def test_grid_is_written(tmp_path):
+    x = torch.rand(2, 3, 6, 6)
+    d = torch.randn(2, 3, 6, 6) * 0.1
+    path = save_grid(tmp_path / "g.png", x, d, (x + d).clamp(0, 1), [("cat, r=0.3", "dog (wrong), r=0.4")] * 2)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
