@@ -32,6 +32,8 @@ COMMAND_MODULES = [
     "certaudit.commands.import_model",
     "certaudit.commands.check_detector",
     "certaudit.commands.spoof",
+    "certaudit.commands.degrade",
+    "certaudit.commands.audit",
     "certaudit.commands.demo",
 ]
 
