@@ -125,3 +125,18 @@ def test_summary_of_hand_made_rows():
     assert s["vra_eps"] == 0.25 and s["vra_2eps"] == 0.25
     assert s["rejection_rate_eps"] == 0.5  # the abstention and the radius-0.2 image
     assert s["images_per_second"] == 2.0
+
+
+def test_plot_of_certified_accuracy_against_radius(gauss_model, tmp_path, capsys):
+    from certaudit.audits.certified import accuracy_curve
+
+    out, png = tmp_path / "r.jsonl", tmp_path / "curve.png"
+    assert _certify(gauss_model, out, "--limit", "6", "--eps", "0.25", "--plot", str(png), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    _, rows = read_rows(out)
+    grid, acc = accuracy_curve(rows)
+    for r, a in zip(grid, acc):  # the plotted curve is the certified accuracy, radius by radius
+        assert a == pytest.approx(certified_accuracy(rows, float(r)))
+    assert _certify(gauss_model, out, "--limit", "6", "--plot", str(tmp_path / "curve.txt")) == 2
+    assert "--plot" in capsys.readouterr().err

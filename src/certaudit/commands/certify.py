@@ -52,6 +52,7 @@ def certify_cmd(
     chunk: Optional[int] = typer.Option(None, "--chunk", help="images per certify call (default: automatic)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
     out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of certified accuracy against radius"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     import torch
@@ -64,6 +65,8 @@ def certify_cmd(
 
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise InputError(f"--plot must name a .png file, got {plot}")
     if skip < 0:
         raise InputError(f"--skip must be >= 0, got {skip}")
     if chunk is not None and chunk < 1:
@@ -142,6 +145,12 @@ def certify_cmd(
             summary["samples_per_second_this_run"] = len(todo) * (settings["n0"] + settings["n"]) / wall
     if out is not None:
         summary["out"] = str(out)
+    if plot is not None:
+        from certaudit.audits.certified import plot_certified_accuracy
+
+        plot_certified_accuracy({f"{defense.lower()} ({info.name})": rows_all}, plot, norm=norm_name, eps=eps_v,
+                                title=f"{Path(model).name}: {len(rows_all)} {split} images")
+        summary["plot"] = str(plot)
     if as_json:
         print_json(summary)
     else:
