@@ -109,7 +109,7 @@ def test_imagenet_resnet50_and_mismatched_weights_are_refused_clearly(tmp_path, 
     path.parent.mkdir()
     torch.save({"arch": "resnet50", "state_dict": {"1.module.conv1.weight": torch.zeros(64, 3, 7, 7)}}, path)
     assert main(["import", "--format", "cohen", str(path), "--out", str(tmp_path / "a.safetensors")]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert "do not match resnet50" in capsys.readouterr().err  # a partial ResNet-50 is refused
 
     _, p20 = _cohen_file(tmp_path, arch="cifar_resnet110")  # resnet20 weights labelled as resnet110
     assert main(["import", "--format", "cohen", str(p20), "--out", str(tmp_path / "b.safetensors")]) == 2
@@ -126,3 +126,55 @@ def test_architecture_is_inferred_when_the_file_has_only_a_state_dict(tmp_path):
     assert main(["import", "--format", "cohen", str(bare), "--out", str(out)]) == 0
     model, meta = load_checkpoint(out)
     assert meta.arch == "resnet20" and meta.sigma == 0.12
+
+
+def test_import_cohen_imagenet_resnet50_without_torchvision(tmp_path, capsys):
+    """ImageNet ResNet-50 (torchvision names, DataParallel-wrapped as in Cohen et al.'s code) imports."""
+    torch.manual_seed(0)
+    info = dataset_info("imagenet")
+    ref = build_model("resnet50", info.shape, 1000, info.mean, info.std).eval()
+    assert sum(p.numel() for p in ref.parameters()) == 25_557_032  # torchvision's resnet50 count
+    state = {k.replace("1.", "1.module.", 1): v.half() for k, v in ref.state_dict().items() if not k.startswith("0.")}
+    assert "1.module.layer4.2.conv3.weight" in state and "1.module.fc.weight" in state
+    path = tmp_path / "imagenet" / "resnet50" / "noise_0.50" / "checkpoint.pth.tar"
+    path.parent.mkdir(parents=True)
+    torch.save({"epoch": 90, "state_dict": state}, path)  # no "arch": inferred from the layers
+    out = tmp_path / "r50.safetensors"
+    assert main(["import", "--format", "cohen", str(path), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["arch"] == "resnet50" and result["dataset"] == "imagenet" and result["sigma"] == 0.5
+    model, meta = load_checkpoint(out)
+    assert meta.input_shape == [3, 224, 224] and meta.mean == list(info.mean)
+    half_ref = build_model("resnet50", info.shape, 1000, info.mean, info.std).eval()
+    half_ref.load_state_dict({k: (v.half().to(v.dtype) if v.is_floating_point() else v)
+                              for k, v in ref.state_dict().items()})
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(x), half_ref(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_imagenet_folder_loader(tmp_path):
+    """<class>/*.JPEG folders: sorted class names are the labels; resize 256 then center crop 224."""
+    import numpy as np
+    from PIL import Image
+
+    from certaudit.data import load_dataset
+    from certaudit.errors import DataNotFoundError
+
+    for cls, (w, h) in (("n01440764", (400, 300)), ("n01443537", (256, 512))):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        img = np.zeros((h, w, 3), dtype=np.uint8)
+        img[:, :, 2] = 255  # blue border ...
+        img[h // 2 - 40:h // 2 + 40, w // 2 - 40:w // 2 + 40] = (255, 0, 0)  # ... red centre
+        Image.fromarray(img).save(tmp_path / "val" / cls / "a.JPEG", quality=95)
+    x, y = load_dataset("imagenet", "test", tmp_path)
+    assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1]
+    centre = x[:, :, 112, 112]
+    assert bool((centre[:, 0] > 0.9).all()) and bool((centre[:, 2] < 0.1).all())
+    try:
+        load_dataset("imagenet", "test", None)
+    except DataNotFoundError as exc:
+        assert "--data-root" in str(exc)
+    else:
+        raise AssertionError("imagenet without a root must fail clearly")

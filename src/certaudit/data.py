@@ -106,6 +106,10 @@ DATASETS: dict[str, DatasetInfo] = {
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),  # Cohen et al.'s CIFAR normalization
     ),
+    "imagenet": DatasetInfo(
+        "imagenet", (3, 224, 224), 1000, tuple(str(i) for i in range(1000)),
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),  # the torchvision / Cohen et al. normalization
+    ),
 }
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar": "cifar10"}
 
@@ -396,10 +400,55 @@ def _cifar_tensors(data: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, 
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
+# ------------------------------------------------------------------------------------- imagenet
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def _load_imagenet(split: str, root: Path | None, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ImageNet-style folder: ``root/<split>/<class>/*.JPEG`` (or ``root/<class>/...``).
+
+    Classes are the sorted sub-folder names (the torchvision ``ImageFolder`` convention the
+    published models were trained with, so label k is the k-th synset). Each image is resized so its
+    shorter side is 256 and center-cropped to 224 (Cohen et al.'s test transform). ImageNet cannot be
+    downloaded without an account: point ``root`` at the images to audit (all are loaded into
+    memory, so a subset such as every 100th validation image, as in Cohen et al.).
+    """
+    from PIL import Image
+
+    if root is None:
+        raise DataNotFoundError("imagenet needs --data-root DIR holding <split>/<class>/*.JPEG (or <class>/*.JPEG); "
+                                "it cannot be downloaded without an account")
+    base = root / ("val" if split == "test" and (root / "val").is_dir() else split)
+    base = base if base.is_dir() else root
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((base / c).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    if not files:
+        raise DataNotFoundError(f"imagenet: no images under {base} (expected <class>/*.JPEG sub-folders)")
+    if len(classes) > 1000:
+        raise DataNotFoundError(f"imagenet: {base} has {len(classes)} class folders, at most 1000 expected")
+    out = np.empty((len(files), 3, 224, 224), dtype=np.uint8)
+    for i, (f, _) in enumerate(files):  # decoding is per file by nature; done once per load
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = 256 / min(w, h)
+                im = im.resize((max(224, round(w * scale)), max(224, round(h * scale))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - 224) // 2, (h - 224) // 2
+                out[i] = np.asarray(im.crop((left, top, left + 224, top + 224))).transpose(2, 0, 1)
+        except OSError as exc:
+            raise DataNotFoundError(f"imagenet: cannot read {f} ({exc})") from None
+    return _cifar_tensors(out, np.array([k for _, k in files], dtype=np.int64))
+
+
 _LOADERS: dict[str, Callable[[str, Path | None, bool], tuple[torch.Tensor, torch.Tensor]]] = {
     "digits": _load_digits,
     "mnist": _idx_loader("mnist"),
     "fashion-mnist": _idx_loader("fashion-mnist"),
     "cifar10": _load_cifar10,
+    "imagenet": _load_imagenet,
 }
 

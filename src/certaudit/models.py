@@ -7,6 +7,9 @@ Architectures:
   ``Normalize``, ``Conv2d``, ``ReLU``, ``Flatten``, ``Linear`` so layer-wise bound methods can walk it.
 * ``resnet20``, ``resnet110``: the CIFAR ResNets that Cohen et al. (2019) smoothed (BasicBlock,
   widths 16/32/64, BatchNorm); parameter names follow the public checkpoints so they import.
+* ``resnet50``: the ImageNet ResNet-50 (bottleneck blocks, stride in the 3x3 convolution) with the
+  parameter names of torchvision's, written here so Cohen et al.'s ImageNet models import without
+  torchvision.
 
 Every model is ``nn.Sequential(Normalize(mean, std), body...)``: inputs are always in [0, 1] and
 radii are measured in input space.
@@ -31,7 +34,7 @@ from certaudit.errors import CheckpointError, InputError
 FORMAT_VERSION = 1
 META_KEY = "certaudit"
 
-ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "resnet20", "resnet110")
+ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "resnet20", "resnet110", "resnet50")
 
 
 class Normalize(nn.Module):
@@ -139,6 +142,66 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand (x4), BatchNorm after each; projection shortcut."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        width = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != width:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, width, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class ImageNetResNet50(nn.Module):
+    """ResNet-50 for 224x224 inputs (He et al. 2016; layers 3-4-6-3), torchvision's parameter names."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inplanes = 64
+        self.layer1 = self._make_layer(64, 3, 1)
+        self.layer2 = self._make_layer(128, 4, 2)
+        self.layer3 = self._make_layer(256, 6, 2)
+        self.layer4 = self._make_layer(512, 3, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [Bottleneck(self.inplanes, planes, stride)]
+        self.inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, H/32, W/32)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def build_model(arch: str, input_shape: Sequence[int], num_classes: int,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Sequential:
     """Build ``Sequential(Normalize, ...)`` for an architecture name and an input shape (C, H, W)."""
@@ -163,6 +226,8 @@ def build_model(arch: str, input_shape: Sequence[int], num_classes: int,
     if name == "6c2f":
         convs = [(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)]
         return _feedforward(shape, convs, [512], num_classes, norm)
+    if name == "resnet50":
+        return nn.Sequential(norm, ImageNetResNet50(num_classes, in_channels=c))
     depth = 20 if name == "resnet20" else 110
     return nn.Sequential(norm, CifarResNet(depth, num_classes, in_channels=c))
 
@@ -321,7 +386,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHITECTURES", "Normalize", "CifarResNet", "BasicBlock", "build_model", "ModelMeta",
+    "ARCHITECTURES", "Normalize", "CifarResNet", "BasicBlock", "ImageNetResNet50", "Bottleneck", "build_model", "ModelMeta",
     "save_checkpoint", "load_checkpoint", "read_meta", "read_state_dict", "resolve_device",
     "count_parameters", "FORMAT_VERSION",
 ]

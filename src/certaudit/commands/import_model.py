@@ -7,8 +7,8 @@ Formats (one function each in :data:`IMPORTERS`; adding one is adding an entry):
   Their network is ``Sequential(NormalizeLayer, net)``; the normalize layer keeps its mean and std
   as plain attributes (so they are not in the state dict; the data set's values are used) and the
   net may be wrapped in ``DataParallel`` (``module.`` in the keys). ``cifar_resnet20`` and
-  ``cifar_resnet110`` (CIFAR-10) are supported; ImageNet ``resnet50`` is not yet (it needs a
-  torchvision-free ResNet-50 in :mod:`certaudit.models`).
+  ``cifar_resnet110`` (CIFAR-10) and ``resnet50`` (ImageNet, torchvision parameter names, built
+  here without torchvision) are supported.
 
 Files are read by :func:`certaudit.models.read_state_dict`: safetensors, or ``torch.load`` with
 ``weights_only=True``. A pickle that needs code to load is refused, never executed.
@@ -25,11 +25,8 @@ import typer
 from certaudit.commands._common import console, parse_number, print_json
 from certaudit.errors import CheckpointError, InputError
 
-COHEN_ARCHS = {"cifar_resnet20": "resnet20", "cifar_resnet110": "resnet110"}
-_COHEN_UNSUPPORTED = {
-    "resnet50": "ImageNet ResNet-50 is not supported yet: certaudit has no torchvision-free ResNet-50 "
-                "architecture (and no ImageNet loader); only cifar_resnet20 and cifar_resnet110 import",
-}
+COHEN_ARCHS = {"cifar_resnet20": "resnet20", "cifar_resnet110": "resnet110", "resnet50": "resnet50"}
+_COHEN_UNSUPPORTED: dict[str, str] = {}
 
 
 def register(app: typer.Typer) -> None:
@@ -88,9 +85,10 @@ def import_cohen(raw: dict[str, Any], *, source: Path, dataset: str | None, sigm
     target = COHEN_ARCHS.get(name) or (name if name in COHEN_ARCHS.values() else None)
     if target is None:
         raise InputError(f"{source}: unknown Cohen architecture {name!r}; supported: {', '.join(COHEN_ARCHS)}")
-    info = dataset_info(dataset or "cifar10")
-    if tuple(info.shape) != (3, 32, 32):
-        raise InputError(f"{name} takes 3x32x32 images; data set {info.name} has shape {info.shape}")
+    info = dataset_info(dataset or ("imagenet" if target == "resnet50" else "cifar10"))
+    need = (3, 224, 224) if target == "resnet50" else (3, 32, 32)
+    if tuple(info.shape) != need:
+        raise InputError(f"{name} takes {'x'.join(map(str, need))} images; data set {info.name} has shape {info.shape}")
     if sigma is None:
         sigma = _sigma_from_path(source)
     if sigma is None:
@@ -161,7 +159,9 @@ def _sigma_from_path(path: Path) -> float | None:
 
 
 def _infer_cohen_arch(state: dict[str, Any], source: Path) -> str:
-    """A CIFAR ResNet-(6n+2) has n BasicBlocks per stage: count them in ``layer1``."""
+    """ImageNet ResNet-50 has a fourth stage of bottlenecks; a CIFAR ResNet-(6n+2) has n BasicBlocks per stage."""
+    if any(re.search(r"(?:^|\.)layer4\.\d+\.conv3\.", k) for k in state):
+        return "resnet50"
     blocks = {int(m.group(1)) for k in state if (m := re.search(r"(?:^|\.)layer1\.(\d+)\.", k))}
     if not blocks:
         raise InputError(f"{source}: the file does not name its architecture and does not look like a CIFAR ResNet; pass --arch")
