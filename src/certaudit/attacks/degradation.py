@@ -54,15 +54,21 @@ def is_randomized(defense: Any) -> bool:
 
 
 def attacks_for(defense: Any, attack: str) -> list[str]:
-    """The attacks ``attack`` names for this defense (``all``: every one that applies, in order)."""
-    name = str(attack).lower()
+    """The attacks ``attack`` names for this defense: one name, a comma list (tried in that order),
+    or ``all`` (every one that applies, in the order of :data:`ATTACKS`)."""
+    name = str(attack).lower().replace(" ", "")
     if name == "all":
         return [a for a in ATTACKS if a != "spgd" or is_randomized(defense)]
-    if name not in ATTACKS:
-        raise InputError(f"unknown degradation attack {attack!r}; choose one of: {', '.join(ATTACKS)}, all")
-    if name == "spgd" and not is_randomized(defense):
-        raise InputError("spgd (Algorithm 3.2) attacks randomized smoothing only; use pgd, pgd-2eps or margin")
-    return [name]
+    names = [a for a in name.split(",") if a]
+    if not names:
+        raise InputError("no degradation attack named")
+    for a in names:
+        if a not in ATTACKS:
+            raise InputError(f"unknown degradation attack {a!r}; choose one of: {', '.join(ATTACKS)}, all "
+                             "(or a comma list)")
+        if a == "spgd" and not is_randomized(defense):
+            raise InputError("spgd (Algorithm 3.2) attacks randomized smoothing only; use pgd, pgd-2eps or margin")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -155,8 +161,10 @@ def _rejects(defense: Defense, eps: float) -> Callable[[torch.Tensor, torch.Tens
 
 
 def _pgd_kwargs(cfg: AttackConfig, generator: torch.Generator) -> dict[str, Any]:
+    # restart 0 starts at x itself (a random start wastes part of the radius on directions the
+    # gradient does not use once the ball constraint binds); restarts 1, 2, ... start at random
     return {"steps": cfg.steps, "restarts": cfg.restarts, "step_size": cfg.step_size,
-            "schedule": cfg.schedule, "generator": generator}
+            "schedule": cfg.schedule, "generator": generator, "random_start": False}
 
 
 def attack_pgd(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: float, cfg: AttackConfig,
@@ -214,7 +222,7 @@ def attack_spgd(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: flo
         logits = defense.model(noisy.to(dev)).reshape(b, n, -1).mean(dim=1)  # (B, K) mean logits
         return F.cross_entropy(logits, label[idx].to(dev), reduction="none")
 
-    res = pgd(loss, x, eps, norm, random_start=False, **_pgd_kwargs(cfg, generator))
+    res = pgd(loss, x, eps, norm, **_pgd_kwargs(cfg, generator))
     return shrink_into_ball(x, res.x, eps, norm)
 
 
@@ -234,7 +242,7 @@ def attack_margin(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: f
         def loss(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return defense.margin(xs, eps, label[idx], n_samples=cfg.samples, generator=generator)
 
-        res = pgd(loss, x, eps, norm, maximize=False, random_start=False, **kwargs)
+        res = pgd(loss, x, eps, norm, maximize=False, **kwargs)
         return shrink_into_ball(x, res.x, eps, norm)
 
     done = _rejects(defense, eps) if cfg.check_every else None
@@ -269,8 +277,8 @@ def attack_margin(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: f
         else:
             def loss(z: torch.Tensor, idx: torch.Tensor, ys=ys) -> torch.Tensor:
                 return defense.margin(z, eps, ys[idx])
-        res = pgd(loss, xs, eps, norm, maximize=False, done_fn=done, check_every=check,
-                  random_start=r > 0, **one)
+        one["random_start"] = r > 0
+        res = pgd(loss, xs, eps, norm, maximize=False, done_fn=done, check_every=check, **one)
         cand = shrink_into_ball(xs, res.x, eps, norm)
         with torch.no_grad():
             val = defense.margin(cand, eps, ys).detach().double().cpu()

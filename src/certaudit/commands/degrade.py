@@ -1,0 +1,280 @@
+"""``certaudit degrade``: degradation attacks against a certified run-time defense, and the §3.3 audit.
+
+Two modes:
+
+* with ``--model``: certify every image at ε and 2ε, attack the ones certified at ε, re-check every
+  candidate (distance, box, the real Algorithm 2.1, fresh noise for smoothing) and write one row
+  per image (resumable); print the Tables 1–2 columns (baseline VRA, FPR, utility reduction) for
+  the lower bound (attacks) and the upper bound (the 2ε check), per attack;
+* with ``--from-log FILE``: the upper bound and the FPR-against-radius curve (Figures 2–3) from an
+  existing certification log (our certify rows or Cohen et al.'s tab-separated logs), no model run.
+
+Examples::
+
+    certaudit degrade --model gloro.safetensors --defense lipschitz --eps 0.3 --attack all \\
+        --dataset fashion-mnist --out rows.jsonl --plot fpr.png
+    certaudit degrade --from-log data/certify/cifar10/resnet110/noise_0.25/test/sigma_0.25 --eps 0.5
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.errors import InputError
+
+_COMPUTED_SETTINGS = ("layers", "penultimate_lipschitz", "max_pairwise")
+ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("degrade", help="Degradation attacks (forced rejections of certified inputs): lower bounds by "
+                                "attack, upper bounds by the 2ε check; or upper bounds from a certification log.")(degrade_cmd)
+
+
+def degrade_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", help="certaudit checkpoint (.safetensors)"),
+    defense: str = typer.Option("lipschitz", "--defense", help="smoothing, lipschitz or interval"),
+    eps: str = typer.Option(..., "--eps", help="attack radius ε (norm of the defense: ℓ2, or ℓ∞ for interval)"),
+    attack: str = typer.Option("all", "--attack", help="pgd (Alg 3.1), pgd-2eps (Alg B.1), spgd (Alg 3.2, smoothing), "
+                                                       "margin (certificate-aware), a comma list, or all; the first "
+                                                       "success counts"),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="with several attacks: run every attack on every "
+                                                                 "certified image (per-attack lower bounds)"),
+    steps: int = typer.Option(50, "--steps", help="PGD steps per restart"),
+    restarts: int = typer.Option(1, "--restarts", help="PGD restarts (margin on lipschitz: targeted runner-ups)"),
+    step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step (default 2.5·radius/steps)"),
+    samples: int = typer.Option(32, "--samples", help="smoothing: noisy copies per SPGD/margin step"),
+    method: Optional[str] = typer.Option(None, "--method", help="interval: ibp, crown-ibp or crown"),
+    sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing σ (default: the model's training σ)"),
+    n0: int = typer.Option(100, "--n0", help="smoothing: selection samples of CERTIFY"),
+    n: int = typer.Option(10_000, "--n", help="smoothing: estimation samples of CERTIFY (clean and re-check)"),
+    alpha: str = typer.Option("0.001", "--alpha", help="smoothing: failure probability of each certificate"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per forward pass (smoothing)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the attacks and the certificate noise"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="data set (default: the model's own)"),
+    split: str = typer.Option("test", "--split", help="train or test"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="audit K images"),
+    skip: int = typer.Option(0, "--skip", help="start at image J"),
+    chunk: int = typer.Option(256, "--chunk", help="images per batched attack"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
+    out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
+    from_log: Optional[Path] = typer.Option(None, "--from-log", help="certification log (certaudit rows or Cohen "
+                                                                     "et al.'s TSV): upper bounds without a model"),
+    radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the FPR curve"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: FPR upper bound and VRA against radius"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    eps_v = parse_number(eps, "--eps", positive=True, allow_zero=False)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise InputError(f"--plot must name a .png file, got {plot}")
+    radii_v = None
+    if radii is not None:
+        radii_v = [parse_number(p, "--radii", positive=True, allow_zero=False) for p in radii.replace(" ", "").split(",") if p]
+        if not radii_v:
+            raise InputError("--radii needs at least one radius")
+    if from_log is not None:
+        if model is not None:
+            raise InputError("give either --model (run attacks) or --from-log (upper bounds from a log), not both")
+        return _from_log(from_log, eps_v, radii_v, plot, as_json)
+    if model is None:
+        raise InputError("--model is required (or --from-log FILE for upper bounds from a certification log)")
+    for a in attack.lower().replace(" ", "").split(","):
+        if a not in ATTACK_CHOICES:
+            raise InputError(f"unknown --attack {a!r}; choose one of: {', '.join(ATTACK_CHOICES)} (or a comma list)")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if skip < 0:
+        raise InputError(f"--skip must be >= 0, got {skip}")
+    if chunk < 1:
+        raise InputError(f"--chunk must be >= 1, got {chunk}")
+    _run(model=model, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive,
+         attack_options={"steps": steps, "restarts": restarts,
+                         "step_size": None if step_size is None else parse_number(step_size, "--step-size", positive=True,
+                                                                                  allow_zero=False),
+                         "samples": samples},
+         defense_options={"method": method, "sigma": None if sigma is None else parse_number(sigma, "--sigma"),
+                          "n0": n0, "n": n, "alpha": parse_number(alpha, "--alpha"), "batch_size": batch_size,
+                          "seed": seed},
+         seed=seed, device=device, dataset=dataset, split=split, limit=limit, skip=skip, chunk=chunk,
+         data_root=data_root, out=out, radii=radii_v, plot=plot, as_json=as_json)
+
+
+def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool, attack_options: dict[str, Any],
+         defense_options: dict[str, Any], seed: int, device: str, dataset: str | None, split: str, limit: int | None,
+         skip: int, chunk: int, data_root: Path | None, out: Path | None, radii: list[float] | None,
+         plot: Path | None, as_json: bool) -> None:
+    from certaudit.attacks.degradation import AttackConfig, attacks_for
+    from certaudit.audits.degradation import degrade_batch, fpr_curve, plot_fpr_curves, summarize_degradation
+    from certaudit.commands.certify import _MemoryRows, _progress
+    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.defenses.registry import build_defense
+    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.results import RowWriter
+
+    dev = resolve_device(device)
+    net, meta = load_checkpoint(model, dev)
+    info = dataset_info(dataset or meta.dataset)
+    if list(info.shape) != list(meta.input_shape):
+        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
+    if info.num_classes != meta.num_classes:
+        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    if defense == "smoothing":
+        opts = {k: defense_options[k] for k in ("sigma", "n0", "n", "alpha", "batch_size", "seed")}
+    elif defense == "interval":
+        opts = {"method": defense_options.get("method")}
+    else:
+        opts = {"eps": eps}
+    guard = build_defense(defense, net, meta, {k: v for k, v in opts.items() if v is not None})
+    names = attacks_for(guard, attack)  # refuses spgd on deterministic defenses early
+    cfg = AttackConfig.from_options(attack_options)
+    x, y = load_dataset(info.name, split, data_root)
+    if skip >= len(y):
+        raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y)} images)")
+    stop = len(y) if limit is None else min(len(y), skip + limit)
+    wanted = list(range(skip, stop))
+    settings = guard.settings() if hasattr(guard, "settings") else dict(opts)
+    # computed constants (Lipschitz bounds) vary in the last bits with the thread count: keep them
+    # out of the resume hash, which must name the experiment, not its floating-point by-products
+    settings = {k: v for k, v in settings.items() if k not in _COMPUTED_SETTINGS}
+    config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
+              "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
+              "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
+              "device": dev.type}
+    writer: Any = RowWriter(out, config) if out is not None else _MemoryRows()
+    with writer:
+        done = writer.done()
+        todo = [i for i in wanted if i not in done]
+        if len(todo) < len(wanted) and not as_json:
+            err_console.print(f"resuming {out}: {len(wanted) - len(todo)} of {len(wanted)} images already audited")
+        t_run = time.perf_counter()
+        with _progress(enabled=bool(todo)) as bar:
+            task = bar.add_task(f"degrade ({defense}, {attack})", total=len(todo))
+            for a in range(0, len(todo), chunk):
+                idx = todo[a:a + chunk]
+                rows = degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
+                                     exhaustive=exhaustive, **cfg.as_dict())
+                writer.write_many(rows)
+                bar.advance(task, len(idx))
+        wall = time.perf_counter() - t_run
+        selected = set(wanted)
+        rows_all = sorted((r for r in writer.rows if r.get("index") in selected), key=lambda r: r["index"])
+
+    summary = summarize_degradation(rows_all, eps)
+    norm_name = guard.norm.value
+    grid = radii if radii is not None else [eps / 2, eps, 1.5 * eps, 2 * eps]
+    summary = {"model": str(model), "defense": defense, "norm": norm_name, "dataset": info.name, "split": split,
+               "range": [skip, stop], "attack": attack, "attacks": names, "exhaustive": exhaustive,
+               "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": len(todo),
+               "wall_seconds": round(wall, 3), **summary, "fpr_curve": fpr_curve(rows_all, grid)}
+    if todo and wall > 0:
+        summary["images_per_second_this_run"] = len(todo) / wall
+    if out is not None:
+        summary["out"] = str(out)
+    if plot is not None:
+        plot_fpr_curves({Path(model).stem: rows_all}, plot, radii=radii, eps=eps, norm=norm_name,
+                        title=f"{Path(model).name}: {len(rows_all)} {split} images")
+        summary["plot"] = str(plot)
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _from_log(path: Path, eps: float, radii: list[float] | None, plot: Path | None, as_json: bool) -> None:
+    from certaudit.audits.degradation import (
+        default_curve_radii, fpr_curve, plot_fpr_curves, read_certification_log, upper_from_log,
+    )
+
+    fmt, rows = read_certification_log(path)
+    if not rows:
+        raise InputError(f"{path}: no certification rows")
+    grid = radii if radii is not None else default_curve_radii(rows, 20)
+    summary = {"log": str(path), "format": fmt, **upper_from_log(rows, eps), "fpr_curve": fpr_curve(rows, grid)}
+    if plot is not None:
+        plot_fpr_curves({path.name: rows}, plot, radii=radii, eps=eps, title=f"{path.name}: {len(rows)} images")
+        summary["plot"] = str(plot)
+    if as_json:
+        print_json(summary)
+        return
+    from rich.table import Table
+
+    console.print(f"[bold]upper bounds[/bold] from {path} ({fmt} format, {len(rows)} images), ε = {eps:.4g}")
+    stats = Table(show_header=False, box=None)
+    stats.add_column("what")
+    stats.add_column("value", justify="right")
+    for key in ("testR", "testA_upper", "vra_eps", "vra_2eps", "fpr_upper", "utility_reduction_upper"):
+        stats.add_row(key, _fmt(summary[key]))
+    console.print(stats)
+    _print_curve(summary["fpr_curve"])
+    if plot is not None:
+        console.print(f"plot: {plot}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _print_curve(curve: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="FPR upper bound against radius (Fig. 2/3)")
+    for col in ("radius", "testR", "testA upper", "FPR upper", "VRA(r)", "VRA(2r)"):
+        table.add_column(col, justify="right")
+    for p in curve:
+        table.add_row(f"{p['radius']:.4g}", str(p["testR"]), str(p["testA_upper"]), _fmt(p["fpr_upper"]),
+                      _fmt(p["vra"]), _fmt(p["vra_2r"]))
+    console.print(table)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]degradation[/bold] of {s['defense']} on {s['dataset']} ({s['split']}), {s['test']} images, "
+                  f"ε = {s['eps']:.4g} ({s['norm']}), attack {s['attack']}")
+    table = Table()
+    for col in ("bound", "baseline VRA", "false positive rate", "utility reduction", "|testA|", "of upper"):
+        table.add_column(col, justify="right")
+    vra = _pct(s["vra_eps"])
+    table.add_row("lower (attacks)", vra, _pct(s["fpr_lower"]), _pct(s["utility_reduction_lower"]),
+                  str(s["testA_lower"]), _pct(s["lower_over_upper"]))
+    for name, d in s.get("per_attack", {}).items():
+        if d["tried"]:
+            table.add_row(f"  {name}", vra, _pct(d["fpr_lower"]), _pct(d["utility_reduction_lower"]),
+                          str(d["succeeded"]), _pct(d["lower_over_upper"]))
+    table.add_row("upper (2ε check)", vra, _pct(s["fpr_upper"]), _pct(s["utility_reduction_upper"]),
+                  str(s["testA_upper"]), "100.0")
+    console.print(table)
+    stats = Table(show_header=False, box=None)
+    stats.add_column("what")
+    stats.add_column("value", justify="right")
+    stats.add_row("testR (certified and correct at ε)", str(s["testR"]))
+    stats.add_row(f"VRA at 2ε = {2 * s['eps']:.4g}", _pct(s["vra_2eps"]))
+    inv = s["invariant"]
+    verdict = "holds" if inv["lower_subset_upper"] else (
+        f"VIOLATED on {len(inv['violations'])} images ({'BUG' if inv['bug'] else inv['note']})")
+    stats.add_row("invariant testA_lower ⊆ testA_upper", verdict)
+    if s.get("label_changed"):
+        stats.add_row("certificate broken (x' accepted with another label)", str(s["label_changed"][:10]))
+    stats.add_row("wall time (this run)", f"{s['wall_seconds']:.1f} s ({s['new_images']} new images)")
+    if s.get("out"):
+        stats.add_row("rows", s["out"])
+    if s.get("plot"):
+        stats.add_row("plot", s["plot"])
+    console.print(stats)
+    if not inv["lower_subset_upper"] and inv["bug"]:
+        err_console.print("[bold red]bug:[/bold red] an input certified at 2ε was degraded; a monotone certifier "
+                          "(Appendix A) cannot allow this. Please report it with the rows file.")
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
