@@ -10,7 +10,8 @@ whose gradient ``uᵀ(∂A)v`` is the gradient of ``σ_max`` at convergence. Pow
 Loss (``TrainConfig.extra``):
 
 * default (GloRo's ``crossentropy``): cross-entropy of ``[f, f_⊥]`` with the true label ``y``, where
-  ``f_⊥ = max_{j≠y} (f_j + ε_t·K_{y,j})`` and ``K_{y,j} = L·‖w_y − w_j‖``;
+  ``f_⊥ = max_{i≠j} (f_i + ε_t·K_{j,i})`` for the predicted class ``j = argmax f`` (GloRo §3: the
+  ⊥ logit of the GloRo net is defined from its own prediction) and ``K_{j,i} = L·‖w_j − w_i‖``;
 * ``trades=λ`` (GloRo's ``trades_kl.λ``): ``CE(f, y) + λ·KL([softmax(f), 0] ‖ softmax([f, f_⊥]))``
   with ``f_⊥`` taken for the *predicted* class, so robustness is rewarded even where wrong;
 * ``power_iters`` (default 5) power-iteration steps per batch.
@@ -160,8 +161,9 @@ class GloroMethod:
             p = F.pad(F.softmax(logits, dim=1), (0, 1))  # ⊥ gets probability 0
             kl = (torch.xlogy(p, p) - p * F.log_softmax(aug, dim=1)).sum(dim=1).mean()
             loss = F.cross_entropy(logits, y) + lam * kl
-        else:
-            aug = torch.cat([logits, bottom_logit(logits, k[y], y, eps).unsqueeze(1)], dim=1)
+        else:  # GloRo: the ⊥ logit of the *predicted* class j = argmax f, cross-entropy with y
+            pred = logits.detach().argmax(dim=1)
+            aug = torch.cat([logits, bottom_logit(logits, k[pred], pred, eps).unsqueeze(1)], dim=1)
             loss = F.cross_entropy(aug, y)
         return loss, aug
 
