@@ -13,7 +13,8 @@ subprocess so its peak resident memory (CPU) is its own; on CUDA ``max_memory_al
 ``verify`` -- clean and verified error of a model over a data set split (the must-show numbers)::
 
     PYTHONPATH=src python benchmarks/bench_interval.py verify \\
-        --model ../shared/models/kw/fashion_mnist.pth --eps 0.1 --methods ibp,crown-ibp,crown --oracle
+        --model ../shared/models/kw/fashion_mnist.pth --eps 0.1 --methods ibp,crown-ibp,crown --oracle \\
+        --out runs/interval/kw_fmnist_verify.jsonl --time-limit 1500    # rerun to resume
 
 ``--model`` is a Wong & Kolter ``.pth`` (converted with ``convert_kw``) or a certaudit checkpoint.
 A "bound" is one image's K − 1 = 9 margin lower bounds; verified = all nine > 0 and correct.
@@ -160,54 +161,97 @@ def speed(args) -> list[dict]:
 
 
 def verify(args) -> dict:
-    """Clean error and verified error over a split, per bound method (and the oracle)."""
+    """Clean error and verified error over a split, per bound method (and the oracle).
+
+    With ``--out rows.jsonl`` every chunk of ``--batch`` images is written as rows (index, label,
+    prediction, per method: verified at ε, worst margin bound, seconds per image) as soon as it is
+    done, and a rerun with the same file resumes (a long CROWN run can be cut into pieces with
+    ``--time-limit``); the summary is computed from all rows of the file.
+    """
     from certaudit.data import load_dataset
     from certaudit.defenses.interval import IntervalDefense, compile_network, specification
+    from certaudit.results import RowWriter, read_rows
 
     warnings.filterwarnings("ignore")
     dev = torch.device(args.device)
     model, dataset, name = _load_model(args.model, dev)
     x, y = load_dataset(args.dataset or dataset, args.split)
-    if args.limit:
-        x, y = x[:args.limit], y[:args.limit]
-    n = len(y)
-    out: dict = {"model": name, "dataset": args.dataset or dataset, "split": args.split, "images": n, "eps": args.eps,
-                 "device": str(dev), "threads": torch.get_num_threads()}
-    with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 1000].to(dev)).argmax(1).cpu() for i in range(0, n, 1000)])
-    correct = pred == y
-    out["clean_error"] = 1 - float(correct.float().mean())
-    for method in [m for m in args.methods.split(",") if m]:
-        d = IntervalDefense(model, 10, method, batch_size=args.batch)
-        t0 = time.perf_counter()
-        acc = torch.cat([d.accept(x[i:i + args.batch].to(dev), args.eps).cpu() for i in range(0, n, args.batch)])
-        dt = time.perf_counter() - t0
-        out[method] = {"verified_error": 1 - float((acc == y).float().mean()), "seconds_per_image": dt / n,
-                       "abstain_rate": float((acc == -1).float().mean()),
-                       "load_average": os.getloadavg()[0]}
-        print(json.dumps({method: out[method]}), file=sys.stderr, flush=True)
+    stop = len(y) if not args.limit else min(len(y), args.skip + args.limit)
+    wanted = list(range(args.skip, stop))
+    methods = [m for m in args.methods.split(",") if m]
     if args.oracle:
-        from convex_adversarial import DualNetwork
-
-        net = compile_network(model, x.shape[1:])  # noqa: F841 (same model the oracle gets, minus Normalize)
         mean, std = model[0].mean, model[0].std
         if bool((mean != 0).any()) or bool((std != 1).any()):
             raise SystemExit("the oracle comparison needs a model without normalization")
-        for bounded in (False, True) if args.oracle_clipped else (False,):
-            t0 = time.perf_counter()
-            ok = []
+        methods.append("oracle")
+    defenses = {m: IntervalDefense(model, 10, m, batch_size=args.batch) for m in methods if m != "oracle"}
+    config = {"bench": "interval-verify", "model": name, "dataset": args.dataset or dataset, "split": args.split,
+              "eps": args.eps, "methods": methods}
+    writer = RowWriter(args.out, config) if args.out else None
+    done = writer.done() if writer else set()
+    todo = [i for i in wanted if i not in done]
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    try:
+        for a in range(0, len(todo), args.batch):
+            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                print(f"time limit reached: {len(todo) - a} images left; rerun with the same --out to resume",
+                      file=sys.stderr, flush=True)
+                break
+            idx = todo[a:a + args.batch]
+            xb, yb = x[idx].to(dev), y[idx].to(dev)
             with torch.no_grad():
-                for i in range(0, n, 50):
-                    xb, yb = x[i:i + 50].to(dev), y[i:i + 50].to(dev)
-                    c, _ = specification(yb, 10, xb.dtype)
-                    low = DualNetwork(model[1:], xb, args.eps, bounded_input=bounded)(c)
-                    ok.append((low.min(1).values > 0).cpu())
-            dt = time.perf_counter() - t0
-            ok_t = torch.cat(ok)
-            key = "oracle_kw" + ("_clipped" if bounded else "")
-            out[key] = {"verified_error": 1 - float((ok_t & correct).float().mean()), "seconds_per_image": dt / n}
-            print(json.dumps({key: out[key]}), file=sys.stderr, flush=True)
+                pred = model(xb).argmax(1)
+            chunk = [{"index": i, "label": int(yb[j]), "prediction": int(pred[j])} for j, i in enumerate(idx)]
+            for m in methods:
+                t0 = time.perf_counter()
+                if m == "oracle":
+                    from convex_adversarial import DualNetwork
+
+                    with torch.no_grad():
+                        c, _ = specification(pred, 10, xb.dtype)
+                        low = torch.cat([DualNetwork(model[1:], xb[k:k + 50], args.eps, bounded_input=False)(c[k:k + 50])
+                                         for k in range(0, len(idx), 50)]).double()
+                else:
+                    low = defenses[m].bounds(xb, args.eps, target=pred).min(1).values
+                low = low.min(1).values if low.dim() == 2 else low
+                dt = (time.perf_counter() - t0) / len(idx)
+                for j, r in enumerate(chunk):
+                    r[f"margin_{m}"] = float(low[j])
+                    r[f"verified_{m}"] = bool(low[j] > 0) and r["prediction"] == r["label"]
+                    r[f"seconds_{m}"] = dt
+            for r in chunk:
+                r["load_average"] = os.getloadavg()[0]
+            if writer:
+                writer.write_many(chunk)
+            rows.extend(chunk)
+            print(f"{a + len(idx)}/{len(todo)} images", file=sys.stderr, flush=True)
+    finally:
+        if writer:
+            writer.close()
+    if args.out:
+        _, rows = read_rows(args.out)
+        keep = set(wanted)
+        rows = [r for r in rows if r.get("index") in keep]
+    out = summarize_verify(rows, methods)
+    out.update({"model": name, "dataset": args.dataset or dataset, "split": args.split, "eps": args.eps,
+                "images_wanted": len(wanted), "device": str(dev), "threads": torch.get_num_threads()})
     print(json.dumps(out, indent=1))
+    return out
+
+
+def summarize_verify(rows: list[dict], methods: list[str]) -> dict:
+    """Clean and verified error (a verified image is correct and certified) over the rows."""
+    n = len(rows)
+    out: dict = {"images": n}
+    if not n:
+        return out
+    out["clean_error"] = 1 - sum(r["prediction"] == r["label"] for r in rows) / n
+    for m in methods:
+        have = [r for r in rows if f"verified_{m}" in r]
+        if have:
+            out[m] = {"images": len(have), "verified_error": 1 - sum(r[f"verified_{m}"] for r in have) / len(have),
+                      "seconds_per_image": sum(r[f"seconds_{m}"] for r in have) / len(have)}
     return out
 
 
@@ -228,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--eps", type=float, default=0.1)
     v.add_argument("--methods", default="ibp,crown-ibp,crown")
     v.add_argument("--oracle", action="store_true", help="also the convex_adversarial bound (models without normalization)")
-    v.add_argument("--oracle-clipped", action="store_true", help="oracle also with bounded_input=True (inputs clipped to [0,1])")
     v.add_argument("--limit", type=int, default=None)
+    v.add_argument("--skip", type=int, default=0)
+    v.add_argument("--out", default=None, help="rows file (.jsonl), written per chunk; rerun to resume")
+    v.add_argument("--time-limit", type=float, default=None, help="stop (cleanly, resumable) after this many seconds")
     v.add_argument("--batch", type=int, default=256)
     v.add_argument("--device", default="cpu")
     one = sub.add_parser("_one")

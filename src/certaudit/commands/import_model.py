@@ -9,6 +9,12 @@ Formats (one function each in :data:`IMPORTERS`; adding one is adding an entry):
   net may be wrapped in ``DataParallel`` (``module.`` in the keys). ``cifar_resnet20`` and
   ``cifar_resnet110`` (CIFAR-10) and ``resnet50`` (ImageNet, torchvision parameter names, built
   here without torchvision) are supported.
+* ``kw``: the ℓ∞-certified models of Wong & Kolter (2018, 2018b) (``locuslab/convex_adversarial``):
+  a plain 2C2F state dict (``fashion_mnist.pth``, MNIST), or a cascade file
+  (``cifar_small_8px.pth``: ``{"state_dict": [three state dicts], "err", ...}``) of which ``--stage``
+  picks one model (stage 0, the default, is an ordinary certified model). The CIFAR models get
+  their input normalization (mean (0.485, 0.456, 0.406), std 0.225) as the model's first layer, so
+  ε stays in pixel space (8/255); see :mod:`certaudit.defenses.interval.kw`.
 
 Files are read by :func:`certaudit.models.read_state_dict`: safetensors, or ``torch.load`` with
 ``weights_only=True``. A pickle that needs code to load is refused, never executed.
@@ -30,16 +36,19 @@ _COHEN_UNSUPPORTED: dict[str, str] = {}
 
 
 def register(app: typer.Typer) -> None:
-    app.command("import", help="Convert a published checkpoint (--format cohen) into a certaudit checkpoint.")(import_cmd)
+    app.command("import", help="Convert a published checkpoint (--format cohen or kw) into a certaudit checkpoint.")(import_cmd)
 
 
 def import_cmd(
     file: Path = typer.Argument(..., help="the published checkpoint, e.g. noise_0.25/checkpoint.pth.tar"),
-    fmt: str = typer.Option(..., "--format", help="checkpoint format: cohen"),
+    fmt: str = typer.Option(..., "--format", help="checkpoint format: cohen (randomized smoothing) or kw (Wong & Kolter, ℓ∞)"),
     out: Path = typer.Option(..., "--out", help="certaudit checkpoint to write (.safetensors)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="data set the model was trained on (default: from the file)"),
     sigma: Optional[str] = typer.Option(None, "--sigma", help="training noise σ (default: parsed from a noise_<σ> path)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="architecture, for files that do not name it"),
+    stage: Optional[int] = typer.Option(None, "--stage", help="kw cascade files: which model of the cascade (default 0)"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="kw: the certified ℓ∞ radius to record, in pixel space "
+                                                         "(default: 0.1 for (Fashion-)MNIST, <k>/255 from a <k>px name)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     from certaudit.models import count_parameters, read_state_dict, save_checkpoint
@@ -50,15 +59,30 @@ def import_cmd(
     if out.exists() and out.is_dir():
         raise InputError(f"--out {out} is a directory; give a file name like model.safetensors")
     sigma_v = None if sigma is None else parse_number(sigma, "--sigma", positive=True, allow_zero=False)
+    extra: dict[str, Any] = {}
+    if key == "kw":
+        if stage is not None and stage < 0:
+            raise InputError(f"--stage must be >= 0, got {stage}")
+        extra = {"stage": 0 if stage is None else stage,
+                 "eps": None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)}
+    else:
+        for flag, value in (("--stage", stage), ("--eps", eps)):
+            if value is not None:
+                raise InputError(f"{flag} applies to --format kw only")
     raw = read_state_dict(file)
-    model, meta = IMPORTERS[key](raw, source=file, dataset=dataset, sigma=sigma_v, arch=arch)
+    model, meta = IMPORTERS[key](raw, source=file, dataset=dataset, sigma=sigma_v, arch=arch, **extra)
     save_checkpoint(out, model, meta)
     result = {"out": str(out), "format": key, "arch": meta.arch, "dataset": meta.dataset, "sigma": meta.sigma,
               "parameters": count_parameters(model), "source": str(file)}
+    if key == "kw":
+        result.update({"eps": meta.eps, "norm": meta.norm, "stage": meta.training.get("stage"),
+                       "mean": meta.mean, "std": meta.std})
     if as_json:
         print_json(result)
     else:
         s = "" if meta.sigma is None else f", σ = {meta.sigma:g}"
+        if key == "kw":
+            s = f", stage {meta.training.get('stage')}" + ("" if meta.eps is None else f", ℓ∞ ε = {meta.eps:.6g}")
         console.print(f"imported {file} ({key}: {meta.arch} on {meta.dataset}{s}) -> {out}")
 
 
@@ -179,6 +203,14 @@ def _few(what: str, keys: list[str]) -> str:
     return f"{what}: {', '.join(keys[:3])}{more}"
 
 
+def import_kw(raw: dict[str, Any], *, source: Path, dataset: str | None, sigma: float | None, arch: str | None,
+              stage: int = 0, eps: float | None = None) -> tuple[Any, Any]:
+    """Wong & Kolter's state dicts (and cascade stages): see :func:`certaudit.defenses.interval.kw.import_kw`."""
+    from certaudit.defenses.interval.kw import import_kw as _import
+
+    return _import(raw, source=source, dataset=dataset, sigma=sigma, arch=arch, stage=stage, eps=eps)
+
+
 Importer = Callable[..., tuple[Any, Any]]
-IMPORTERS: dict[str, Importer] = {"cohen": import_cohen}
+IMPORTERS: dict[str, Importer] = {"cohen": import_cohen, "kw": import_kw}
 """Format name -> importer ``(raw_dict, *, source, dataset, sigma, arch) -> (model, ModelMeta)``."""

@@ -57,7 +57,15 @@ class IntervalDefense(Defense):
     @classmethod
     def from_options(cls, model: nn.Module, meta: Any, options: dict[str, Any]) -> "IntervalDefense":
         """Options: ``method`` (ibp | crown-ibp | crown, default crown), ``tol``, ``max_radius``,
-        ``batch_size``, ``budget_mb``. ``eps`` is not a setting of the defense (it is per query)."""
+        ``batch_size``, ``budget_mb``. ``eps`` is not a setting of the defense (it is per query).
+        ``precision`` other than fp32 is refused (the bounds are about the float32 model); options of
+        other defenses (``sigma``, ``n0``, ``seed``, ...) are ignored."""
+        precision = options.get("precision")
+        if precision is not None and str(precision).lower() not in ("fp32", "float32"):
+            raise InputError(f"the interval defense certifies the float32 model only (its bounds are float32-safe); "
+                             f"got precision {precision!r}")
+        if options.get("channels_last"):
+            raise InputError("--channels-last does not apply to the interval defense")
         kwargs: dict[str, Any] = {}
         for key in ("tol", "max_radius", "batch_size", "budget_mb"):
             if options.get(key) is not None:
