@@ -53,6 +53,7 @@ NOISE_SCHEME = "blake2b-blocks-lanes4-v1"
 STREAM_SELECTION = 0  # CERTIFY's n0 samples that choose the class
 STREAM_ESTIMATION = 1  # CERTIFY's n fresh samples that bound its probability
 STREAM_PREDICT = 2  # PREDICT's n samples
+STREAM_SEQUENTIAL = 3  # sequential accept-at-ε: estimation samples, in blocks of sequential.SEQ_BLOCK
 
 PRECISIONS = ("fp32", "bf16")
 _PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
@@ -159,6 +160,16 @@ def _seed(value: Any) -> int:
     return int(value)
 
 
+def _eps(value: Any) -> float:
+    try:
+        e = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"eps must be a single number >= 0 (one ε for the whole batch), got {value!r}") from None
+    if not (e >= 0) or math.isinf(e):
+        raise InputError(f"eps must be a finite number >= 0, got {value!r}")
+    return e
+
+
 def parse_precision(value: str) -> str:
     key = _PRECISION_ALIASES.get(str(value).strip().lower())
     if key is None:
@@ -262,9 +273,60 @@ class SmoothedClassifier(Defense):
 
     def accept(self, x: torch.Tensor, eps: float, n0: int | None = None, n: int | None = None,
                alpha: float | None = None, generator: torch.Generator | None = None, *,
-               seed: int | None = None, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """Algorithm 2.1 (PredictWithDefense): CERTIFY's label where its radius is ≥ ``eps``, else ABSTAIN."""
+               seed: int | None = None, indices: Sequence[int] | torch.Tensor | None = None,
+               sequential: bool = False, beta: float | None = None) -> torch.Tensor:
+        """Algorithm 2.1 (PredictWithDefense): CERTIFY's label where its radius is ≥ ``eps``, else ABSTAIN.
+
+        ``sequential=True`` answers the same question with :meth:`certify_at` (an anytime-valid
+        test at the same level α that stops per image as soon as it is decided; ``n`` is then the
+        budget per image).
+        """
+        if sequential:
+            return self.certify_at(x, eps, n0, n, alpha, generator, seed=seed, indices=indices, beta=beta).label
         return self.certify(x, n0, n, alpha, generator, seed=seed, indices=indices).accept(eps)
+
+    def certify_at(self, x: torch.Tensor, eps: float, n0: int | None = None, n: int | None = None,
+                   alpha: float | None = None, generator: torch.Generator | None = None, *,
+                   seed: int | None = None, indices: Sequence[int] | torch.Tensor | None = None,
+                   beta: float | None = None) -> Certificates:
+        """Sequential accept-at-ε (:mod:`certaudit.defenses.sequential`): is ``ĉ_A`` certified at ``eps``?
+
+        ``ĉ_A`` is chosen from ``n0`` selection samples (the same stream, hence the same class, as
+        :meth:`certify`); then *fresh* estimation samples (stream :data:`STREAM_SEQUENTIAL`) are
+        drawn in blocks until the mixture-martingale test of ``p_A > Φ(eps/σ)`` decides at level
+        ``alpha`` (σ is the instance's, one for all images), the abstain-side test decides at level
+        ``beta`` (default ``alpha``), or the budget ``n`` is spent (ABSTAIN). With probability at
+        least ``1 − alpha`` a returned label is certified at ``eps`` for the smoothed classifier.
+
+        Returns :class:`Certificates` with ``label`` (ABSTAIN where not certified at ``eps``),
+        ``radius = eps`` where certified (a lower bound of the certified radius), else 0, and extras
+        ``counts_selection`` (B, K), ``counts`` (B, K) of the estimation samples, ``samples`` (B,)
+        base-model evaluations (``n0`` + estimation), ``decision`` (B,) codes of
+        :data:`certaudit.defenses.sequential.DECISIONS` and ``log_evidence`` (B,) float64.
+        Forward batches are kept full: an image that is decided frees its slots for the next one.
+        """
+        from certaudit.defenses.sequential import CERTIFIED, SEQ_BLOCK, SequentialTest, run_sequential, threshold
+
+        n0 = self.n0 if n0 is None else _count("n0", n0)
+        n = self.n if n is None else _count("n", n)
+        alpha = self.alpha if alpha is None else _alpha(alpha)
+        eps_f = _eps(eps)
+        x = self._check_x(x)
+        base = self._base_seed(seed, generator)
+        idx = self._indices(indices, x.shape[0])
+        test = SequentialTest(threshold(eps_f, self.sigma), alpha, n, beta=beta)
+        counts0 = self._sample(x, [n0], [STREAM_SELECTION], base, idx)[0]  # (B, K)
+        c_hat = counts0.argmax(dim=1)  # (B,) as in certify
+        counts, result = self._sample_sequential(x, c_hat, test, base, idx, SEQ_BLOCK)
+        certified = torch.from_numpy(result.decision == CERTIFIED)
+        label = torch.where(certified, c_hat, torch.full_like(c_hat, ABSTAIN))
+        radius = torch.where(certified, torch.full((x.shape[0],), eps_f, dtype=torch.float64),
+                             torch.zeros(x.shape[0], dtype=torch.float64))
+        extras = {"counts_selection": counts0, "counts": counts,
+                  "samples": torch.from_numpy(result.trials + n0),
+                  "decision": torch.from_numpy(result.decision.astype(np.int64)),
+                  "log_evidence": torch.from_numpy(test.evidence(result.successes, result.trials))}
+        return Certificates(label=label, radius=radius, norm=Norm.L2, extras=extras)
 
     def predict(self, x: torch.Tensor, n: int | None = None, alpha: float | None = None,
                 generator: torch.Generator | None = None, *, seed: int | None = None,
@@ -427,6 +489,60 @@ class SmoothedClassifier(Defense):
             out = table.view(len(nums), b_count, k).cpu()  # the one device-to-host transfer
         return out
 
+    def _sample_sequential(self, x: torch.Tensor, c_hat: torch.Tensor, test: Any, base_seed: int,
+                           indices: list[int], block: int) -> tuple[torch.Tensor, Any]:
+        """Run :func:`~certaudit.defenses.sequential.run_sequential` on the base classifier.
+
+        Block ``j`` of image ``b`` is ``normal_(0, σ)`` of shape (m, C, H, W) from a generator seeded
+        by ``block_seed(seed, indices[b], STREAM_SEQUENTIAL, j)`` (``m`` = ``block``, less in the
+        last block of the budget), written in place into one reused buffer, plus ``x[b]``. Counts
+        (B, K) accumulate on the device; one small transfer (successes per block) per forward batch
+        feeds the stopping decisions. Returns (counts (B, K) int64 on the CPU, SequentialResult).
+        """
+        from certaudit.defenses.sequential import run_sequential
+
+        dev = self.device
+        x = x.detach().to(dev, torch.float32)  # (B, C, H, W)
+        b_count, shape, k = x.shape[0], tuple(x.shape[1:]), self.num_classes
+        batch = self.resolve_batch_size(shape)  # samples per forward pass
+        cap = max(block, batch // block * block)  # samples per draw call: whole blocks
+        gen = torch.Generator(device=dev)
+        pool = _noise_pool() if dev.type == "cpu" and torch.get_num_threads() > 1 else None
+        sigma = self.sigma
+        c_dev = c_hat.to(dev)
+
+        def fill(part: torch.Tensor, seed: int, xb: torch.Tensor, g: torch.Generator | None = None) -> None:
+            with torch.inference_mode():  # noise in place, then the image: no second buffer
+                part.normal_(0.0, sigma, generator=(g or torch.Generator()).manual_seed(seed)).add_(xb)
+
+        with torch.inference_mode():
+            buf = torch.empty((cap, *shape), device=dev)  # (cap, C, H, W), reused by every draw
+            table = torch.zeros(b_count * k, dtype=torch.long, device=dev)  # flat (B, K)
+
+            def draw(items: np.ndarray, blocks: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+                ends = np.cumsum(sizes)
+                starts = ends - sizes
+                parts = [(buf[a:e], block_seed(base_seed, indices[i], STREAM_SEQUENTIAL, j), x[i])
+                         for a, e, i, j in zip(starts.tolist(), ends.tolist(), items.tolist(), blocks.tolist())]
+                if pool is not None:  # CPU: normal_ is single-threaded; fill blocks in parallel
+                    list(pool.map(lambda p: fill(*p), parts))
+                else:
+                    for part, sd, xb in parts:
+                        fill(part, sd, xb, gen)
+                total = int(ends[-1])
+                owner = torch.from_numpy(np.repeat(items, sizes)).to(dev)  # (S,) image of each sample
+                req = torch.from_numpy(np.repeat(np.arange(items.size), sizes)).to(dev)  # (S,) request of each sample
+                noisy = buf[:total]  # (S, C, H, W)
+                labels = torch.cat([self._labels(noisy[lo:lo + batch]) for lo in range(0, total, batch)])  # (S,)
+                table.scatter_add_(0, owner * k + labels, torch.ones_like(labels))
+                hits = torch.zeros(items.size, dtype=torch.long, device=dev)
+                hits.scatter_add_(0, req, (labels == c_dev[owner]).long())
+                return hits.cpu().numpy()  # the one transfer per forward batch
+
+            result = run_sequential(test, b_count, draw, cap)
+            counts = table.view(b_count, k).cpu()
+        return counts, result
+
     def _labels(self, batch: torch.Tensor) -> torch.Tensor:
         """Base-classifier labels (S,) of a batch of noisy images, under the chosen precision/layout."""
         if self.channels_last:
@@ -533,5 +649,6 @@ def _round_batch(raw: int, block: int) -> int:
 
 __all__ = [
     "SmoothedClassifier", "block_seed", "clopper_pearson_lower", "binomial_test_half", "parse_precision",
-    "noise_block", "lane_bounds", "NOISE_LANES", "NOISE_SCHEME", "STREAM_SELECTION", "STREAM_ESTIMATION", "STREAM_PREDICT", "PRECISIONS",
+    "noise_block", "lane_bounds", "NOISE_LANES", "NOISE_SCHEME", "STREAM_SELECTION", "STREAM_ESTIMATION", "STREAM_PREDICT",
+    "STREAM_SEQUENTIAL", "PRECISIONS",
 ]
