@@ -340,6 +340,7 @@ class Verdict:
     in_box: torch.Tensor  # bool
     accepted: torch.Tensor  # int64: accept(x', ε), ABSTAIN where rejected
     label_changed: torch.Tensor  # bool: accepted with another label (a broken certificate!)
+    radius: torch.Tensor | None = None  # float64: certified radius of the label at x' (0 if other), when cheap
 
 
 def verify_candidates(defense: Defense, x: torch.Tensor, x_adv: torch.Tensor, label: torch.Tensor, eps: float, *,
@@ -354,16 +355,26 @@ def verify_candidates(defense: Defense, x: torch.Tensor, x_adv: torch.Tensor, la
     flat = x_adv.detach().reshape(x_adv.shape[0], -1)
     in_box = ((flat >= 0) & (flat <= 1)).all(dim=1).cpu() & torch.isfinite(flat).all(dim=1).cpu()
     probe = x_adv.detach().clamp(0.0, 1.0).nan_to_num(0.0)
+    radius = None
     with torch.no_grad():
-        if is_randomized(defense):
-            acc = defense.accept(probe, eps, seed=seed, indices=indices)  # type: ignore[call-arg]
+        if is_randomized(defense):  # a fresh CERTIFY: Algorithm 2.1 is its verdict at ε
+            cert = defense.certify(probe, seed=seed, indices=indices)  # type: ignore[call-arg]
+        elif hasattr(defense, "bounds"):  # bisection radii are costly: one bound evaluation at ε
+            cert = None
+        else:
+            cert = defense.certify(probe)
+        if cert is not None:
+            acc = cert.accept(eps)
+            lab = label.detach().cpu().long()
+            radius = torch.where(cert.label.cpu() == lab, cert.radius.detach().double().cpu(),
+                                 torch.zeros(lab.shape, dtype=torch.float64))
         else:
             acc = defense.accept(probe, eps)
     acc = acc.detach().cpu().long()
     rejected = acc == ABSTAIN
     changed = ~rejected & (acc != label.detach().cpu().long())
     return Verdict(success=rejected & in_ball & in_box, distance=dist, in_ball=in_ball, in_box=in_box,
-                   accepted=acc, label_changed=changed)
+                   accepted=acc, label_changed=changed, radius=radius)
 
 
 __all__ = ["ATTACKS", "AttackConfig", "Verdict", "attacks_for", "attack_margin", "attack_pgd", "attack_pgd_2eps",

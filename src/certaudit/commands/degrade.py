@@ -61,7 +61,8 @@ def degrade_cmd(
     split: str = typer.Option("test", "--split", help="train or test"),
     limit: Optional[int] = typer.Option(None, "--limit", help="audit K images"),
     skip: int = typer.Option(0, "--skip", help="start at image J"),
-    chunk: int = typer.Option(256, "--chunk", help="images per batched attack"),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="images per batched attack and per write of rows "
+                                                               "(default 256; smoothing 20)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
     out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
     from_log: Optional[Path] = typer.Option(None, "--from-log", help="certification log (certaudit rows or Cohen "
@@ -91,6 +92,8 @@ def degrade_cmd(
         raise InputError(f"--limit must be >= 1, got {limit}")
     if skip < 0:
         raise InputError(f"--skip must be >= 0, got {skip}")
+    if chunk is None:
+        chunk = 20 if defense.lower() == "smoothing" else 256
     if chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {chunk}")
     _run(model=model, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive,
