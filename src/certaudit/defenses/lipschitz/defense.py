@@ -68,7 +68,8 @@ class LipschitzReport:
     def to_dict(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape), "penultimate_lipschitz": self.penultimate,
                 "max_pairwise": float(self.pairwise.max()),
-                "layers": [{"name": l.name, "kind": l.kind, "bound": l.bound, "method": l.method} for l in self.layers]}
+                "layers": [{"name": l.name, "kind": l.kind, "bound": l.bound, "method": l.method,
+                            **{k: l.info[k] for k in ("estimate", "max_gap") if k in l.info}} for l in self.layers]}
 
 
 @dataclass
