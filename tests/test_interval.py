@@ -425,3 +425,89 @@ def test_published_fashion_mnist_model():
         ref = ca.DualNetwork(model[1:], x[:3], 0.1, bounded_input=True)(c).double()
         ours = spec_bounds(net, x[:3], 0.1, c, "crown", pure=True, lower_slope="parallel", sound=False)
     assert torch.allclose(ours.double(), ref, atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- Shadow Attack
+
+@pytest.fixture(scope="module")
+def crown_ibp_digits(tmp_path_factory):
+    """A 2C2F trained with CROWN-IBP at ε = 0.05 on digits (a few seconds), saved as a checkpoint."""
+    from certaudit.data import load_dataset
+    from certaudit.models import save_checkpoint
+    from certaudit.train import TrainConfig, train
+
+    x_tr, y_tr = load_dataset("digits", "train")
+    x_te, y_te = load_dataset("digits", "test")
+    torch.manual_seed(0)
+    model = build_model("2c2f", (1, 8, 8), 10)
+    train(model, x_tr, y_tr, TrainConfig(method="crown-ibp", eps=0.05, epochs=2, batch_size=64, lr=5e-3,
+                                         eps_warmup=0.5, seed=0), progress=False)
+    path = tmp_path_factory.mktemp("ckpt") / "digits_crownibp.safetensors"
+    meta = ModelMeta(arch="2c2f", dataset="digits", input_shape=[1, 8, 8], num_classes=10, mean=[0.0], std=[1.0],
+                     method="crown-ibp", eps=0.05, norm="linf")
+    save_checkpoint(path, model.eval(), meta)
+    return model.eval(), path, x_te, y_te
+
+
+def test_robust_ce_margin_is_the_training_loss_term(crown_ibp_digits):
+    model, _, x_te, y_te = crown_ibp_digits
+    d = IntervalDefense(model, 10, "crown-ibp")
+    x, t = x_te[:6], (y_te[:6] + 1) % 10
+    low = d.bounds(x, 0.05, target=t)  # (B, K), +inf at t
+    xg = x.clone().requires_grad_(True)
+    ce = d.margin(xg, 0.05, t, reduction="ce")
+    ref = torch.nn.functional.cross_entropy(-low.masked_fill(torch.isinf(low), 0.0), t, reduction="none")
+    assert torch.allclose(-ce.detach().double(), ref, atol=1e-4)
+    assert bool((ce.detach().double() < low.min(1).values.clamp(max=0) + 1e-6).all())
+    ce.sum().backward()
+    assert bool(torch.isfinite(xg.grad).all()) and float(xg.grad.abs().sum()) > 0
+    with pytest.raises(InputError, match="reduction"):
+        d.margin(x, 0.05, t, reduction="mean")
+
+
+def test_shadow_attack_on_interval_through_the_cli_is_sound_and_reports_table_2(crown_ibp_digits, tmp_path, capsys):
+    """`certaudit spoof --defense interval` with the paper's CROWN-IBP setting: every spoofed
+    certificate is real (the bound at the spoofed label and radius is positive, and neither samples
+    nor PGD in that ball change the label), and robust / attack error follow from the rows."""
+    import json
+
+    from certaudit.cli import main
+
+    model, path, x_te, y_te = crown_ibp_digits
+    rows_path = tmp_path / "spoof.jsonl"
+    argv = ["spoof", "--model", str(path), "--defense", "interval", "--method", "crown-ibp", "--eps", "0.05",
+            "--loss", "robust-ce", "--steps", "10", "--limit", "4", "--out", str(rows_path), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    header, *rows = [json.loads(s) for s in rows_path.read_text().splitlines()]
+    shadow = header["config"]["shadow"]
+    assert (shadow["lambda_tv"], shadow["lambda_c"], shadow["color"], shadow["lr"], shadow["channels"]) == (
+        9e-6, 0.02, "l2", 200.0, 1)
+    assert header["config"]["settings"]["method"] == "crown-ibp" and header["config"]["spoof_loss"]["reduction"] == "ce"
+    assert len(rows) == 4 and all(r["attacked"] for r in rows)  # deterministic: every image is attacked
+    nat_ok = [r["natural_prediction"] == r["label"] and r["natural_radius"] >= 0.05 for r in rows]
+    adv_ok = [r["spoofed_prediction"] != r["label"] and r["spoofed_radius"] >= 0.05 for r in rows]
+    assert summary["robust_error"] == pytest.approx(1 - sum(nat_ok) / 4)
+    assert summary["attack_error"] == pytest.approx(1 - sum(adv_ok) / 4)
+    assert all(r["success"] == (r["spoofed_prediction"] != r["label"] and r["spoofed_radius"] > 0) for r in rows)
+    assert summary["successes"] >= 1  # this weak model is spoofed
+    # soundness of the spoofed certificates, recomputed from x + δ (rebuilt from the rows' images)
+    from certaudit.attacks.shadow import DefenseMargin, ShadowConfig
+    from certaudit.audits.spoofing import spoof_batch
+
+    d = IntervalDefense(model, 10, "crown-ibp")
+    out = spoof_batch(d, DefenseMargin(d, 0.05, reduction="ce"), x_te[:4], y_te[:4], ShadowConfig.crown_ibp(steps=10),
+                      indices=[0, 1, 2, 3], skip_abstained=False)
+    assert [r["spoofed_prediction"] for r in out.rows] == [r["spoofed_prediction"] for r in rows]
+    ok = torch.tensor([r["success"] for r in out.rows])
+    xa = out.x_adv[ok]
+    lab = torch.tensor([r["spoofed_prediction"] for r in out.rows])[ok]
+    rad = torch.tensor([r["spoofed_radius"] for r in out.rows], dtype=torch.float32)[ok]
+    for i in range(xa.shape[0]):
+        r = float(rad[i])
+        assert float(d.margin(xa[i:i + 1], r, lab[i:i + 1]).detach()) > 0
+        gen = torch.Generator().manual_seed(i)
+        pts = _box_samples(xa[i:i + 1], r, 200, gen).flatten(0, 1)
+        with torch.no_grad():
+            assert bool((model(pts).argmax(1) == lab[i]).all())
+        assert float(_pgd_min_margin(model, xa[i:i + 1], r, lab[i:i + 1], steps=15)) > 0

@@ -131,12 +131,14 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
         dissim = dissim_penalty(applied).cpu().tolist()
         s_label, s_radius = sel.label.cpu().tolist(), sel.radius.detach().cpu().double().tolist()
         spoof_loss, objective = res.loss.cpu().tolist(), res.objective.cpu().tolist()
-        n_success = _count_per_image(image.tolist(), target.tolist(), ys.tolist(), s_label, len(todo))
+        n_success = _count_per_image(image.tolist(), target.tolist(), ys.tolist(), s_label, s_radius, len(todo))
         n_cand = np.bincount(np.asarray(image.tolist(), dtype=np.int64), minlength=len(todo)).tolist()
         for a, b in enumerate(todo):
             p = best[a]
             label = int(y[b])
-            success = f_label[a] not in (label, ABSTAIN)
+            # a spoof is a wrong label *with a certificate*: deterministic defenses (interval) return the
+            # prediction with radius 0 where nothing is certified, which is not a spoofed certificate
+            success = f_label[a] not in (label, ABSTAIN) and f_radius[a] > 0
             rows[b].update({
                 "attacked": True, "target": int(target[p]), "spoofed_prediction": int(f_label[a]),
                 "spoofed_radius": float(f_radius[a]), "success": bool(success),
@@ -173,17 +175,18 @@ def _select(image: list[int], target: list[int], y: list[int], label: list[int],
     where none is, the pair with the largest surrogate objective."""
     best: list[tuple[tuple[float, float, float], int]] = [((-1.0, -math.inf, -math.inf), -1)] * n_images
     for p, i in enumerate(image):
-        wrong = label[p] not in (y[i], ABSTAIN)
+        wrong = label[p] not in (y[i], ABSTAIN) and radius[p] > 0
         key = (1.0 if wrong else 0.0, radius[p] if wrong else -math.inf, objective[p] if math.isfinite(objective[p]) else -math.inf)
         if best[i][1] < 0 or key > best[i][0]:
             best[i] = (key, p)
     return [p for _, p in best]
 
 
-def _count_per_image(image: list[int], target: list[int], y: list[int], label: list[int], n_images: int) -> list[int]:
+def _count_per_image(image: list[int], target: list[int], y: list[int], label: list[int], radius: list[float],
+                     n_images: int) -> list[int]:
     out = [0] * n_images
     for p, i in enumerate(image):
-        out[i] += int(label[p] not in (y[i], ABSTAIN))
+        out[i] += int(label[p] not in (y[i], ABSTAIN) and radius[p] > 0)
     return out
 
 
@@ -208,9 +211,10 @@ def _parameters(fn: Any) -> set[str]:
 def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[str, Any]:
     """Table 1 (and, at ``eps``, Table 2) of the Shadow Attack paper from spoofing rows.
 
-    * ``natural_radius_mean/std``: over images whose natural CERTIFY does not abstain;
-    * ``success_rate``: fraction of those (attacked) images whose fresh CERTIFY of ``x + δ`` gives a
-      wrong label (not ABSTAIN);
+    * ``natural_radius_mean/std``: over images whose natural CERTIFY does not abstain (and, for
+      deterministic defenses that always return a label, certifies a radius > 0);
+    * ``success_rate``: fraction of the attacked images whose fresh CERTIFY of ``x + δ`` gives a
+      wrong label (not ABSTAIN) with a radius > 0;
     * ``shadow_radius_mean/std``: the spoofed radius over the successful images
       (``shadow_radius_mean_all`` counts failures as radius 0, over all attacked images);
     * ``spoofed_beats_natural``: fraction of attacked images with success and ``r_adv ≥ r_nat``;
@@ -234,7 +238,7 @@ def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[
     out: dict[str, Any] = {"images": n}
     if n == 0:
         return out
-    certified = nat_pred != ABSTAIN
+    certified = (nat_pred != ABSTAIN) & (nat_rad > 0)  # radius 0: a label without a certificate
     out["natural_abstain_rate"] = float(np.mean(~certified))
     out["natural_accuracy"] = float(np.mean(nat_pred == label))
     out["attacked"] = int(attacked.sum())

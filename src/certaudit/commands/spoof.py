@@ -47,8 +47,11 @@ def spoof_cmd(
     noise: str = typer.Option("fixed", "--noise", help="fixed: one set of copies per image for the whole run "
                                                       "(authors' code); fresh: new copies every step"),
     init: str = typer.Option("0.5", "--init", help="random start δ0 ~ U(−init, init); 0 starts at δ = 0"),
-    loss_name: Optional[str] = typer.Option(None, "--loss", help="ce (smoothing: mean cross-entropy over copies) or "
-                                                                  "margin (the defense's certificate margin at --eps)"),
+    loss_name: Optional[str] = typer.Option(None, "--loss", help="ce (smoothing: mean cross-entropy over copies), "
+                                                                  "margin (the defense's certificate margin at --eps) or "
+                                                                  "robust-ce (interval: the IBP/CROWN-IBP training loss term)"),
+    method: Optional[str] = typer.Option(None, "--method", help="interval: bound used to certify and in the loss "
+                                                               "(ibp, crown-ibp, crown; default crown)"),
     eps: Optional[str] = typer.Option(None, "--eps", help="radius for Table 2 (robust vs attack error) and the margin loss"),
     targets: Optional[str] = typer.Option(None, "--targets", help="comma list of candidate target classes (default: all)"),
     n0: int = typer.Option(100, "--n0", help="smoothing: selection samples of CERTIFY"),
@@ -112,12 +115,16 @@ def spoof_cmd(
         changes["color"] = color.lower()
     config = base.with_(**changes)  # raises InputError on bad values
     loss_kind = (loss_name or ("ce" if defense_name == "smoothing" else "margin")).lower()
-    if loss_kind not in ("ce", "margin"):
-        raise InputError(f"unknown loss {loss_name!r}; choose ce or margin")
+    if loss_kind not in ("ce", "margin", "robust-ce"):
+        raise InputError(f"unknown loss {loss_name!r}; choose ce, margin or robust-ce")
+    if loss_kind == "robust-ce" and defense_name != "interval":
+        raise InputError("--loss robust-ce is the interval defense's training loss; use --defense interval")
+    if method is not None and defense_name != "interval":
+        raise InputError("--method applies to --defense interval only")
     if loss_kind == "ce" and defense_name != "smoothing":
         raise InputError("--loss ce is the randomized-smoothing loss; use --loss margin for other defenses")
     eps_v = None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)
-    if loss_kind == "margin" and eps_v is None and defense_name != "smoothing":
+    if loss_kind in ("margin", "robust-ce") and eps_v is None and defense_name != "smoothing":
         raise InputError("--loss margin needs --eps: the radius at which the spoofed label should be certified")
     if noise.lower() not in ("fixed", "fresh"):
         raise InputError(f"unknown --noise {noise!r}; choose fixed or fresh")
@@ -127,6 +134,8 @@ def spoof_cmd(
         "sigma": None if sigma is None else parse_number(sigma, "--sigma"), "n0": n0, "n": n,
         "alpha": parse_number(alpha, "--alpha"), "eps": eps_v, "batch_size": batch_size, "seed": seed,
     }
+    if method is not None:
+        options["method"] = method
     options = {k: v for k, v in options.items() if v is not None}
     dev = resolve_device(device)
     net, meta = load_checkpoint(model, dev)
@@ -143,6 +152,8 @@ def spoof_cmd(
         loss: Any = SmoothedCrossEntropy(net, guard.sigma, samples=samples, noise=noise.lower())
     else:
         kwargs = {"n_samples": samples} if "n_samples" in inspect.signature(guard.margin).parameters else {}
+        if loss_kind == "robust-ce":
+            kwargs["reduction"] = "ce"
         loss = DefenseMargin(guard, eps_v or 0.0, **kwargs)
     x_all, y_all = load_dataset(info.name, split, data_root)
     if skip >= len(y_all):

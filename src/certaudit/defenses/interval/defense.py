@@ -118,15 +118,25 @@ class IntervalDefense(Defense):
 
     # ----------------------------------------------------------------------------- protocol
 
-    def margin(self, x: torch.Tensor, eps: float, target: torch.Tensor) -> torch.Tensor:
+    def margin(self, x: torch.Tensor, eps: float, target: torch.Tensor, reduction: str = "min") -> torch.Tensor:
         """Differentiable (B,) worst-case lower bound of ``f_target − f_j`` over the clipped ε-ball,
-        minimized over ``j ≠ target``; > 0 iff ``target`` is certified at ``x`` with radius ε."""
+        minimized over ``j ≠ target``; > 0 iff ``target`` is certified at ``x`` with radius ε.
+
+        ``reduction="ce"`` returns instead ``−CE(−m, target) = −log(1 + Σ_j exp(−m_j))`` over the
+        bounds ``m_j`` (always < 0, increasing in every ``m_j``): minus the robust cross-entropy that
+        IBP / CROWN-IBP training minimizes, the term the Shadow Attack paper's Section 5 attacks.
+        """
+        if reduction not in ("min", "ce"):
+            raise InputError(f"unknown margin reduction {reduction!r}; choose min or ce")
         x = self._check(x)
         eps = check_eps(eps)
         target = check_labels(target, x.shape[0], self.num_classes).to(x.device)
         net = self._network(x)
         with no_tf32(x.device):
             low = margin_bounds(net, x, eps, target, self.method, budget_mb=self.budget_mb)
+        if reduction == "ce":  # +inf at the target column: exp(-inf) = 0, the "1 +" is the target's own term
+            zero = torch.zeros_like(low[:, :1])
+            return -torch.logsumexp(torch.cat([zero, -low], dim=1), dim=1).to(x.dtype)
         return low.min(1).values.to(x.dtype)
 
     def accept(self, x: torch.Tensor, eps: float) -> torch.Tensor:
