@@ -35,7 +35,7 @@ a certificate. Two certified bounds are computed here, both in float64, and the 
 
 Rounding: every ``γ`` uses ``SAFETY·n·u`` (u = 2⁻⁵³) with ``SAFETY = 4`` to cover blocked/FMA
 LAPACK variants, and the Gram iteration's result is inflated by ``1 + 1e-9`` (its float64 error is
-below ``4d²u ≈ 3e-11`` relative for ``d ≤ 256``; derivation in ``docs/lipschitz.md``).
+below ``4·SAFETY·(m+n)·√d·u``, used when it exceeds 1e-9; derivation in ``docs/lipschitz.md``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ U32 = 2.0 ** -24
 SAFETY = 4.0
 """Multiplier on every rounding constant γ_n (blocked algorithms, FMA, library variants)."""
 GRAM_INFLATION = 1e-9
-"""Relative inflation of Gram-iteration results for their float64 rounding (< 3e-11 in theory)."""
+"""Smallest relative inflation of Gram-iteration results for their float64 rounding (the size-dependent
+term ``4·SAFETY·(m+n)·√min(m,n)·u`` is used when larger)."""
 EXACT_LIMIT = 2 ** 24
 """Largest banded Gram matrix (entries, float64: 128 MiB) assembled for the Cholesky certificate."""
 DENSE_LIMIT = 4096
@@ -113,7 +114,10 @@ def gram_bound(mats: torch.Tensor, tol: float = 1e-6, max_iter: int = 40) -> flo
             break
         g = g.mH @ g
         logs = 2.0 * logs
-    return math.exp(0.5 * best) * (1.0 + GRAM_INFLATION)
+    # rounding: each product's error is γ·‖H‖_F² ≤ γ·√d·‖H²‖_F (relative), and the 2^t-th roots
+    # shrink the later ones geometrically (docs/lipschitz.md); floor at GRAM_INFLATION
+    infl = max(GRAM_INFLATION, 4.0 * SAFETY * (m + n) * math.sqrt(min(m, n)) * U64)
+    return math.exp(0.5 * best) * (1.0 + infl)
 
 
 # ------------------------------------------------------------------------- convolution geometry
