@@ -133,7 +133,22 @@ def shrink_into_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: Nor
         d = d * scale.view(-1, *([1] * (d.dim() - 1)))
     else:
         d = d.clamp(-limit, limit)
-    return (x.double() + d).clamp(0.0, 1.0).to(x.dtype)
+    z = (x.double() + d).clamp(0.0, 1.0).to(x.dtype)
+    for _ in range(4):  # float rounding can still land a hair outside: step back towards x
+        dz = z.double() - x.double()
+        if norm is Norm.LINF:
+            out = dz.abs() > float(eps)
+            if not bool(out.any()):
+                break
+            z = torch.where(out, torch.nextafter(z, x), z)
+        else:
+            n = flat_norm(dz, Norm.L2)
+            out = n > float(eps)
+            if not bool(out.any()):
+                break
+            shrink = torch.where(out, torch.full_like(n, 1.0 - 1e-5), torch.ones_like(n))
+            z = (x.double() + dz * shrink.view(-1, *([1] * (dz.dim() - 1)))).clamp(0.0, 1.0).to(x.dtype)
+    return z
 
 
 def project_to_eps(x: torch.Tensor, x_far: torch.Tensor, eps: float, norm: Norm | str) -> torch.Tensor:
