@@ -304,3 +304,15 @@ def test_interval_defense_linf(digits):
     cand = run_attack("margin", defense, x_te[:24], label, eps, AttackConfig(steps=5))
     assert bool((distances(x_te[:24], cand, Norm.LINF) <= eps).all())
     assert float(cand.min()) >= 0 and float(cand.max()) <= 1
+
+
+def test_prune_skips_only_what_appendix_a_rules_out():
+    defense, w = _linear_defense()
+    s = torch.tensor([0.12, 0.18, 0.25, 0.4])
+    x = _points(w, s)
+    y = torch.zeros(4, dtype=torch.long)
+    full = degrade_batch(defense, x, y, 0.1, attack="margin", steps=10)
+    pruned = degrade_batch(defense, x, y, 0.1, attack="margin", steps=10, prune=True)
+    assert [r["degraded_by"] for r in full] == [r["degraded_by"] for r in pruned]
+    assert [r["pruned"] for r in pruned] == [False, False, True, True]
+    assert pruned[3]["attacks"] == {} and full[3]["attacks"] == {"margin": False}

@@ -45,10 +45,14 @@ def degrade_cmd(
                                                        "success counts"),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="with several attacks: run every attack on every "
                                                                  "certified image (per-attack lower bounds)"),
+    prune: bool = typer.Option(False, "--prune", help="lipschitz / interval-ibp: do not attack inputs certified "
+                                                       "at 2ε (Appendix A: they cannot be degraded)"),
     steps: int = typer.Option(50, "--steps", help="PGD steps per restart"),
     restarts: int = typer.Option(1, "--restarts", help="PGD restarts (margin on lipschitz: targeted runner-ups)"),
     step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step (default 2.5·radius/steps)"),
     samples: int = typer.Option(32, "--samples", help="smoothing: noisy copies per SPGD/margin step"),
+    check_every: int = typer.Option(1, "--check-every", help="deterministic defenses: ask Algorithm 2.1 every K "
+                                                             "steps whether the iterate is rejected (early stop)"),
     method: Optional[str] = typer.Option(None, "--method", help="interval: ibp, crown-ibp or crown"),
     sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing σ (default: the model's training σ)"),
     n0: int = typer.Option(100, "--n0", help="smoothing: selection samples of CERTIFY"),
@@ -96,11 +100,11 @@ def degrade_cmd(
         chunk = 20 if defense.lower() == "smoothing" else 256
     if chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {chunk}")
-    _run(model=model, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive,
+    _run(model=model, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive, prune=prune,
          attack_options={"steps": steps, "restarts": restarts,
                          "step_size": None if step_size is None else parse_number(step_size, "--step-size", positive=True,
                                                                                   allow_zero=False),
-                         "samples": samples},
+                         "samples": samples, "check_every": check_every},
          defense_options={"method": method, "sigma": None if sigma is None else parse_number(sigma, "--sigma"),
                           "n0": n0, "n": n, "alpha": parse_number(alpha, "--alpha"), "batch_size": batch_size,
                           "seed": seed},
@@ -108,7 +112,8 @@ def degrade_cmd(
          data_root=data_root, out=out, radii=radii_v, plot=plot, as_json=as_json)
 
 
-def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool, attack_options: dict[str, Any],
+def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool, prune: bool,
+         attack_options: dict[str, Any],
          defense_options: dict[str, Any], seed: int, device: str, dataset: str | None, split: str, limit: int | None,
          skip: int, chunk: int, data_root: Path | None, out: Path | None, radii: list[float] | None,
          plot: Path | None, as_json: bool) -> None:
@@ -147,7 +152,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     settings = {k: v for k, v in settings.items() if k not in _COMPUTED_SETTINGS}
     config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
-              "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
+              "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
               "device": dev.type}
     writer: Any = RowWriter(out, config) if out is not None else _MemoryRows()
     with writer:
@@ -161,7 +166,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
             for a in range(0, len(todo), chunk):
                 idx = todo[a:a + chunk]
                 rows = degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
-                                     exhaustive=exhaustive, **cfg.as_dict())
+                                     exhaustive=exhaustive, prune=prune, **cfg.as_dict())
                 writer.write_many(rows)
                 bar.advance(task, len(idx))
         wall = time.perf_counter() - t_run
@@ -173,7 +178,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     grid = radii if radii is not None else [eps / 2, eps, 1.5 * eps, 2 * eps]
     summary = {"model": str(model), "defense": defense, "norm": norm_name, "dataset": info.name, "split": split,
                "range": [skip, stop], "attack": attack, "attacks": names, "exhaustive": exhaustive,
-               "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": len(todo),
+               "prune": prune, "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": len(todo),
                "wall_seconds": round(wall, 3), **summary, "fpr_curve": fpr_curve(rows_all, grid)}
     if todo and wall > 0:
         summary["images_per_second_this_run"] = len(todo) / wall
