@@ -316,3 +316,11 @@ def test_prune_skips_only_what_appendix_a_rules_out():
     assert [r["degraded_by"] for r in full] == [r["degraded_by"] for r in pruned]
     assert [r["pruned"] for r in pruned] == [False, False, True, True]
     assert pruned[3]["attacks"] == {} and full[3]["attacks"] == {"margin": False}
+
+
+def test_identity_control_never_degrades_a_deterministic_defense():
+    defense, w = _linear_defense()
+    x = _points(w, torch.tensor([0.11, 0.15, 0.3]))
+    rows = degrade_batch(defense, x, torch.zeros(3, dtype=torch.long), 0.1, attack="identity")
+    assert all(r["certified"] and r["degraded_by"] is None and r["attacks"] == {"identity": False} for r in rows)
+    assert "identity" not in attacks_for(defense, "all")

@@ -41,6 +41,9 @@ from certaudit.errors import InputError
 
 ATTACKS = ("pgd", "pgd-2eps", "spgd", "margin")
 """Attack names, in the order ``all`` tries them."""
+CONTROLS = ("identity",)
+"""Not attacks: ``identity`` submits x itself (x' = x), so for smoothing it measures how often a
+fresh CERTIFY rejects a clean certified input by chance alone (the baseline any lower bound must beat)."""
 
 _SHRINK = 1e-6  # candidates are pulled to ε·(1 − _SHRINK) before float32 rounding
 
@@ -63,7 +66,7 @@ def attacks_for(defense: Any, attack: str) -> list[str]:
     if not names:
         raise InputError("no degradation attack named")
     for a in names:
-        if a not in ATTACKS:
+        if a not in ATTACKS and a not in CONTROLS:
             raise InputError(f"unknown degradation attack {a!r}; choose one of: {', '.join(ATTACKS)}, all "
                              "(or a comma list)")
         if a == "spgd" and not is_randomized(defense):
@@ -325,8 +328,15 @@ def _pairwise_margin(defense: Defense, eps: float):
     return m
 
 
+def attack_identity(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: float, cfg: AttackConfig,
+                    generator: torch.Generator) -> torch.Tensor:
+    """The control: x' = x (no perturbation)."""
+    return x.clone()
+
+
 ATTACK_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "pgd": attack_pgd, "pgd-2eps": attack_pgd_2eps, "spgd": attack_spgd, "margin": attack_margin,
+    "identity": attack_identity,
 }
 
 
@@ -392,6 +402,6 @@ def verify_candidates(defense: Defense, x: torch.Tensor, x_adv: torch.Tensor, la
                    accepted=acc, label_changed=changed, radius=radius)
 
 
-__all__ = ["ATTACKS", "AttackConfig", "Verdict", "attacks_for", "attack_margin", "attack_pgd", "attack_pgd_2eps",
+__all__ = ["ATTACKS", "CONTROLS", "AttackConfig", "Verdict", "attacks_for", "attack_margin", "attack_pgd", "attack_pgd_2eps",
            "attack_spgd", "distances", "is_randomized", "project_to_eps", "run_attack", "shrink_into_ball",
            "verify_candidates"]

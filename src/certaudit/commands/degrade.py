@@ -28,7 +28,7 @@ from certaudit.commands._common import console, err_console, parse_number, print
 from certaudit.errors import InputError
 
 _COMPUTED_SETTINGS = ("layers", "penultimate_lipschitz", "max_pairwise")
-ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all")
+ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all", "identity")
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def degrade_cmd(
     eps: str = typer.Option(..., "--eps", help="attack radius ε (norm of the defense: ℓ2, or ℓ∞ for interval)"),
     attack: str = typer.Option("all", "--attack", help="pgd (Alg 3.1), pgd-2eps (Alg B.1), spgd (Alg 3.2, smoothing), "
                                                        "margin (certificate-aware), a comma list, or all; the first "
-                                                       "success counts"),
+                                                       "success counts; identity (x' = x) is a control"),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="with several attacks: run every attack on every "
                                                                  "certified image (per-attack lower bounds)"),
     prune: bool = typer.Option(False, "--prune", help="lipschitz / interval-ibp: do not attack inputs certified "
