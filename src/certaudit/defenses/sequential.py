@@ -102,6 +102,18 @@ def log_evidence(successes, trials, p0: float, side: str = "above", prior: tuple
     with np.errstate(divide="ignore"):
         tail = betaincc(s + a, f + b, p0) if upper else betainc(s + a, f + b, p0)
         out = betaln(s + a, f + b) + np.log(tail) - s * math.log(p0) - f * math.log1p(-p0)
+    gone = ~(tail > 1e-280)  # zero or subnormal: too few digits left
+    if np.any(gone):
+        # The tail underflows float64 (or loses its digits) only when the counts lie far on the null side of p0 (mode of
+        # the posterior beyond p0), where the log-concave integrand peaks at p0 itself: an endpoint
+        # Laplace expansion to second order, ∫ ≈ g(p0)·(1/|d| + h/|d|³) with d, h the first and
+        # second derivatives of log g at p0, is accurate there, and M < 1 there: no decision changes.
+        sg, fg = s[gone] + a - 1.0, f[gone] + b - 1.0
+        slope = np.abs(sg / p0 - fg / (1.0 - p0))
+        curv = -sg / p0**2 - fg / (1.0 - p0) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr = np.log1p(np.maximum(curv / slope**2, -0.5))
+            out[gone] = (a - 1.0) * math.log(p0) + (b - 1.0) * math.log1p(-p0) - np.log(slope) + corr
     return out - _log_tail_mass(a, b, p0, upper)
 
 
@@ -124,9 +136,8 @@ class SequentialTest:
     _log_b: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not (0.0 < float(self.p0) < 1.0):
-            raise InputError(f"the certification threshold p* must lie strictly between 0 and 1, got {self.p0!r} "
-                             "(is ε/σ too large?)")
+        if not (0.0 < float(self.p0) <= 1.0):
+            raise InputError(f"the certification threshold p* must lie in (0, 1], got {self.p0!r}")
         if not (0.0 < float(self.alpha) < 1.0):
             raise InputError(f"alpha must lie strictly between 0 and 1, got {self.alpha!r}")
         beta = self.alpha if self.beta is None else float(self.beta)
@@ -158,32 +169,74 @@ class SequentialTest:
         return np.asarray(out, dtype=np.int64)
 
     def decide(self, successes, trials) -> np.ndarray:
-        """Decision codes (int8): CERTIFIED, ABSTAINED, BUDGET, FUTILE or CONTINUE, vectorised."""
+        """Decision codes (int8): CERTIFIED, ABSTAINED, BUDGET, FUTILE or CONTINUE, vectorised.
+
+        CERTIFIED iff ``log M⁺_t ≥ log(1/α)``; else ABSTAINED iff ``log M⁻_t ≥ log(1/β)``; else
+        BUDGET at ``t ≥ N``; else FUTILE iff ``log M⁺_N < log(1/α)`` even if all ``N − t`` remaining
+        samples succeed (``M⁺`` grows with every success, so no later check could certify). Since
+        ``M⁺`` increases and ``M⁻`` decreases in ``S`` at fixed ``t``, each rule is a threshold on
+        the counts, found once per distinct ``t`` by bisection (exactly the same decisions, fast).
+        """
         s = np.asarray(successes, dtype=np.int64)
         t = np.asarray(trials, dtype=np.int64)
-        up = log_evidence(s, t, self.p0, "above", self.prior)
+        s, t = np.broadcast_arrays(s, t)
+        if np.any(s < 0) or np.any(s > t):
+            raise InputError("successes must lie between 0 and trials")
+        if self.p0 >= 1.0:  # Φ(ε/σ) rounds to 1 in float64: no sample count can certify
+            return np.full(s.shape, FUTILE, dtype=np.int8)
+        uniq, inv = np.unique(t, return_inverse=True)
+        s_cert, s_abst = self._thresholds(uniq)
+        s_cert, s_abst = s_cert[inv.reshape(t.shape)], s_abst[inv.reshape(t.shape)]
         code = np.full(s.shape, CONTINUE, dtype=np.int8)
-        code[up >= self._log_a] = CERTIFIED
-        rest = code == CONTINUE
-        if self.beta > 0 and np.any(rest):
-            down = log_evidence(s[rest], t[rest], self.p0, "below", self.prior)
-            sub = code[rest]
-            sub[down >= self._log_b] = ABSTAINED
-            code[rest] = sub
-        rest = code == CONTINUE
-        code[rest & (t >= self.max_samples)] = BUDGET
-        rest = code == CONTINUE
-        if np.any(rest):  # the most evidence the budget can still buy: all remaining samples succeed
-            n = int(self.max_samples)
-            best = log_evidence(s[rest] + (n - t[rest]), np.full(int(rest.sum()), n), self.p0, "above", self.prior)
-            sub = code[rest]
-            sub[best < self._log_a] = FUTILE
-            code[rest] = sub
+        code[(t >= self.max_samples) | (t - s > self._futile_failures())] = FUTILE
+        code[t >= self.max_samples] = BUDGET
+        code[s <= s_abst] = ABSTAINED
+        code[s >= s_cert] = CERTIFIED
         return code
+
+    def _thresholds(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per distinct sample count t: the least S that certifies (t + 1 if none) and the largest S
+        that abstains (−1 if none or if β = 0)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        missing = np.array([v for v in ts.tolist() if v not in cache], dtype=np.int64)
+        if missing.size:
+            cert = _least_true(lambda k: log_evidence(k, missing, self.p0, "above", self.prior) >= self._log_a, missing)
+            if self.beta > 0:  # largest S with M⁻ ≥ 1/β = (least S with M⁻ < 1/β) − 1
+                abst = _least_true(lambda k: log_evidence(k, missing, self.p0, "below", self.prior) < self._log_b,
+                                   missing) - 1
+            else:
+                abst = np.full(missing.shape, -1, dtype=np.int64)
+            cache.update(zip(missing.tolist(), zip(cert.tolist(), abst.tolist())))
+        pairs = np.array([cache[v] for v in ts.tolist()], dtype=np.int64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+
+    def _futile_failures(self) -> int:
+        """The most failures after which certifying within the budget is still possible (−1: never)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if "futile" not in cache:
+            n = np.array([int(self.max_samples)], dtype=np.int64)
+            least = _least_true(lambda k: log_evidence(k, n, self.p0, "above", self.prior) >= self._log_a, n)
+            cache["futile"] = int(n[0] - least[0])  # n + 1 successes needed (none suffice): −1
+        return cache["futile"]
 
     def evidence(self, successes, trials) -> np.ndarray:
         """``log M⁺_t`` (float64): certified once it reaches ``log(1/alpha)``."""
+        if self.p0 >= 1.0:
+            return np.full(np.shape(successes), -np.inf)
         return log_evidence(successes, trials, self.p0, "above", self.prior)
+
+
+def _least_true(pred: Callable[[np.ndarray], np.ndarray], t: np.ndarray) -> np.ndarray:
+    """Least k in [0, t] with pred(k) true for a predicate monotone in k (t + 1 where none), by bisection."""
+    lo = np.zeros(t.shape, dtype=np.int64)
+    hi = t.astype(np.int64) + 1
+    while np.any(lo < hi):
+        mid = (lo + hi) // 2
+        ok = pred(np.minimum(mid, t))
+        ok &= mid <= t
+        hi = np.where(ok & (lo < hi), mid, hi)
+        lo = np.where(~ok & (lo < hi), mid + 1, lo)
+    return lo
 
 
 @dataclass
