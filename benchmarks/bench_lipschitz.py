@@ -14,6 +14,10 @@ raw forward pass of the same model on the same batch (the hardware limit)::
 
     PYTHONPATH=src python benchmarks/bench_lipschitz.py --model runs/gloro/fmnist_2c2f_eps0.3.safetensors
     PYTHONPATH=src python benchmarks/bench_lipschitz.py --arch 6c2f --shape 3,32,32 --dense-limit 0
+
+With ``--soundness N`` (a checkpoint needed), N evenly spaced test images of the model's data set
+are certified and attacked by ℓ2 PGD (``--steps``, ``--restarts``) on the best-rival margin inside
+their certified radius (label flips must be 0) and inside twice that radius (how tight the bound is).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ def main() -> None:
     ap.add_argument("--dense-limit", type=int, default=4096, help="largest input dimension for the dense SVD")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--soundness", type=int, default=0, help="attack N certified test images (needs --model)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--data-root")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,6 +101,8 @@ def main() -> None:
     out = {"layers": rows, "penultimate_lipschitz": defense.lipschitz_constants().penultimate,
            "forward_images_per_s": args.batch / t_fwd, "certify_images_per_s": args.batch / t_cert,
            "certify_over_forward_time": t_cert / t_fwd}
+    if args.soundness and args.model:
+        out["soundness"] = _soundness(net, defense, meta, args)
     if args.json:
         print(json.dumps(out, indent=2))
         return
@@ -101,6 +111,37 @@ def main() -> None:
         print(f"{r['layer']:>4} {r['kind']:<6} {str(tuple(r['in_shape'])):<14} {extra}")
     print(f"L = {out['penultimate_lipschitz']:.6g}; certify {out['certify_images_per_s']:.4g} img/s, forward "
           f"{out['forward_images_per_s']:.4g} img/s, certify/forward time {out['certify_over_forward_time']:.2f}")
+    if "soundness" in out:
+        print("soundness:", out["soundness"])
+
+
+def _soundness(net, defense, meta, args) -> dict:
+    """PGD inside the certified radius (must never flip) and inside 2x and 4x it."""
+    import math
+
+    from certaudit.attacks.pgd import pgd
+    from certaudit.data import load_dataset
+
+    x, y = load_dataset(meta.dataset, "test", args.data_root)
+    idx = torch.linspace(0, len(y) - 1, args.soundness).long()  # evenly spaced: the files may be sorted
+    x = x[idx]
+    cert = defense.certify(x)
+    keep = cert.label >= 0
+    xs, lab, rad = x[keep], cert.label[keep], cert.radius[keep].float()
+
+    def loss(xx, i):
+        f = net(xx)
+        return f.scatter(1, lab[i].view(-1, 1), -math.inf).amax(1) - f.gather(1, lab[i].view(-1, 1)).squeeze(1)
+
+    res = {"images": len(idx), "certified": int(keep.sum()), "steps": args.steps, "restarts": args.restarts}
+    t0 = time.perf_counter()
+    for mult in (1.0, 2.0, 4.0):
+        r = pgd(loss, xs, rad * mult, "l2", steps=args.steps, restarts=args.restarts, seed=0)
+        with torch.no_grad():
+            flips = int((net(r.x).argmax(1) != lab).sum())
+        res[f"flips_at_{mult:g}x_radius"] = flips
+    res["attack_seconds"] = round(time.perf_counter() - t0, 1)
+    return res
 
 
 def _median(fn, repeats: int = 5) -> float:
