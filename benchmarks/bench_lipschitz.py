@@ -17,7 +17,7 @@ raw forward pass of the same model on the same batch (the hardware limit)::
 
 With ``--soundness N`` (a checkpoint needed), N evenly spaced test images of the model's data set
 are certified and attacked by ℓ2 PGD (``--steps``, ``--restarts``) on the best-rival margin inside
-their certified radius (label flips must be 0) and inside twice that radius (how tight the bound is).
+their certified radius (label flips must be 0) and inside 2x and 4x it (how tight the bound is).
 """
 
 from __future__ import annotations
