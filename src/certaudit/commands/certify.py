@@ -9,6 +9,12 @@ Example (randomized smoothing, Cohen et al.'s settings)::
 
     certaudit certify --model m.safetensors --defense smoothing --sigma 0.25 \\
         --n0 100 --n 100000 --alpha 0.001 --dataset cifar10 --limit 500 --out rows.jsonl
+
+Several processes (:mod:`certaudit.distributed`; gloo on CPU, one GPU per process with CUDA): each
+rank certifies its share of the images into ``rows.jsonl.rank{K}``, rank 0 merges them into
+``--out`` and prints the summary; the rows are the same as with one process::
+
+    torchrun --nproc_per_node 2 -m certaudit certify --model m.safetensors --out rows.jsonl
 """
 
 from __future__ import annotations
@@ -60,8 +66,9 @@ def certify_cmd(
     from certaudit.audits.certified import default_radii, summarize
     from certaudit.data import dataset_info, load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
+    from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_indices
+    from certaudit.distributed import init as dist_init
     from certaudit.models import load_checkpoint, resolve_device
-    from certaudit.results import RowWriter
 
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
@@ -82,7 +89,8 @@ def certify_cmd(
     }
     options = {k: v for k, v in options.items() if v is not None}
 
-    dev = resolve_device(device)
+    env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
+    dev = device_for(env, resolve_device(device))
     net, meta = load_checkpoint(model, dev)
     info = dataset_info(dataset or meta.dataset)
     if list(info.shape) != list(meta.input_shape):
@@ -99,16 +107,17 @@ def certify_cmd(
     settings = guard.settings() if hasattr(guard, "settings") else {k: v for k, v in options.items() if k != "batch_size"}
     config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
               "settings": settings, "dataset": info.name, "split": split, "device": dev.type}
-    writer: Any = RowWriter(out, config) if out is not None else _MemoryRows()
+    writer: Any = ShardedRowWriter(out, config, env) if out is not None else _MemoryRows()
     with writer:
         done = writer.done()
-        todo = [i for i in wanted if i not in done]
-        if len(todo) < len(wanted) and not as_json:
-            err_console.print(f"resuming {out}: {len(wanted) - len(todo)} of {len(wanted)} images already certified")
+        left = [i for i in wanted if i not in done]
+        todo = [i for i in shard_indices(wanted, env.rank, env.world_size) if i not in done]  # this rank's share
+        if len(left) < len(wanted) and not as_json and env.is_main:
+            err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already certified")
         per_call = chunk or _chunk_for(guard, info.shape)
         takes_indices = "indices" in inspect.signature(guard.certify).parameters
         t_run = time.perf_counter()
-        with _progress(enabled=bool(todo)) as bar:
+        with _progress(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"certify ({defense})", total=len(todo))
             for a in range(0, len(todo), per_call):
                 idx = todo[a:a + per_call]
@@ -129,20 +138,30 @@ def certify_cmd(
                     rows.append(row)
                 writer.write_many(rows)
                 bar.advance(task, len(idx))
+        rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
         wall = time.perf_counter() - t_run
-        selected = set(wanted)
-        rows_all = sorted((r for r in writer.rows if r.get("index") in selected), key=lambda r: r["index"])
+    new_images = all_sum(env, len(todo))
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not env.is_main:
+        return
+    selected = set(wanted)
+    rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
 
     norm_name = getattr(getattr(guard, "norm", None), "value", "l2")
     grid = radii_v if radii_v is not None else _trim(default_radii(norm_name), rows_all)
     summary = summarize(rows_all, grid, eps_v)
     summary = {"model": str(model), "defense": defense.lower(), "norm": norm_name, "dataset": info.name,
                "split": split, "range": [skip, stop], "settings": settings, "device": str(dev),
-               "new_images": len(todo), "wall_seconds": round(wall, 3), **summary}
-    if todo and wall > 0:
-        summary["images_per_second_this_run"] = len(todo) / wall
+               "new_images": new_images, "wall_seconds": round(wall, 3), **summary}
+    if env.distributed:
+        summary["processes"] = env.world_size
+    if new_images and wall > 0:
+        summary["images_per_second_this_run"] = new_images / wall
         if "n0" in settings and "n" in settings:
-            summary["samples_per_second_this_run"] = len(todo) * (settings["n0"] + settings["n"]) / wall
+            summary["samples_per_second_this_run"] = new_images * (settings["n0"] + settings["n"]) / wall
     if out is not None:
         summary["out"] = str(out)
     if plot is not None:
