@@ -322,3 +322,33 @@ def test_huge_eps_abstains_without_estimation_samples():
     cert = SmoothedClassifier(model, 3, 0.5, n0=10, n=1000).certify_at(x, 100.0, seed=0)
     assert torch.all(cert.label == ABSTAIN) and torch.all(cert.extras["decision"] == FUTILE)
     assert torch.all(cert.extras["samples"] == 10)
+
+
+def test_certify_verb_decides_at_eps_sequentially(tmp_path, capsys):
+    from certaudit.cli import main
+    from certaudit.models import ModelMeta, build_model, save_checkpoint
+    from certaudit.results import read_rows
+
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="2c2f", dataset="digits", input_shape=[1, 8, 8], num_classes=10, mean=[0.0], std=[1.0],
+                     method="gaussian", sigma=0.25)
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model("2c2f", (1, 8, 8), 10), meta)
+    out = tmp_path / "rows.jsonl"
+    args = ["certify", "--model", str(path), "--n", "5000", "--alpha", "0.001", "--eps", "0.25", "--sequential",
+            "--limit", "6", "--device", "cpu", "--seed", "4", "--out", str(out), "--json"]
+    assert main(args) == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    header, rows = read_rows(out)
+    assert header["config"]["settings"]["sequential_eps"] == 0.25
+    from certaudit.data import load_dataset
+    from certaudit.models import load_checkpoint
+
+    net, _ = load_checkpoint(path, torch.device("cpu"))
+    x, _ = load_dataset("digits", "test")
+    cert = SmoothedClassifier(net, 10, 0.25, n=5000, alpha=0.001).certify_at(x[:6], 0.25, seed=4)
+    assert [r["prediction"] for r in rows] == cert.label.tolist()
+    assert [r["samples"] for r in rows] == cert.extras["samples"].tolist()
+    assert summary["evaluations_per_image_mean"] == pytest.approx(float(cert.extras["samples"].double().mean()))
+    assert main(["certify", "--model", str(path), "--sequential", "--limit", "2", "--device", "cpu"]) == 2

@@ -45,6 +45,8 @@ def certify_cmd(
     n: int = typer.Option(100_000, "--n", help="smoothing: estimation samples per image"),
     alpha: str = typer.Option("0.001", "--alpha", help="smoothing: failure probability of each certificate"),
     eps: Optional[str] = typer.Option(None, "--eps", help="also report VRA at ε and 2ε and the clean rejection rate at ε"),
+    sequential: bool = typer.Option(False, "--sequential", help="smoothing: only decide certification at --eps, with an "
+                                    "anytime-valid test that stops per image when decided (--n is the budget)"),
     radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the table, e.g. 0,0.25,0.5 or 0,2/255"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per forward pass (default: from memory)"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (bf16: certificate about the bf16 model)"),
@@ -81,6 +83,8 @@ def certify_cmd(
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     eps_v = None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)
+    if sequential and (eps_v is None or defense.lower() != "smoothing"):
+        raise InputError("--sequential needs --defense smoothing and --eps (the radius to decide)")
     radii_v = None if radii is None else _parse_radii(radii)
     options: dict[str, Any] = {
         "sigma": None if sigma is None else parse_number(sigma, "--sigma"),
@@ -105,6 +109,10 @@ def certify_cmd(
     wanted = list(range(skip, stop))
 
     settings = guard.settings() if hasattr(guard, "settings") else {k: v for k, v in options.items() if k != "batch_size"}
+    if sequential:
+        from certaudit.defenses.sequential import SEQ_BLOCK, SEQ_GROWTH
+
+        settings = {**settings, "sequential_eps": eps_v, "sequential": f"beta-mixture-block{SEQ_BLOCK}-growth{SEQ_GROWTH}"}
     config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
               "settings": settings, "dataset": info.name, "split": split, "device": dev.type}
     writer: Any = ShardedRowWriter(out, config, env) if out is not None else _MemoryRows()
@@ -123,7 +131,10 @@ def certify_cmd(
                 idx = todo[a:a + per_call]
                 xc = x[idx].to(dev)
                 t0 = time.perf_counter()
-                cert = guard.certify(xc, indices=idx) if takes_indices else guard.certify(xc)
+                if sequential:
+                    cert = guard.certify_at(xc, eps_v, indices=idx)
+                else:
+                    cert = guard.certify(xc, indices=idx) if takes_indices else guard.certify(xc)
                 label = cert.label.cpu()  # one transfer per chunk
                 radius = cert.radius.detach().cpu()
                 extras = {k: v.detach().cpu() for k, v in cert.extras.items()}
@@ -158,9 +169,12 @@ def certify_cmd(
                "new_images": new_images, "wall_seconds": round(wall, 3), **summary}
     if env.distributed:
         summary["processes"] = env.world_size
+    if sequential:
+        evals = [r["samples"] for r in rows_all if "samples" in r]
+        summary["evaluations_per_image_mean"] = sum(evals) / max(1, len(evals))
     if new_images and wall > 0:
         summary["images_per_second_this_run"] = new_images / wall
-        if "n0" in settings and "n" in settings:
+        if "n0" in settings and "n" in settings and not sequential:
             summary["samples_per_second_this_run"] = new_images * (settings["n0"] + settings["n"]) / wall
     if out is not None:
         summary["out"] = str(out)
@@ -250,6 +264,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         stats.add_row("images/s (this run)", f"{s['images_per_second_this_run']:.3g}")
     if s.get("samples_per_second_this_run"):
         stats.add_row("noise samples/s (this run)", f"{s['samples_per_second_this_run']:.4g}")
+    if "evaluations_per_image_mean" in s:
+        stats.add_row("base-model evaluations per image (sequential)", f"{s['evaluations_per_image_mean']:.1f}")
     stats.add_row("wall time (this run)", f"{s['wall_seconds']:.1f} s ({s['new_images']} new images)")
     if s.get("out"):
         stats.add_row("rows", s["out"])

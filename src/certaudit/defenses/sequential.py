@@ -221,8 +221,8 @@ class SequentialTest:
 
     def evidence(self, successes, trials) -> np.ndarray:
         """``log M⁺_t`` (float64): certified once it reaches ``log(1/alpha)``."""
-        if self.p0 >= 1.0:
-            return np.full(np.shape(successes), -np.inf)
+        if self.p0 >= 1.0:  # nothing was sampled (FUTILE at t = 0): M_0 = 1
+            return np.zeros(np.shape(successes))
         return log_evidence(successes, trials, self.p0, "above", self.prior)
 
 
