@@ -1,0 +1,542 @@
+"""Audit reports: one self-contained HTML page (figures inlined as base64 PNG) and Markdown tables.
+
+:func:`write_report` reads one or more audit folders (written by
+:func:`certaudit.audits.pipeline.run_audit`: ``summary.json``, ``rows/*.jsonl``, ``images/*.npz``)
+and writes ``report.html`` and ``report.md``. The page has no external resource (no scripts,
+stylesheets, fonts or images fetched from anywhere), so a reviewer can open it offline. Sections
+(:data:`SECTIONS`): the headline table; certified accuracy against radius with ε and 2ε marked; the
+false-positive-rate bounds against radius (Figs. 2/3 of the degradation paper); natural against
+spoofed certified radii (Fig. 9 of the Shadow Attack paper); example grids of successful
+degradation and spoofing; what the certificate does and does not cover; the configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from certaudit.errors import InputError
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("headline", "Headline figures"),
+    ("certified-accuracy", "Certified accuracy against radius"),
+    ("fpr", "False-positive rate of the run-time defense against radius"),
+    ("spoofed-radii", "Natural against spoofed certified radii"),
+    ("degradation-examples", "Degradation examples"),
+    ("spoofing-examples", "Spoofing examples"),
+    ("coverage", "What the certificate covers, and what it does not"),
+    ("figures", "What every figure means"),
+    ("configuration", "Configuration, versions and timings"),
+)
+
+# (key of the headline dict, column title, kind) -- kind: pct, int, num
+HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("images", "images", "int"),
+    ("clean_accuracy", "clean acc. (model)", "pct"),
+    ("certified_clean_accuracy", "clean acc. (defense)", "pct"),
+    ("vra_eps", "VRA@ε", "pct"),
+    ("vra_2eps", "VRA@2ε", "pct"),
+    ("rejection_rate_eps", "rejected@ε", "pct"),
+    ("fpr_lower", "FPR lower", "pct"),
+    ("fpr_upper", "FPR upper", "pct"),
+    ("utility_reduction_lower", "utility red. lower", "pct"),
+    ("utility_reduction_upper", "utility red. upper", "pct"),
+    ("spoof_success_rate", "spoof success", "pct"),
+    ("natural_radius_mean", "r̄ natural", "num"),
+    ("shadow_radius_mean", "r̄ spoofed", "num"),
+)
+
+PAPERS = (
+    "Cohen, Rosenfeld & Kolter, Certified Adversarial Robustness via Randomized Smoothing, ICML 2019 (arXiv:1902.02918)",
+    "Leino, Wang & Fredrikson, Globally-Robust Neural Networks (GloRo Nets), ICML 2021 (arXiv:2102.08452)",
+    "Degradation Attacks on Certifiably Robust Neural Networks, TMLR 2022 (Algorithms 2.1, 3.1, 3.2, B.1; §3.3, §4.1)",
+    "Ghiasi, Shafahi & Goldstein, Breaking Certified Defenses: Semantic Adversarial Examples with Spoofed "
+    "Robustness Certificates, ICLR 2020 (arXiv:2003.08937)",
+    "Tramèr, Detecting Adversarial Examples Is (Nearly) As Hard As Classifying Them, ICML 2022 (arXiv:2107.11630)",
+)
+
+
+@dataclass
+class AuditData:
+    """One audit folder, loaded: its summary, stage rows, saved examples and a display name."""
+
+    name: str
+    folder: Path
+    summary: dict[str, Any]
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    examples: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+
+    @property
+    def eps(self) -> float:
+        return float(self.summary["headline"]["eps"])
+
+    @property
+    def norm(self) -> str:
+        return str(self.summary["headline"]["norm"])
+
+
+def load_audit(folder: str | os.PathLike, name: str | None = None) -> AuditData:
+    """Read ``summary.json``, the stage rows of the audited images and the example images."""
+    from certaudit.audits.pipeline import STAGES, expand_ranges, load_examples
+    from certaudit.results import read_rows
+
+    folder = Path(folder)
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise InputError(f"{folder} holds no summary.json (run `certaudit audit` first)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg})") from None
+    if summary.get("kind") != "certaudit-audit":
+        raise InputError(f"{path} is not a certaudit audit summary")
+    wanted = set(expand_ranges(summary["config"]["indices"]))
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for stage in STAGES:
+        f = folder / "rows" / f"{stage}.jsonl"
+        if stage in summary.get("stages", []) and f.is_file():
+            _, r = read_rows(f)
+            rows[stage] = sorted((x for x in r if x.get("index") in wanted), key=lambda x: x["index"])
+    examples = {k: load_examples(folder, k) for k in ("degrade", "spoof")}
+    if name is None:
+        cfg = summary["config"]
+        name = f"{cfg['defense']} · {Path(str(cfg['model'])).stem}"
+    return AuditData(name=name, folder=folder, summary=summary, rows=rows, examples=examples)
+
+
+# ---------------------------------------------------------------------------------- formatting
+
+def fmt(v: Any, kind: str = "num") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * float(v):.1f}%"
+    if kind == "int":
+        return str(int(v))
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def eps_text(a: AuditData) -> str:
+    return f"{a.eps:.4g} ({'ℓ∞' if a.norm == 'linf' else 'ℓ2'})"
+
+
+def headline_rows(audits: Sequence[AuditData]) -> tuple[list[str], list[list[str]]]:
+    """The headline table as strings: header and one row per audit."""
+    header = ["audit", "defense", "ε"] + [title for _, title, _ in HEADLINE_COLUMNS]
+    body = []
+    for a in audits:
+        h = a.summary["headline"]
+        body.append([a.name, h["defense"], eps_text(a)] + [fmt(h.get(k), kind) for k, _, kind in HEADLINE_COLUMNS])
+    return header, body
+
+
+def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per-audit tables: certified accuracy at radii, degradation bounds, spoofing (Tables 1/2)."""
+    s = a.summary
+    out = []
+    cert = s.get("certification") or {}
+    if cert.get("certified_accuracy"):
+        pts = []
+        for p in cert["certified_accuracy"]:  # up to the first radius nobody reaches
+            pts.append(p)
+            if p["radius"] > 0 and not p["accuracy"]:
+                break
+        out.append(("Certified accuracy (VRA) at radius r", ["r", "certified accuracy"],
+                    [[f"{p['radius']:.4g}", fmt(p["accuracy"], "pct")] for p in pts]))
+    d = s.get("degradation")
+    if d and d.get("test"):
+        rows = [["lower bound (attacks)", fmt(d.get("vra_eps"), "pct"), str(d.get("testA_lower")),
+                 fmt(d.get("fpr_lower"), "pct"), fmt(d.get("utility_reduction_lower"), "pct")]]
+        for name, p in (d.get("per_attack") or {}).items():
+            if p.get("tried"):
+                rows.append([f"  first found by {name}", "", str(p.get("first")), fmt(p.get("fpr_lower"), "pct"),
+                             fmt(p.get("utility_reduction_lower"), "pct")])
+        rows.append(["upper bound (not certified at 2ε)", fmt(d.get("vra_eps"), "pct"), str(d.get("testA_upper")),
+                     fmt(d.get("fpr_upper"), "pct"), fmt(d.get("utility_reduction_upper"), "pct")])
+        out.append((f"Degradation at ε = {eps_text(a)}: |testR| = {d.get('testR')} of {d.get('test')} "
+                    f"(lower ⊆ upper: {fmt((d.get('invariant') or {}).get('lower_subset_upper'))})",
+                    ["bound", "VRA@ε", "|testA|", "false-positive rate", "utility reduction"], rows))
+    sp = s.get("spoofing")
+    if sp and sp.get("images"):
+        out.append((f"Spoofing (Shadow Attack) on {sp.get('images')} images, {sp.get('attacked')} attacked",
+                    ["figure", "value"],
+                    [["success rate (fresh certificate of a wrong label)", fmt(sp.get("success_rate"), "pct")],
+                     ["certified radius, natural: mean ± std", f"{fmt(sp.get('natural_radius_mean'))} ± "
+                                                              f"{fmt(sp.get('natural_radius_std'))}"],
+                     ["certified radius, spoofed: mean ± std", f"{fmt(sp.get('shadow_radius_mean'))} ± "
+                                                              f"{fmt(sp.get('shadow_radius_std'))}"],
+                     ["spoofed radius ≥ natural radius", fmt(sp.get("spoofed_beats_natural"), "pct")],
+                     [f"robust error at ε (natural)", fmt(sp.get("robust_error"), "pct")],
+                     [f"attack error at ε (spoofed)", fmt(sp.get("attack_error"), "pct")],
+                     ["mean ‖δ‖₂ / ‖δ‖∞", f"{fmt(sp.get('l2_mean'))} / {fmt(sp.get('linf_mean'))}"]]))
+    return out
+
+
+# ----------------------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _norm_label(norm: str) -> str:
+    return "ℓ∞" if norm == "linf" else "ℓ2"
+
+
+def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
+    from certaudit.audits.certified import accuracy_curve
+
+    have = [a for a in audits if a.rows.get("certify")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for a in have:
+        grid, acc = accuracy_curve(a.rows["certify"])
+        ax.step(grid, acc, where="post", label=a.name)
+    for e in sorted({a.eps for a in have}):
+        ax.axvline(e, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(2 * e, color="grey", linestyle=":", linewidth=1)
+        ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
+        ax.text(2 * e, 1.01, " 2ε", fontsize=8, color="grey", va="bottom")
+    ax.set_xlabel(f"radius r ({_norm_label(have[0].norm)})")
+    ax.set_ylabel("certified accuracy (VRA at r)")
+    ax.set_ylim(0, 1.08)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def figure_fpr(audits: Sequence[AuditData]) -> str | None:
+    """FPR upper bound against radius (line) and, at ε, the lower bound by attack (marker)."""
+    have = [a for a in audits if a.summary.get("fpr_curve")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, a in enumerate(have):
+        color = f"C{k}"
+        pts = a.summary["fpr_curve"]
+        ax.plot([p["radius"] for p in pts], [np.nan if p["fpr_upper"] is None else p["fpr_upper"] for p in pts],
+                color=color, label=f"{a.name}: upper bound")
+        d = a.summary.get("degradation") or {}
+        if d.get("fpr_lower") is not None:
+            ax.plot([a.eps], [d["fpr_lower"]], marker="v", color=color, linestyle="none", markersize=8,
+                    label=f"{a.name}: lower bound at ε (attacks)")
+        if d.get("fpr_upper") is not None:
+            ax.plot([a.eps], [d["fpr_upper"]], marker="^", color=color, linestyle="none", markersize=8,
+                    markerfacecolor="none")
+    for e in sorted({a.eps for a in have}):
+        ax.axvline(e, color="grey", linestyle="--", linewidth=1)
+        ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
+    ax.set_xlabel(f"radius ε of the run-time defense ({_norm_label(have[0].norm)})")
+    ax.set_ylabel("false-positive rate |testA| / |testR|")
+    ax.set_ylim(0, 1.08)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def figure_radius_histograms(audits: Sequence[AuditData]) -> str | None:
+    have = [a for a in audits if a.rows.get("spoof")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(have), figsize=(3.6 * len(have), 3.2), squeeze=False)
+    for ax, a in zip(axes[0], have):
+        r = a.rows["spoof"]
+        nat = [float(x["natural_radius"]) for x in r if int(x["natural_prediction"]) != -1]
+        adv = [float(x["spoofed_radius"]) for x in r if x.get("success")]
+        top = max(nat + adv + [1e-6])
+        bins = np.linspace(0, top * 1.02, 16)
+        ax.hist(nat, bins=bins, alpha=0.6, label=f"natural (n={len(nat)})", color="C0")
+        ax.hist(adv, bins=bins, alpha=0.6, label=f"spoofed, wrong label (n={len(adv)})", color="C3")
+        ax.axvline(a.eps, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(a.name, fontsize=8)
+        ax.set_xlabel(f"certified radius ({_norm_label(a.norm)})")
+        ax.set_ylabel("images")
+        ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _show(ax: Any, img: np.ndarray, title: str, diverging: bool = False) -> None:
+    if diverging:
+        ax.imshow(img, cmap="RdBu_r", vmin=-1, vmax=1)
+    elif img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(np.transpose(img[:3], (1, 2, 0)).clip(0, 1), interpolation="nearest")
+    ax.set_title(title, fontsize=6.5)
+    ax.axis("off")
+
+
+def figure_examples(a: AuditData, kind: str, limit: int = 6, classes: Sequence[str] | None = None) -> str | None:
+    """Grid: one row per example; natural | perturbation (scaled) | perturbed image."""
+    recs = []
+    for chunk in a.examples.get(kind, []):
+        for j in range(len(chunk["index"])):
+            recs.append({k: chunk[k][j] for k in chunk})
+    recs = recs[:limit]
+    if not recs:
+        return None
+    classes = classes or a.summary["config"].get("classes")
+    name = (lambda c: "⊥" if int(c) == -1 else (classes[int(c)] if classes else str(int(c))))
+    plt = _plt()
+    fig, axes = plt.subplots(len(recs), 3, figsize=(4.8, 1.7 * len(recs)), squeeze=False)
+    for row, rec in zip(axes, recs):
+        nat, adv = rec["natural"].astype(np.float32), rec["adv"].astype(np.float32)
+        delta = adv - nat
+        scale = float(np.abs(delta).max()) or 1.0
+        shown = delta.mean(axis=0) / scale  # (H, W), in [-1, 1]
+        if kind == "degrade":
+            _show(row[0], nat, f"#{int(rec['index'])}: {name(rec['prediction'])}, r={float(rec['radius']):.3f}")
+            _show(row[1], shown, f"x'−x (×{1 / scale:.3g})", diverging=True)
+            _show(row[2], adv, f"x': ⊥ (rejected), ‖x'−x‖={float(rec['distance']):.3f}")
+        else:
+            _show(row[0], nat, f"#{int(rec['index'])}: true {name(rec['label'])}")
+            _show(row[1], shown, f"δ (×{1 / scale:.3g})", diverging=True)
+            _show(row[2], adv, f"x+δ: {name(rec['prediction'])}, r={float(rec['radius']):.3f}")
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------- coverage
+
+def coverage_text(a: AuditData) -> list[str]:
+    """Plain sentences on what an ε-certificate of this audit covers (norm, dimension, pointwise)."""
+    c = a.summary.get("coverage") or {}
+    d = int(c.get("input_dim") or a.summary["config"]["input_dim"])
+    e = a.eps
+    root = math.sqrt(d)
+    lines = []
+    if a.norm == "l2":
+        lines.append(f"{a.name}: the certificate is an ℓ2 ball of radius ε = {e:.4g} around each input (d = {d}). "
+                     f"It covers every ℓ∞ perturbation only up to ε/√d = {e / root:.4g} ({e / root * 255:.2f}/255), "
+                     f"because the ℓ∞ ball of radius ε contains points at ℓ2 distance ε·√d = {e * root:.4g}.")
+    else:
+        lines.append(f"{a.name}: the certificate is an ℓ∞ ball of radius ε = {e:.4g} (d = {d}); it contains the ℓ2 ball "
+                     f"of radius ε but reaches ℓ2 distance ε·√d = {e * root:.4g} at its corners.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1250px;margin:2em auto;padding:0 1em;
+color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+h3{font-size:1.02em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.85em}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}figcaption{font-size:.85em;color:#444}img{max-width:100%;height:auto}
+.note{font-size:.9em;color:#444}.wide{overflow-x:auto}.wide table{font-size:.78em}code{background:#f5f5f5;padding:0 .2em}
+dl dt{font-weight:600;margin-top:.4em}dl dd{margin-left:1.2em}
+"""
+
+
+def _table_html(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _img(b64: str | None, alt: str, caption: str) -> str:
+    if b64 is None:
+        return f'<p class="note">({html.escape(alt)}: no data in this audit.)</p>'
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("clean acc. (model)", "accuracy of the undefended model's argmax on the audited images."),
+    ("clean acc. (defense)", "fraction of images whose certified label (at any radius ≥ 0) is correct; an abstention "
+                             "(⊥) counts as an error (randomized smoothing abstains when CERTIFY's lower bound is < ½)."),
+    ("VRA@ε, VRA@2ε", "verified robust accuracy: fraction of images certified with the correct label at radius ε "
+                      "(resp. 2ε). |testR| = VRA@ε × images."),
+    ("rejected@ε", "fraction of clean images the run-time defense (Algorithm 2.1: predict if certified at ε, else ⊥) "
+                   "rejects."),
+    ("FPR lower", "|testA_lower| / |testR|: fraction of correctly certified images for which an ε-bounded attack found "
+                  "x' that the defense rejects (a false positive: nothing was wrong with x). A lower bound: attacks are "
+                  "incomplete."),
+    ("FPR upper", "|testA_upper| / |testR|: fraction of correctly certified images not certified at 2ε. Only these "
+                  "can be degraded (x' within ε of x is certified at ε when x is certified at 2ε), so this bounds the "
+                  "FPR from above (exactly for monotone certifiers, with high probability for smoothing)."),
+    ("utility red.", "|testA| / |test| = VRA@ε × FPR: the accuracy an adversary can take away from the defended "
+                     "model by forcing rejections, lower and upper bound."),
+    ("lower ⊆ upper", "Appendix A of the degradation paper: every degraded image must lie in testA_upper; a violation on "
+                      "a monotone certifier is a bug (reported as such in summary.json)."),
+    ("spoof success", "Shadow Attack: fraction of attacked images (not abstained) whose perturbed image x+δ gets a "
+                      "fresh certificate for a wrong label (the surrogate loss never decides success)."),
+    ("r̄ natural, r̄ spoofed", "mean certified radius of the natural images (not abstained) and of the successful "
+                               "spoofed images: a large spoofed radius is a confident certificate for a wrong label."),
+    ("robust error / attack error", "Table 2 of the Shadow Attack paper at ε: fraction of images not certified correct "
+                                    "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
+                                    "label at ε (lower = stronger attack)."),
+    ("FPR curve", "the upper bound recomputed for every radius r from the certification rows: correct images with "
+                  "radius in [r, 2r) over correct images with radius ≥ r (Figs. 2–3 of the degradation paper)."),
+)
+
+
+def render_html(audits: Sequence[AuditData], title: str = "certaudit report") -> str:
+    if not audits:
+        raise InputError("no audits to report")
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    first = audits[0].summary
+    parts.append(f'<p class="note">{len(audits)} audit(s) of {html.escape(str(first["config"]["dataset"]))} '
+                 f'({html.escape(str(first["config"]["split"]))} split); certaudit {html.escape(str(first["versions"]["certaudit"]))}, '
+                 f'torch {html.escape(str(first["versions"]["torch"]))}, device {html.escape(str(first["device"]["type"]))}.</p>')
+    parts.append('<nav><ul>' + "".join(f'<li><a href="#{sid}">{html.escape(t)}</a></li>' for sid, t in SECTIONS)
+                 + "</ul></nav>")
+    sec = dict(SECTIONS)
+
+    parts.append(f'<section id="headline"><h2>{sec["headline"]}</h2>')
+    header, body = headline_rows(audits)
+    parts.append('<div class="wide">' + _table_html(header, body) + "</div>")
+    for a in audits:
+        parts.append(f"<h3>{html.escape(a.name)}</h3>")
+        for cap, h, b in _detail_tables(a):
+            parts.append(f'<p class="note">{html.escape(cap)}</p>' + _table_html(h, b))
+    parts.append("</section>")
+
+    parts.append(f'<section id="certified-accuracy"><h2>{sec["certified-accuracy"]}</h2>')
+    parts.append(_img(figure_certified_accuracy(audits), "certified accuracy against radius",
+                      "Fraction of images certified with the correct label at radius ≥ r. Dashed: ε; dotted: 2ε."))
+    parts.append("</section>")
+
+    parts.append(f'<section id="fpr"><h2>{sec["fpr"]}</h2>')
+    parts.append(_img(figure_fpr(audits), "false-positive rate against radius",
+                      "Line: upper bound of the false-positive rate if the defense were run at radius r (correctly "
+                      "certified images not certified at 2r). Filled ▼: lower bound at ε, found by the degradation "
+                      "attacks; open ▲: upper bound at ε from the defense's own 2ε check."))
+    parts.append("</section>")
+
+    parts.append(f'<section id="spoofed-radii"><h2>{sec["spoofed-radii"]}</h2>')
+    parts.append(_img(figure_radius_histograms(audits), "natural vs spoofed radius histograms",
+                      "Certified radii of the natural images (not abstained) and of the Shadow Attack images whose "
+                      "fresh certificate names a wrong label. Dashed: ε."))
+    parts.append("</section>")
+
+    for sid, kind, what in (("degradation-examples", "degrade",
+                             "Each row: a correctly certified image x, the perturbation x'−x (scaled, red +, blue −) and "
+                             "x' within ε of x, which the defense rejects (re-found for display and re-checked)."),
+                            ("spoofing-examples", "spoof",
+                             "Each row: a natural image, the Shadow Attack perturbation δ (scaled) and x+δ with its "
+                             "certified wrong label and radius.")):
+        parts.append(f'<section id="{sid}"><h2>{sec[sid]}</h2>')
+        for a in audits:
+            parts.append(f"<h3>{html.escape(a.name)}</h3>")
+            parts.append(_img(figure_examples(a, kind), f"{kind} examples of {a.name}", what))
+        parts.append("</section>")
+
+    parts.append(f'<section id="coverage"><h2>{sec["coverage"]}</h2><ul>')
+    for a in audits:
+        for line in coverage_text(a):
+            parts.append(f"<li>{html.escape(line)}</li>")
+    parts.append("<li>The certificate is <b>pointwise</b>: it is a statement about one input x and the ball around it, "
+                 "not a uniform guarantee over the data distribution or over a region. Points x' near a certified x "
+                 "need not be certified themselves (that is what a degradation attack exploits: x' is within ε of x, "
+                 "yet the run-time defense rejects it).</li>"
+                 "<li>It says the <b>label is constant</b> on the ball, not that the label is <b>correct</b>: an "
+                 "input far from any natural image can be certified with a large radius for a wrong label (the "
+                 "spoofed certificates of the Shadow Attack).</li>"
+                 "<li>For randomized smoothing every certificate is <b>probabilistic</b>: it holds except with "
+                 "probability α (per image) over the Monte-Carlo noise, and it certifies the smoothed classifier, "
+                 "not the base network.</li>"
+                 "<li>Only the threat model's norm ball is covered: rotations, colour shifts, blur or any semantic "
+                 "change of large ℓp size are not (the Shadow Attack's perturbations are smooth but large).</li></ul>")
+    parts.append("</section>")
+
+    parts.append(f'<section id="figures"><h2>{sec["figures"]}</h2><dl>')
+    for term, meaning in FIGURE_MEANINGS:
+        parts.append(f"<dt>{html.escape(term)}</dt><dd>{html.escape(meaning)}</dd>")
+    parts.append("</dl><h3>Papers</h3><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in PAPERS) + "</ul></section>")
+
+    parts.append(f'<section id="configuration"><h2>{sec["configuration"]}</h2>')
+    for a in audits:
+        s = a.summary
+        cfg = {k: v for k, v in s["config"].items() if k not in ("classes",)}
+        block = {"config": cfg, "seed": s.get("seed"), "device": s.get("device"), "versions": s.get("versions"),
+                 "timings": s.get("timings")}
+        parts.append(f"<h3>{html.escape(a.name)}</h3><pre>{html.escape(json.dumps(block, indent=1))}</pre>")
+    parts.append("</section></body></html>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------- Markdown
+
+def _table_md(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    esc = (lambda c: str(c).replace("|", "\\|"))
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
+             "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def render_markdown(audits: Sequence[AuditData], title: str = "certaudit report") -> str:
+    if not audits:
+        raise InputError("no audits to report")
+    out = [f"# {title}", "", "## Headline figures", ""]
+    header, body = headline_rows(audits)
+    out += [_table_md(header, body), ""]
+    for a in audits:
+        out += [f"## {a.name}", ""]
+        for cap, h, b in _detail_tables(a):
+            out += [f"**{cap}**", "", _table_md(h, b), ""]
+        out += ["What the certificate covers: " + " ".join(coverage_text(a)), ""]
+    out += ["## What every figure means", ""]
+    out += [f"- **{t}**: {m}" for t, m in FIGURE_MEANINGS]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------- write
+
+def write_report(folders: Sequence[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 names: Sequence[str] | None = None, title: str = "certaudit report") -> dict[str, Path]:
+    """Write ``report.html`` and ``report.md`` for one audit folder (into it) or several (into ``out``)."""
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise InputError("no audit folders given")
+    names = list(names) if names is not None else [None] * len(folders)  # type: ignore[list-item]
+    audits = [load_audit(f, n) for f, n in zip(folders, names)]
+    dest = Path(out) if out is not None else folders[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {"html": dest / "report.html", "md": dest / "report.md"}
+    for key, text in (("html", render_html(audits, title)), ("md", render_markdown(audits, title))):
+        tmp = paths[key].with_name(paths[key].name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, paths[key])
+    return paths
+
+
+__all__ = ["SECTIONS", "AuditData", "load_audit", "render_html", "render_markdown", "write_report", "headline_rows",
+           "figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_examples", "PAPERS"]
