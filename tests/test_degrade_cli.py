@@ -95,6 +95,12 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     assert cohen["format"] == "cohen" and (cohen["testR"], cohen["testA_upper"]) == (2, 1)
     assert [p["fpr_upper"] for p in cohen["fpr_curve"]] == [0.0, 0.5, 1.0]
     assert png.exists()
+    # several logs: one summary each, one plot with a curve per log (Fig. 2 style)
+    assert main(["degrade", "--from-log", str(log), "--from-log", str(rows_file), "--eps", "0.1", "--plot", str(png),
+                 "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [s["format"] for s in both["logs"]] == ["cohen", "certaudit"]
+    assert both["logs"][1]["testR"] == ours["testR"]
 
 
 @pytest.mark.parametrize("args", [

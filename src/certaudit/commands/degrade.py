@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -69,8 +69,9 @@ def degrade_cmd(
                                                                "(default 256; smoothing 20)"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
     out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
-    from_log: Optional[Path] = typer.Option(None, "--from-log", help="certification log (certaudit rows or Cohen "
-                                                                     "et al.'s TSV): upper bounds without a model"),
+    from_log: Optional[List[Path]] = typer.Option(None, "--from-log", help="certification log (certaudit rows or "
+                                                                           "Cohen et al.'s TSV): upper bounds without a "
+                                                                           "model; repeat to compare models (one plot)"),
     radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the FPR curve"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: FPR upper bound and VRA against radius"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -83,7 +84,7 @@ def degrade_cmd(
         radii_v = [parse_number(p, "--radii", positive=True, allow_zero=False) for p in radii.replace(" ", "").split(",") if p]
         if not radii_v:
             raise InputError("--radii needs at least one radius")
-    if from_log is not None:
+    if from_log:
         if model is not None:
             raise InputError("give either --model (run attacks) or --from-log (upper bounds from a log), not both")
         return _from_log(from_log, eps_v, radii_v, plot, as_json)
@@ -194,25 +195,40 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
         _print_summary(summary)
 
 
-def _from_log(path: Path, eps: float, radii: list[float] | None, plot: Path | None, as_json: bool) -> None:
+def _from_log(paths: list[Path], eps: float, radii: list[float] | None, plot: Path | None, as_json: bool) -> None:
     from certaudit.audits.degradation import (
         default_curve_radii, fpr_curve, plot_fpr_curves, read_certification_log, upper_from_log,
     )
 
-    fmt, rows = read_certification_log(path)
-    if not rows:
-        raise InputError(f"{path}: no certification rows")
-    grid = radii if radii is not None else default_curve_radii(rows, 20)
-    summary = {"log": str(path), "format": fmt, **upper_from_log(rows, eps), "fpr_curve": fpr_curve(rows, grid)}
+    summaries, curves = [], {}
+    for path in paths:
+        fmt, rows = read_certification_log(path)
+        if not rows:
+            raise InputError(f"{path}: no certification rows")
+        grid = radii if radii is not None else default_curve_radii(rows, 20)
+        summaries.append({"log": str(path), "format": fmt, **upper_from_log(rows, eps),
+                          "fpr_curve": fpr_curve(rows, grid)})
+        name = path.name if path.name not in curves else str(path)
+        curves[name] = rows
     if plot is not None:
-        plot_fpr_curves({path.name: rows}, plot, radii=radii, eps=eps, title=f"{path.name}: {len(rows)} images")
-        summary["plot"] = str(plot)
+        title = f"{paths[0].name}: {len(curves[next(iter(curves))])} images" if len(paths) == 1 else None
+        plot_fpr_curves(curves, plot, radii=radii, eps=eps, title=title)
+        for s in summaries:
+            s["plot"] = str(plot)
     if as_json:
-        print_json(summary)
+        print_json(summaries[0] if len(summaries) == 1 else {"logs": summaries})
         return
+    for summary in summaries:
+        _print_log_summary(summary, eps)
+    if plot is not None:
+        console.print(f"plot: {plot}")
+
+
+def _print_log_summary(summary: dict[str, Any], eps: float) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]upper bounds[/bold] from {path} ({fmt} format, {len(rows)} images), ε = {eps:.4g}")
+    console.print(f"[bold]upper bounds[/bold] from {summary['log']} ({summary['format']} format, "
+                  f"{summary['test']} images), ε = {eps:.4g}")
     stats = Table(show_header=False, box=None)
     stats.add_column("what")
     stats.add_column("value", justify="right")
@@ -220,8 +236,6 @@ def _from_log(path: Path, eps: float, radii: list[float] | None, plot: Path | No
         stats.add_row(key, _fmt(summary[key]))
     console.print(stats)
     _print_curve(summary["fpr_curve"])
-    if plot is not None:
-        console.print(f"plot: {plot}")
 
 
 def _fmt(v: Any) -> str:
