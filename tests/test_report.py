@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from certaudit import zoo
 from certaudit.audits.pipeline import AuditSettings, AuditSource, run_audit
@@ -16,6 +17,14 @@ from certaudit.models import load_checkpoint
 from certaudit.report import SECTIONS, headline_rows, load_audit, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +36,9 @@ def report(tmp_path_factory):
     for name in ("digits_gloro_eps", "digits_gloro_2eps"):
         net, meta = load_checkpoint(zoo.model_path(name))
         src = AuditSource(model=name, model_sha256=None, defense="lipschitz", dataset="digits", split="test",
-                          indices=list(range(16)), arch=meta.arch)
+                          indices=list(range(8)), arch=meta.arch)
         run_audit(base / name, net, meta, src, x, y,
-                  AuditSettings(eps=0.25, chunk=8, attack_steps=10, spoof_steps=10, spoof_images=3, examples=2),
+                  AuditSettings(eps=0.25, chunk=8, attack_steps=5, spoof_steps=5, spoof_images=2, examples=2),
                   class_names=[str(i) for i in range(10)])
         folders.append(base / name)
     paths = write_report(folders, base, names=["GloRo ε", "GloRo 2ε"], title="test report")
