@@ -38,7 +38,7 @@ window.addEventListener('load', function () {
   });
   var pre = document.createElement('pre');
   pre.id = 'certaudit-probe';
-  pre.textContent = JSON.stringify(info);
+  pre.textContent = JSON.stringify({images: info, height: document.documentElement.scrollHeight});
   document.body.appendChild(pre);
 });
 </script>
@@ -63,8 +63,8 @@ def _chromium(binary: str, args: list[str], timeout: float) -> subprocess.Comple
                               timeout=timeout)
 
 
-def probe_images(binary: str, report: Path, timeout: float = 120.0) -> list[dict]:
-    """Load a copy of the page with the probe script; return one record per ``<img>``."""
+def probe_images(binary: str, report: Path, timeout: float = 120.0) -> dict:
+    """Load a copy of the page with the probe script; return ``{"images": [one record per <img>], "height": px}``."""
     text = report.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "probe.html"
@@ -100,13 +100,14 @@ def pixel_stats(png: Path) -> dict[str, float]:
 
 def check(report: Path, png: Path, binary: str, min_images: int = 1) -> dict:
     """Run both checks; return the evidence, raise ``AssertionError`` with the reason on failure."""
-    images = probe_images(binary, report)
+    probe = probe_images(binary, report)
+    images = probe["images"]
     if len(images) < min_images:
         raise AssertionError(f"{len(images)} images on the page, expected at least {min_images}")
     broken = [im for im in images if not im["complete"] or im["w"] <= 0 or im["h"] <= 0]
     if broken:
         raise AssertionError(f"{len(broken)} of {len(images)} images did not render: {[b['alt'] for b in broken]}")
-    screenshot(binary, report, png)
+    screenshot(binary, report, png, height=min(30000, max(800, int(probe["height"]) + 50)))
     stats = pixel_stats(png)
     if stats["non_white"] < 0.02:
         raise AssertionError(f"screenshot is (nearly) blank: {stats}")
