@@ -81,7 +81,7 @@ def scaling(model: Path, images: int, n: int, out: Path) -> list[dict]:
         for f in out.glob(f"scaling_p{procs}.jsonl*"):
             f.unlink()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-               "-m", "certaudit", "certify", "--model", str(model), "--defense", "smoothing", "--n0", "100",
+               "-m", "certaudit", "--", "certify", "--model", str(model), "--defense", "smoothing", "--n0", "100",
                "--n", str(n), "--alpha", "0.001", "--device", "cpu", "--limit", str(images), "--chunk", "1",
                "--out", str(dest), "--json"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
