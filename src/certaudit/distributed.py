@@ -32,6 +32,7 @@ from certaudit.errors import InputError
 from certaudit.results import RowWriter, _dumps, config_hash, read_rows
 
 _SHARD = re.compile(r"\.rank(\d+)$")
+_OWNED: list[bool] = []  # non-empty while this module owns the process group
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,18 @@ def init(backend: str | None = None, environ: dict[str, str] | None = None) -> D
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        _OWNED.append(True)
     return env
+
+
+def shutdown(env: DistEnv) -> None:
+    """Leave the process group if :func:`init` created it (a caller's own group is left alone)."""
+    if env.distributed and _OWNED:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _OWNED.clear()
 
 
 def device_for(env: DistEnv, device: Any) -> Any:
@@ -286,6 +298,6 @@ def _sort_key(k: Any) -> tuple:
 
 
 __all__ = [
-    "DistEnv", "env_from_environ", "init", "device_for", "barrier", "all_sum", "gather_rows", "shard_indices",
+    "DistEnv", "env_from_environ", "init", "shutdown", "device_for", "barrier", "all_sum", "gather_rows", "shard_indices",
     "shard_path", "shard_files", "merge_shards", "ShardedRowWriter",
 ]

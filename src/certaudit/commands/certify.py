@@ -70,6 +70,7 @@ def certify_cmd(
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_indices
     from certaudit.distributed import init as dist_init
+    from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import load_checkpoint, resolve_device
 
     if limit is not None and limit < 1:
@@ -152,10 +153,7 @@ def certify_cmd(
         rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
         wall = time.perf_counter() - t_run
     new_images = all_sum(env, len(todo))
-    if env.distributed:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    dist_shutdown(env)
     if not env.is_main:
         return
     selected = set(wanted)
