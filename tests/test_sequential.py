@@ -352,3 +352,13 @@ def test_certify_verb_decides_at_eps_sequentially(tmp_path, capsys):
     assert [r["samples"] for r in rows] == cert.extras["samples"].tolist()
     assert summary["evaluations_per_image_mean"] == pytest.approx(float(cert.extras["samples"].double().mean()))
     assert main(["certify", "--model", str(path), "--sequential", "--limit", "2", "--device", "cpu"]) == 2
+
+
+def test_a_sequential_instance_answers_accept_sequentially_and_says_so_in_its_settings():
+    model, x = _linear(0.5, [0.6, 0.95, 0.9999], repeats=2)
+    seq = SmoothedClassifier.from_options(model, type("M", (), {"num_classes": 3, "input_shape": None, "sigma": 0.5})(),
+                                          {"n": 4000, "sequential": True})
+    plain = SmoothedClassifier(model, 3, 0.5, n=4000)
+    assert seq.settings()["accept"] == "sequential" and "accept" not in plain.settings()
+    assert torch.equal(seq.accept(x, 0.3, seed=2), plain.certify_at(x, 0.3, seed=2).label)
+    assert torch.equal(seq.accept(x, 0.3, seed=2, sequential=False), plain.accept(x, 0.3, seed=2))

@@ -197,8 +197,10 @@ class SmoothedClassifier(Defense):
 
     def __init__(self, model: nn.Module, num_classes: int, sigma: float, *, batch_size: int | None = None,
                  precision: str = "fp32", channels_last: bool = False, n0: int = 100, n: int = 100_000,
-                 alpha: float = 0.001, seed: int | None = None, input_shape: Sequence[int] | None = None):
+                 alpha: float = 0.001, seed: int | None = None, input_shape: Sequence[int] | None = None,
+                 sequential: bool = False):
         super().__init__(model, num_classes)
+        self.sequential = bool(sequential)  # accept() defaults to the sequential test (certify_at)
         self.sigma = _sigma(sigma)
         self.batch_size = None if batch_size is None else _count("batch_size", batch_size)
         self.precision = parse_precision(precision)
@@ -228,7 +230,7 @@ class SmoothedClassifier(Defense):
             if sigma is None:
                 raise InputError("randomized smoothing needs --sigma: the model's checkpoint records no training σ")
         kwargs: dict[str, Any] = {}
-        for key in ("n0", "n", "alpha", "batch_size", "precision", "seed", "channels_last"):
+        for key in ("n0", "n", "alpha", "batch_size", "precision", "seed", "channels_last", "sequential"):
             if options.get(key) is not None:
                 kwargs[key] = options[key]
         shape = getattr(meta, "input_shape", None)
@@ -236,8 +238,11 @@ class SmoothedClassifier(Defense):
 
     def settings(self) -> dict[str, Any]:
         """The settings that determine the counts (for result headers and configuration hashes)."""
-        return {"sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha, "seed": self.seed,
-                "precision": self.precision, "channels_last": self.channels_last, "noise": NOISE_SCHEME}
+        out = {"sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha, "seed": self.seed,
+               "precision": self.precision, "channels_last": self.channels_last, "noise": NOISE_SCHEME}
+        if self.sequential:  # only then: existing configuration hashes stay as they were
+            out["accept"] = "sequential"
+        return out
 
     # ---------------------------------------------------------------------------- the protocol
 
@@ -274,14 +279,16 @@ class SmoothedClassifier(Defense):
     def accept(self, x: torch.Tensor, eps: float, n0: int | None = None, n: int | None = None,
                alpha: float | None = None, generator: torch.Generator | None = None, *,
                seed: int | None = None, indices: Sequence[int] | torch.Tensor | None = None,
-               sequential: bool = False, beta: float | None = None) -> torch.Tensor:
+               sequential: bool | None = None, beta: float | None = None) -> torch.Tensor:
         """Algorithm 2.1 (PredictWithDefense): CERTIFY's label where its radius is ≥ ``eps``, else ABSTAIN.
 
         ``sequential=True`` answers the same question with :meth:`certify_at` (an anytime-valid
         test at the same level α that stops per image as soon as it is decided; ``n`` is then the
-        budget per image).
+        budget per image). ``sequential=None`` takes the instance's default (``sequential=`` of the
+        constructor, option ``sequential`` of :meth:`from_options`), so audits that call
+        ``accept`` use the sequential test without change.
         """
-        if sequential:
+        if self.sequential if sequential is None else sequential:
             return self.certify_at(x, eps, n0, n, alpha, generator, seed=seed, indices=indices, beta=beta).label
         return self.certify(x, n0, n, alpha, generator, seed=seed, indices=indices).accept(eps)
 
