@@ -73,3 +73,15 @@ def test_corrupt_model_file_gives_exit_2(tmp_path, capsys, trained):
 def test_wrong_dataset_for_model(trained, capsys):
     rc, _, err = _run(capsys, "evaluate", "--model", str(trained), "--dataset", "cifar10")
     assert rc == 2 and "expects inputs" in err
+
+
+def test_train_method_options_reach_the_method(tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    common = ["train", "--dataset", "digits", "--epochs", "1", "--limit", "64", "--device", "cpu", "--out", str(out)]
+    assert main([*common, "--method", "gloro", "--eps", "0.1", "--eps-warmup", "0.5", "--option", "trades=0.5",
+                 "--json"]) == 0
+    assert main([*common, "--method", "gloro", "--eps", "0.1", "--option", "nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main([*common, "--method", "gaussian", "--sigma", "0.25", "--option", "trades=1"]) == 2
+    assert main([*common, "--method", "gloro", "--eps", "0.1", "--option", "trades"]) == 2
+    assert main([*common, "--method", "gloro", "--eps", "0.1", "--eps-warmup", "2"]) == 2

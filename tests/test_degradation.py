@@ -1,4 +1,4 @@
-"""Degradation attacks and the degradation audit (Gomez et al.): the claims of §3 and Appendix A."""
+"""Degradation attacks and the degradation audit: the claims of §3 and Appendix A."""
 
 from __future__ import annotations
 

@@ -27,6 +27,15 @@ _LAZY = {
     "IntervalDefense": "certaudit.defenses.interval",
     "ClassifierToDetector": "certaudit.detection",
     "DetectorToClassifier": "certaudit.detection",
+    "degrade_batch": "certaudit.audits.degradation",
+    "summarize_degradation": "certaudit.audits.degradation",
+    "fpr_curve": "certaudit.audits.degradation",
+    "shadow_attack": "certaudit.attacks.shadow",
+    "ShadowConfig": "certaudit.attacks.shadow",
+    "spoof_batch": "certaudit.audits.spoofing",
+    "run_audit": "certaudit.audits.pipeline",
+    "shard_indices": "certaudit.distributed",
+    "ShardedRowWriter": "certaudit.distributed",
 }
 
 

@@ -1,4 +1,4 @@
-"""Degradation attacks (Gomez et al., "Degradation attacks on certifiably robust neural networks"):
+"""Degradation attacks ("Degradation attacks on certifiably robust neural networks", TMLR 2022):
 force a certified run-time defense to reject (⊥) an ε-perturbation of an input it certifies.
 
 Every attack here searches the feasible set ``B(x, ε) ∩ [0,1]^d`` (norm from the defense) with

@@ -114,8 +114,10 @@ def certify_cmd(
         from certaudit.defenses.sequential import SEQ_BLOCK, SEQ_GROWTH
 
         settings = {**settings, "sequential_eps": eps_v, "sequential": f"beta-mixture-block{SEQ_BLOCK}-growth{SEQ_GROWTH}"}
+    from certaudit.defenses.base import stable_settings
+
     config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
-              "settings": settings, "dataset": info.name, "split": split, "device": dev.type}
+              "settings": stable_settings(settings), "dataset": info.name, "split": split, "device": dev.type}
     writer: Any = ShardedRowWriter(out, config, env) if out is not None else _MemoryRows()
     with writer:
         done = writer.done()

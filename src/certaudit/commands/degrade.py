@@ -27,7 +27,6 @@ import typer
 from certaudit.commands._common import console, err_console, parse_number, print_json
 from certaudit.errors import InputError
 
-_COMPUTED_SETTINGS = ("layers", "penultimate_lipschitz", "max_pairwise")
 ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all", "identity")
 
 
@@ -150,7 +149,9 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     settings = guard.settings() if hasattr(guard, "settings") else dict(opts)
     # computed constants (Lipschitz bounds) vary in the last bits with the thread count: keep them
     # out of the resume hash, which must name the experiment, not its floating-point by-products
-    settings = {k: v for k, v in settings.items() if k not in _COMPUTED_SETTINGS}
+    from certaudit.defenses.base import stable_settings
+
+    settings = stable_settings(settings)
     config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,

@@ -22,6 +22,8 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", help="checkpoint to write (.safetensors)"),
     sigma: Optional[str] = typer.Option(None, "--sigma", help="Gaussian noise σ (method gaussian)"),
     eps: Optional[str] = typer.Option(None, "--eps", help="certified training radius, e.g. 0.3 or 8/255"),
+    eps_warmup: str = typer.Option("0.3", "--eps-warmup", help="fraction of training over which ε ramps up from 0 (certified methods)"),
+    option: list[str] = typer.Option([], "--option", help="method option KEY=VALUE, repeatable (gloro: trades=λ, power_iters=k)"),
     epochs: int = typer.Option(10, "--epochs", help="passes over the training set"),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: str = typer.Option("1e-3", "--lr", help="peak learning rate"),
@@ -48,7 +50,11 @@ def train_cmd(
         optimizer=optimizer, weight_decay=parse_number(weight_decay, "--weight-decay"), schedule=schedule,
         sigma=None if sigma is None else parse_number(sigma, "--sigma"),
         eps=None if eps is None else parse_number(eps, "--eps"), augment=augment, seed=seed,
+        eps_warmup=parse_number(eps_warmup, "--eps-warmup", positive=True, allow_zero=True),
+        extra=_method_options(option),
     )
+    if config.extra and method.lower() in ("standard", "gaussian"):
+        raise InputError(f"--option is for certified methods (gloro, ibp, crown-ibp); method {method} takes none")
     m = check_config(config)  # validate before loading data
     info = dataset_info(dataset)
     dev = resolve_device(device)
@@ -86,3 +92,14 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+
+
+def _method_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs for the method (numbers parsed, the method validates the keys)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option must be KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_number(value, f"--option {key.strip()}", positive=True, allow_zero=True)
+    return out

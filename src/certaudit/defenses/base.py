@@ -100,6 +100,16 @@ class Defense(ABC):
         """Differentiable (B,) score, > 0 iff ``target`` would be certified at ``x`` with radius ``eps``."""
 
 
+# Settings a defense *computes* from the model (e.g. Lipschitz bounds, whose last digits depend on the
+# thread count): reported in summaries, but left out of result-file configuration hashes.
+COMPUTED_SETTINGS = ("layers", "penultimate_lipschitz", "max_pairwise")
+
+
+def stable_settings(settings: dict) -> dict:
+    """``settings`` without the computed values of :data:`COMPUTED_SETTINGS` (what a resume must match)."""
+    return {k: v for k, v in settings.items() if k not in COMPUTED_SETTINGS}
+
+
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Validate a batch of images: a float tensor (B, C, H, W), finite, in [0, 1]."""
     if not isinstance(x, torch.Tensor):
@@ -112,7 +122,7 @@ def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
         raise InputError(f"{name} is empty")
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} contains NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     return x
