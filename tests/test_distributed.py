@@ -145,3 +145,78 @@ def test_two_processes_give_the_rows_of_one_and_an_interrupted_run_resumes(model
     # a rerun, here with one process, has nothing left to do
     assert main(["certify", "--model", str(model), *ARGS, "--limit", "12", "--out", str(two), "--json"]) == 0
     assert _rows(two) == _rows(one)
+
+
+# ------------------------------------------------ degrade and spoof split across ranks too
+
+def _verb_rows(path):
+    _, rows = read_rows(path)
+    return [{k: v for k, v in r.items() if k not in ("seconds", "attack_seconds")} for r in rows]
+
+
+VERB_ARGS = {
+    # ε tiny enough that the untrained net is certified at ε (the attacks then have work to do);
+    # --chunk 2 over 6 images: three attack batches dealt to two ranks as blocks
+    "degrade": ["--defense", "interval", "--method", "ibp", "--eps", "0.002", "--attack", "all", "--steps", "5",
+                "--chunk", "2", "--seed", "5", "--device", "cpu"],
+    "spoof": ["--defense", "interval", "--method", "ibp", "--loss", "margin", "--eps", "0.002", "--steps", "4",
+              "--chunk", "2", "--seed", "5", "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("verb", sorted(VERB_ARGS))
+def test_degrade_and_spoof_split_across_two_processes_give_the_rows_of_one(model, tmp_path, verb):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    args = ["--model", str(model), *VERB_ARGS[verb], "--limit", "6", "--json"]
+    assert main([verb, *args, "--out", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "certaudit", "--", verb, *args, "--out", str(two)]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["processes"] == 2 and summary["new_images"] == 6
+    assert shard_files(two) == []
+    rows = _verb_rows(two)
+    assert [r["index"] for r in rows] == list(range(6))
+    assert rows == _verb_rows(one)
+    if verb == "degrade":
+        assert sum(bool(r.get("certified")) for r in rows) > 0, "nothing was certified: the attacks were not exercised"
+    else:
+        assert sum(bool(r.get("attacked")) for r in rows) > 0, "nothing was attacked"
+
+
+def test_blocks_are_fixed_by_the_request_dealt_round_robin_and_skip_finished_inputs():
+    from certaudit.distributed import shard_blocks
+
+    wanted = list(range(10, 21))  # 11 inputs, blocks of 3: [10..12] [13..15] [16..18] [19, 20]
+    r0 = shard_blocks(wanted, 3, 0, 2)
+    r1 = shard_blocks(wanted, 3, 1, 2)
+    assert r0 == [[10, 11, 12], [16, 17, 18]] and r1 == [[13, 14, 15], [19, 20]]
+    assert shard_blocks(wanted, 3, 0, 1) == [[10, 11, 12], [13, 14, 15], [16, 17, 18], [19, 20]]
+    # finished inputs drop out without shifting the other blocks; empty blocks vanish
+    assert shard_blocks(wanted, 3, 0, 2, done={10, 11, 12, 17}) == [[16, 18]]
+    with pytest.raises(InputError):
+        shard_blocks(wanted, 0, 0, 1)
+    with pytest.raises(InputError):
+        shard_blocks(wanted, 3, 2, 2)
+
+
+def test_audit_split_across_two_processes_gives_the_rows_and_headline_of_one(model, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--model", str(model), "--defense", "interval", "--method", "ibp", "--eps", "0.002", "--limit", "6",
+            "--chunk", "2", "--attack-steps", "5", "--spoof-steps", "4", "--seed", "5", "--device", "cpu",
+            "--examples", "2", "--json"]
+    assert main(["audit", *args, "--out", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "certaudit", "--", "audit", *args, "--out", str(two)]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    headline = json.loads(done.stdout)  # rank 0 alone prints
+    for stage in ("clean", "certify", "degrade", "spoof"):
+        rows = _verb_rows(two / "rows" / f"{stage}.jsonl")
+        assert [r["index"] for r in rows] == list(range(6)), stage
+        assert rows == _verb_rows(one / "rows" / f"{stage}.jsonl"), stage
+        assert shard_files(two / "rows" / f"{stage}.jsonl") == []
+    assert (two / "report.html").is_file() and (two / "summary.json").is_file()
+    ref = json.loads((one / "summary.json").read_text())["headline"]
+    assert {k: v for k, v in headline.items() if k != "out"} == ref

@@ -153,6 +153,31 @@ def shard_indices(indices: Sequence[Any] | int, rank: int, world_size: int) -> l
     return items[rank::world_size]
 
 
+def shard_blocks(indices: Sequence[Any], block: int, rank: int, world_size: int,
+                 done: set[Any] | frozenset[Any] = frozenset()) -> list[list[Any]]:
+    """Rank ``rank``'s blocks of ``indices``: cut the requested list into consecutive blocks of
+    ``block`` inputs (fixed by the request, not by what is finished), deal block ``b`` to rank
+    ``b mod W``, then drop inputs in ``done`` (and blocks left empty).
+
+    For verbs whose randomness is keyed by a *batch* (an attack seeded by its first index), the
+    batches are then the same whatever the number of ranks and however often a run was resumed
+    (rows are written one whole block at a time).
+    """
+    if block < 1:
+        raise InputError(f"block must be >= 1, got {block}")
+    if world_size < 1 or not (0 <= rank < world_size):
+        raise InputError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
+    items = list(indices)
+    out = []
+    for b, a in enumerate(range(0, len(items), block)):
+        if b % world_size != rank:
+            continue
+        part = [i for i in items[a:a + block] if _hashable(i) not in done]
+        if part:
+            out.append(part)
+    return out
+
+
 def shard_path(out: str | os.PathLike, rank: int) -> Path:
     """``rows.jsonl`` → ``rows.jsonl.rank{rank}``."""
     p = Path(out)
@@ -298,6 +323,6 @@ def _sort_key(k: Any) -> tuple:
 
 
 __all__ = [
-    "DistEnv", "env_from_environ", "init", "shutdown", "device_for", "barrier", "all_sum", "gather_rows", "shard_indices",
+    "DistEnv", "env_from_environ", "init", "shutdown", "device_for", "barrier", "all_sum", "gather_rows", "shard_indices", "shard_blocks",
     "shard_path", "shard_files", "merge_shards", "ShardedRowWriter",
 ]

@@ -131,14 +131,22 @@ class AuditSource:
 def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source: AuditSource,
               x: torch.Tensor, y: torch.Tensor, settings: AuditSettings, *,
               device: torch.device | str = "cpu", progress: Progress | None = None,
-              class_names: Sequence[str] | None = None) -> dict[str, Any]:
+              class_names: Sequence[str] | None = None, env: Any = None) -> dict[str, Any] | None:
     """Run (or resume) the audit of ``model`` under ``source.defense`` on ``x[source.indices]``.
 
     ``x`` (N, C, H, W) in [0, 1] and ``y`` (N,) are the whole split; only ``source.indices`` are
     audited. Returns the summary (also written to ``out/summary.json``).
+
+    ``env`` (:class:`certaudit.distributed.DistEnv`, from ``certaudit.distributed.init()``) splits
+    every stage across processes: fixed blocks of ``settings.chunk`` images dealt to ranks, one row
+    shard per rank, merged by rank 0 after each stage; rank 0 alone keeps example images and writes
+    the summary (other ranks return ``None``). Rows do not depend on the number of processes.
     """
     from certaudit.defenses.registry import build_defense
+    from certaudit.distributed import DistEnv, all_sum
     from certaudit.results import write_json_atomic
+
+    env = env if env is not None else DistEnv(rank=0, world_size=1, local_rank=0)
 
     settings.check()
     out = Path(out)
@@ -165,10 +173,14 @@ def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source:
     for stage in settings.stages:
         runner = _STAGE_RUNNERS[stage]
         t0 = time.perf_counter()
-        stage_rows, new = runner(out, guard, model, x, y, wanted, settings, base, dev, progress)
+        stage_rows, new = runner(out, guard, model, x, y, wanted, settings, base, dev,
+                                 progress if env.is_main else None, env)
+        new = all_sum(env, new)
         rows[stage] = stage_rows
         timings[stage] = {"wall_seconds_this_run": round(time.perf_counter() - t0, 3), "new_images": new,
                           "row_seconds": round(sum(float(r.get("seconds") or 0.0) for r in stage_rows), 3)}
+    if not env.is_main:
+        return None
     summary = build_summary(source, settings, guard, norm, rows, timings, dev, time.perf_counter() - t_all,
                             input_dim=int(np.prod(tuple(x.shape[1:]))), class_names=class_names)
     write_json_atomic(out / "summary.json", summary)
@@ -191,22 +203,22 @@ def _stable_settings(guard: Any) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in COMPUTED_SETTINGS}
 
 
-def _chunks(todo: list[int], size: int):
-    for a in range(0, len(todo), size):
-        yield todo[a:a + size]
+def _open(out: Path, stage: str, config: dict[str, Any], wanted: list[int], env: Any, block: int):
+    """The stage's row writer (this rank's shard) and this rank's blocks of unfinished images."""
+    from certaudit.distributed import ShardedRowWriter, shard_blocks
+
+    writer = ShardedRowWriter(out / "rows" / f"{stage}.jsonl", config, env)
+    blocks = shard_blocks(wanted, block, env.rank, env.world_size, writer.done())
+    return writer, blocks
 
 
-def _open(out: Path, stage: str, config: dict[str, Any], wanted: list[int]):
-    from certaudit.results import RowWriter
-
-    writer = RowWriter(out / "rows" / f"{stage}.jsonl", config)
-    done = writer.done()
-    return writer, [i for i in wanted if i not in done]
-
-
-def _selected(writer: Any, wanted: list[int]) -> list[dict[str, Any]]:
+def _finish(writer: Any, wanted: list[int]) -> list[dict[str, Any]]:
+    """Merge the ranks' rows (rank 0); the stage's rows for ``wanted``, by index ([] on other ranks)."""
+    merged = writer.finish()
+    if merged is None:
+        return []
     keep = set(wanted)
-    return sorted((r for r in writer.rows if r.get("index") in keep), key=lambda r: r["index"])
+    return sorted((r for r in merged if r.get("index") in keep), key=lambda r: r["index"])
 
 
 def _tick(progress: Progress | None, stage: str, done: int, total: int) -> None:
@@ -214,13 +226,14 @@ def _tick(progress: Progress | None, stage: str, done: int, total: int) -> None:
         progress(stage, done, total)
 
 
-def _stage_clean(out, guard, model, x, y, wanted, s, base, dev, progress):
+def _stage_clean(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     """The undefended model's argmax on every image (clean accuracy of the base classifier)."""
-    writer, todo = _open(out, "clean", {"stage": "clean", **base}, wanted)
+    writer, blocks = _open(out, "clean", {"stage": "clean", **base}, wanted, env, max(s.chunk, 256))
+    todo = [i for b in blocks for i in b]
     with writer:
         _tick(progress, "clean", 0, len(todo))
         done = 0
-        for idx in _chunks(todo, max(s.chunk, 256)):
+        for idx in blocks:
             t0 = time.perf_counter()
             with torch.no_grad():
                 pred = model(x[idx].to(dev)).argmax(dim=1).cpu()  # (B,)
@@ -230,17 +243,18 @@ def _stage_clean(out, guard, model, x, y, wanted, s, base, dev, progress):
                                for b, i in enumerate(idx)])
             done += len(idx)
             _tick(progress, "clean", done, len(todo))
-        return _selected(writer, wanted), len(todo)
+        return _finish(writer, wanted), len(todo)
 
 
-def _stage_certify(out, guard, model, x, y, wanted, s, base, dev, progress):
+def _stage_certify(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     """The defense's CERTIFY on every image: label (or ABSTAIN) and certified radius."""
-    writer, todo = _open(out, "certify", {"stage": "certify", **base}, wanted)
+    writer, blocks = _open(out, "certify", {"stage": "certify", **base}, wanted, env, s.chunk)
+    todo = [i for b in blocks for i in b]
     takes_indices = "indices" in inspect.signature(guard.certify).parameters
     with writer:
         _tick(progress, "certify", 0, len(todo))
         done = 0
-        for idx in _chunks(todo, s.chunk):
+        for idx in blocks:
             t0 = time.perf_counter()
             xc = x[idx].to(dev)
             with torch.no_grad():
@@ -252,14 +266,14 @@ def _stage_certify(out, guard, model, x, y, wanted, s, base, dev, progress):
                                 "seconds": round(sec, 6)} for b, i in enumerate(idx)])
             done += len(idx)
             _tick(progress, "certify", done, len(todo))
-        return _selected(writer, wanted), len(todo)
+        return _finish(writer, wanted), len(todo)
 
 
 def _attack_options(s: AuditSettings) -> dict[str, Any]:
     return {"steps": s.attack_steps, "restarts": s.attack_restarts, "samples": s.attack_samples}
 
 
-def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress):
+def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     """Degradation attacks on the images certified at ε; the 2ε check; a few examples kept."""
     from certaudit.attacks.degradation import AttackConfig, attacks_for
 
@@ -267,12 +281,13 @@ def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress):
     cfg = AttackConfig.from_options(_attack_options(s))
     config = {"stage": "degrade", **base, "eps": s.eps, "attack": s.attack, "attacks": names,
               "attack_config": cfg.as_dict(), "chunk": s.chunk}
-    writer, todo = _open(out, "degrade", config, wanted)
-    kept = _count_examples(out, "degrade")
+    writer, blocks = _open(out, "degrade", config, wanted, env, s.chunk)
+    todo = [i for b in blocks for i in b]
+    kept = _count_examples(out, "degrade") if env.is_main else s.examples  # rank 0 keeps the examples
     with writer:
         _tick(progress, "degrade", 0, len(todo))
         done = 0
-        for idx in _chunks(todo, s.chunk):
+        for idx in blocks:
             rows = degrade_batch(guard, x[idx], y[idx], s.eps, attack=s.attack, seed=s.seed, indices=idx,
                                  **cfg.as_dict())
             if kept < s.examples:
@@ -280,7 +295,7 @@ def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress):
             writer.write_many(rows)
             done += len(idx)
             _tick(progress, "degrade", done, len(todo))
-        return _selected(writer, wanted), len(todo)
+        return _finish(writer, wanted), len(todo)
 
 
 def _keep_degrade_examples(out: Path, guard: Any, x: torch.Tensor, rows: list[dict[str, Any]], s: AuditSettings,
@@ -330,7 +345,7 @@ def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
     return config, loss
 
 
-def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress):
+def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     """Untargeted Shadow Attack on the first ``spoof_images`` images; fresh CERTIFY judges success."""
     from certaudit.audits.spoofing import is_randomized
 
@@ -342,12 +357,13 @@ def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress):
     stage_config = {"stage": "spoof", **base, "eps": s.eps, "shadow": config.as_dict(),
                     "spoof_loss": loss.settings() if hasattr(loss, "settings") else {}, "certify": cert_opts,
                     "select": sel_opts, "skip_abstained": randomized}
-    writer, todo = _open(out, "spoof", stage_config, targets)
-    kept = _count_examples(out, "spoof")
+    writer, blocks = _open(out, "spoof", stage_config, targets, env, s.chunk)
+    todo = [i for b in blocks for i in b]
+    kept = _count_examples(out, "spoof") if env.is_main else s.examples  # rank 0 keeps the examples
     with writer:
         _tick(progress, "spoof", 0, len(todo))
         done = 0
-        for idx in _chunks(todo, s.chunk):
+        for idx in blocks:
             res = spoof_batch(guard, loss, x[idx].to(dev), y[idx], config, indices=idx, seed=s.seed,
                               certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized)
             if kept < s.examples:
@@ -364,7 +380,7 @@ def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress):
             writer.write_many(res.rows)
             done += len(idx)
             _tick(progress, "spoof", done, len(todo))
-        return _selected(writer, targets), len(todo)
+        return _finish(writer, targets), len(todo)
 
 
 _STAGE_RUNNERS = {"clean": _stage_clean, "certify": _stage_certify, "degrade": _stage_degrade, "spoof": _stage_spoof}

@@ -66,6 +66,9 @@ def audit_cmd(
 ) -> None:
     from certaudit.audits.pipeline import AuditSettings, AuditSource
     from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.distributed import device_for
+    from certaudit.distributed import init as dist_init
+    from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import load_checkpoint, resolve_device
 
     eps_v = parse_number(eps, "--eps", positive=True, allow_zero=False)
@@ -84,7 +87,8 @@ def audit_cmd(
         raise InputError(f"unknown defense {defense!r}; choose one of: smoothing, lipschitz, interval")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
-    dev = resolve_device(device)
+    env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
+    dev = device_for(env, resolve_device(device))
     net, meta = load_checkpoint(model, dev)
     info = dataset_info(dataset or meta.dataset)
     if list(info.shape) != list(meta.input_shape):
@@ -99,7 +103,11 @@ def audit_cmd(
         wanted = wanted[:limit]
     source = AuditSource(model=str(model), model_sha256=sha256_file(model), defense=defense.lower(),
                          dataset=info.name, split=split, indices=wanted, arch=meta.arch)
-    summary = run_and_report(out, net, meta, source, x, y, settings, dev, classes=info.classes, quiet=as_json)
+    summary = run_and_report(out, net, meta, source, x, y, settings, dev, classes=info.classes,
+                             quiet=as_json or not env.is_main, env=env)
+    dist_shutdown(env)
+    if summary is None:  # not rank 0: rank 0 merged the rows and writes the report
+        return
     if as_json:
         print_json({"out": str(out), **summary["headline"]})
     else:
@@ -123,14 +131,19 @@ def _settings(cls: Any, eps: float, **kw: Any) -> Any:
 
 def run_and_report(out: Path, net: Any, meta: Any, source: Any, x: Any, y: Any, settings: Any, dev: Any, *,
                    classes: Any = None, quiet: bool = False, name: str | None = None,
-                   report: bool = True) -> dict[str, Any]:
-    """Run the audit with a progress bar on stderr, then (``report``) write report.html and report.md into ``out``."""
+                   report: bool = True, env: Any = None) -> dict[str, Any] | None:
+    """Run the audit with a progress bar on stderr, then (``report``) write report.html and report.md into ``out``.
+
+    Under several processes (``env``) only rank 0 gets the summary and writes the report; the other
+    ranks return ``None``."""
     from certaudit.audits.pipeline import run_audit
     from certaudit.report import write_report
 
     with _Bar(enabled=not quiet) as bar:
         summary = run_audit(out, net, meta, source, x, y, settings, device=dev, progress=bar.update,
-                            class_names=classes)
+                            class_names=classes, env=env)
+    if summary is None:
+        return None
     if report:
         write_report(out, names=[name] if name else None,
                      title=f"certaudit audit: {source.defense} on {source.dataset} ({Path(source.model).name})")

@@ -122,10 +122,13 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     from certaudit.commands.certify import _MemoryRows, _progress
     from certaudit.data import dataset_info, load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
+    from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
+    from certaudit.distributed import init as dist_init
+    from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import load_checkpoint, resolve_device
-    from certaudit.results import RowWriter
 
-    dev = resolve_device(device)
+    env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
+    dev = device_for(env, resolve_device(device))
     net, meta = load_checkpoint(model, dev)
     info = dataset_info(dataset or meta.dataset)
     if list(info.shape) != list(meta.input_shape):
@@ -156,34 +159,44 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
               "device": dev.type}
-    writer: Any = RowWriter(out, config) if out is not None else _MemoryRows()
+    writer: Any = ShardedRowWriter(out, config, env) if out is not None else _MemoryRows()
     with writer:
         done = writer.done()
-        todo = [i for i in wanted if i not in done]
-        if len(todo) < len(wanted) and not as_json:
-            err_console.print(f"resuming {out}: {len(wanted) - len(todo)} of {len(wanted)} images already audited")
+        left = [i for i in wanted if i not in done]
+        # attacks are seeded per batch: fixed blocks of the request, dealt to ranks, keep the batches
+        # (hence the rows) the same whatever the number of processes and however often it resumed
+        blocks = shard_blocks(wanted, chunk, env.rank, env.world_size, done)
+        n_todo = sum(len(b) for b in blocks)
+        if len(left) < len(wanted) and not as_json and env.is_main:
+            err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already audited")
         t_run = time.perf_counter()
-        with _progress(enabled=bool(todo)) as bar:
-            task = bar.add_task(f"degrade ({defense}, {attack})", total=len(todo))
-            for a in range(0, len(todo), chunk):
-                idx = todo[a:a + chunk]
+        with _progress(enabled=bool(blocks) and env.is_main) as bar:
+            task = bar.add_task(f"degrade ({defense}, {attack})", total=n_todo)
+            for idx in blocks:
                 rows = degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
                                      exhaustive=exhaustive, prune=prune, **cfg.as_dict())
                 writer.write_many(rows)
                 bar.advance(task, len(idx))
+        rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
         wall = time.perf_counter() - t_run
-        selected = set(wanted)
-        rows_all = sorted((r for r in writer.rows if r.get("index") in selected), key=lambda r: r["index"])
+    new_images = all_sum(env, n_todo)
+    dist_shutdown(env)
+    if not env.is_main:
+        return
+    selected = set(wanted)
+    rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
 
     summary = summarize_degradation(rows_all, eps)
     norm_name = guard.norm.value
     grid = radii if radii is not None else [eps / 2, eps, 1.5 * eps, 2 * eps]
     summary = {"model": str(model), "defense": defense, "norm": norm_name, "dataset": info.name, "split": split,
                "range": [skip, stop], "attack": attack, "attacks": names, "exhaustive": exhaustive,
-               "prune": prune, "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": len(todo),
+               "prune": prune, "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": new_images,
                "wall_seconds": round(wall, 3), **summary, "fpr_curve": fpr_curve(rows_all, grid)}
-    if todo and wall > 0:
-        summary["images_per_second_this_run"] = len(todo) / wall
+    if env.distributed:
+        summary["processes"] = env.world_size
+    if new_images and wall > 0:
+        summary["images_per_second_this_run"] = new_images / wall
     if out is not None:
         summary["out"] = str(out)
     if plot is not None:

@@ -81,8 +81,10 @@ def spoof_cmd(
     from certaudit.data import dataset_info, load_dataset, sha256_file
     from certaudit.defenses.base import ABSTAIN
     from certaudit.defenses.registry import build_defense
+    from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
+    from certaudit.distributed import init as dist_init
+    from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import load_checkpoint, resolve_device
-    from certaudit.results import RowWriter
 
     # ---- validate everything before loading anything
     for name, value, low in (("--limit", limit, 1), ("--chunk", chunk, 1), ("--batch-size", batch_size, 1)):
@@ -137,7 +139,8 @@ def spoof_cmd(
     if method is not None:
         options["method"] = method
     options = {k: v for k, v in options.items() if v is not None}
-    dev = resolve_device(device)
+    env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
+    dev = device_for(env, resolve_device(device))
     net, meta = load_checkpoint(model, dev)
     info = dataset_info(dataset or meta.dataset)
     if list(info.shape) != list(meta.input_shape):
@@ -170,23 +173,26 @@ def spoof_cmd(
                   "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
                   "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
                   "dataset": info.name, "split": split, "device": dev.type}
-    writer: Any = RowWriter(out, config_row) if out is not None else _MemoryRows()
+    writer: Any = ShardedRowWriter(out, config_row, env) if out is not None else _MemoryRows()
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]] = []
     with writer:
         done = writer.done()
-        todo = [i for i in wanted if i not in done]
-        if len(todo) < len(wanted) and not as_json:
-            err_console.print(f"resuming {out}: {len(wanted) - len(todo)} of {len(wanted)} images already attacked")
+        left = [i for i in wanted if i not in done]
+        if len(left) < len(wanted) and not as_json and env.is_main:
+            err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already attacked")
         shape = tuple(info.shape)
         per_call = chunk or _auto_chunk(loss, shape)
+        # every draw is keyed by (seed, image index); fixed blocks of the request dealt to ranks also
+        # keep the batches, hence the last floating-point bits, the same for any number of processes
+        blocks = shard_blocks(wanted, per_call, env.rank, env.world_size, done)
+        todo = [i for b in blocks for i in b]
         n_targets = len(cand) if cand is not None else info.num_classes - 1
         t_run = time.perf_counter()
-        with _progress(enabled=bool(todo)) as bar:
+        with _progress(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"shadow attack ({defense_name}, {config.channels}-channel)",
                                 total=max(1, len(todo) * n_targets * config.steps))
             finished = 0
-            for a in range(0, len(todo), per_call):
-                idx = todo[a:a + per_call]
+            for idx in blocks:
                 xc = x_all[idx].to(dev)
                 yc = y_all[idx]
                 result = spoof_batch(guard, loss, xc, yc, config, indices=idx, seed=seed, candidates=cand,
@@ -202,17 +208,24 @@ def spoof_cmd(
                             adv_txt = _caption(row["label"], row["spoofed_prediction"], row["spoofed_radius"], info, ABSTAIN)
                             shown.append((result.natural[b].cpu(), result.delta[b].cpu(), result.x_adv[b].cpu(),
                                           (nat_txt, adv_txt)))
+        rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
         wall = time.perf_counter() - t_run
-        selected = set(wanted)
-        rows_all = sorted((r for r in writer.rows if r.get("index") in selected), key=lambda r: r["index"])
+    new_images = all_sum(env, len(todo))
+    dist_shutdown(env)
+    if not env.is_main:
+        return  # the grid shows rank 0's images
+    selected = set(wanted)
+    rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
 
     summary = summarize(rows_all, eps_v)
     summary = {"model": str(model), "defense": defense_name, "dataset": info.name, "split": split,
                "images_selected": len(wanted), "settings": settings, "shadow": config.as_dict(),
-               "spoof_loss": loss_settings, "device": str(dev), "new_images": len(todo),
+               "spoof_loss": loss_settings, "device": str(dev), "new_images": new_images,
                "wall_seconds": round(wall, 3), **summary}
-    if todo and wall > 0:
-        summary["images_per_second_this_run"] = len(todo) / wall
+    if env.distributed:
+        summary["processes"] = env.world_size
+    if new_images and wall > 0:
+        summary["images_per_second_this_run"] = new_images / wall
     if out is not None:
         summary["out"] = str(out)
     if grid is not None:
