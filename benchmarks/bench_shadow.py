@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     rows_total = pairs * args.samples * args.steps
     chunk_rows = max(1, min(pairs * args.samples, loss.rows_per_chunk(shape)))
     xb = torch.rand((chunk_rows, *shape), device=dev, requires_grad=True)
+    for prm in model.parameters():  # the attack differentiates in the input only
+        prm.requires_grad_(False)
     model(xb).sum().backward()  # warm-up
     reps, t_fb = 0, 0.0
     while reps < 3 or t_fb < 1.0:
