@@ -95,6 +95,7 @@ def test_a_different_configuration_refuses_to_mix_rows(gauss_model, tmp_path, ca
     (["--radii", "0,-1"], "--radii"),
     (["--eps", "0"], "--eps"),
     (["--dataset", "cifar10"], "expects inputs"),
+    (["--method", "ibp"], "--defense interval only"),
 ])
 def test_bad_input_is_one_line_and_exit_2(gauss_model, tmp_path, capsys, extra, needle):
     capsys.readouterr()
@@ -140,3 +141,18 @@ def test_plot_of_certified_accuracy_against_radius(gauss_model, tmp_path, capsys
         assert a == pytest.approx(certified_accuracy(rows, float(r)))
     assert _certify(gauss_model, out, "--limit", "6", "--plot", str(tmp_path / "curve.txt")) == 2
     assert "--plot" in capsys.readouterr().err
+
+
+def test_interval_method_is_chosen_and_ibp_certifies_no_more_than_crown(gauss_model, tmp_path, capsys):
+    radii = {}
+    for method in ("ibp", "crown"):
+        out = tmp_path / f"{method}.jsonl"
+        assert main(["certify", "--model", str(gauss_model), "--defense", "interval", "--method", method,
+                     "--device", "cpu", "--limit", "4", "--out", str(out), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["settings"]["method"] == method
+        radii[method] = [r["radius"] for r in read_rows(out)[1]]
+    # CROWN is never looser than IBP (radii within the bisection tolerance of 1e-3)
+    assert all(c >= i - 1e-3 for c, i in zip(radii["crown"], radii["ibp"]))
+    assert main(["certify", "--model", str(gauss_model), "--defense", "interval", "--method", "bogus",
+                 "--device", "cpu", "--limit", "1"]) == 2

@@ -44,6 +44,7 @@ def certify_cmd(
     n0: int = typer.Option(100, "--n0", help="smoothing: selection samples per image"),
     n: int = typer.Option(100_000, "--n", help="smoothing: estimation samples per image"),
     alpha: str = typer.Option("0.001", "--alpha", help="smoothing: failure probability of each certificate"),
+    method: Optional[str] = typer.Option(None, "--method", help="interval: ibp, crown-ibp or crown (default: crown)"),
     eps: Optional[str] = typer.Option(None, "--eps", help="also report VRA at ε and 2ε and the clean rejection rate at ε"),
     sequential: bool = typer.Option(False, "--sequential", help="smoothing: only decide certification at --eps, with an "
                                     "anytime-valid test that stops per image when decided (--n is the budget)"),
@@ -92,6 +93,10 @@ def certify_cmd(
         "n0": n0, "n": n, "alpha": parse_number(alpha, "--alpha"), "eps": eps_v, "batch_size": batch_size,
         "precision": precision, "channels_last": channels_last or None, "seed": seed,
     }
+    if method is not None:
+        if defense.lower() != "interval":
+            raise InputError("--method applies to --defense interval only")
+        options["method"] = method
     options = {k: v for k, v in options.items() if v is not None}
 
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
