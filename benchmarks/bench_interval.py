@@ -169,7 +169,7 @@ def verify(args) -> dict:
     ``--time-limit``); the summary is computed from all rows of the file.
     """
     from certaudit.data import load_dataset
-    from certaudit.defenses.interval import IntervalDefense, compile_network, specification
+    from certaudit.defenses.interval import IntervalDefense, specification
     from certaudit.results import RowWriter, read_rows
 
     warnings.filterwarnings("ignore")

@@ -179,8 +179,8 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
                      ["certified radius, spoofed: mean ± std", f"{fmt(sp.get('shadow_radius_mean'))} ± "
                                                               f"{fmt(sp.get('shadow_radius_std'))}"],
                      ["spoofed radius ≥ natural radius", fmt(sp.get("spoofed_beats_natural"), "pct")],
-                     [f"robust error at ε (natural)", fmt(sp.get("robust_error"), "pct")],
-                     [f"attack error at ε (spoofed)", fmt(sp.get("attack_error"), "pct")],
+                     ["robust error at ε (natural)", fmt(sp.get("robust_error"), "pct")],
+                     ["attack error at ε (spoofed)", fmt(sp.get("attack_error"), "pct")],
                      ["mean ‖δ‖₂ / ‖δ‖∞", f"{fmt(sp.get('l2_mean'))} / {fmt(sp.get('linf_mean'))}"]]))
     return out
 

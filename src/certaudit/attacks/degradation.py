@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from certaudit.attacks.pgd import flat_norm, make_generator, pgd, project
+from certaudit.attacks.pgd import flat_norm, make_generator, pgd
 from certaudit.defenses.base import ABSTAIN, Defense, Norm
 from certaudit.errors import InputError
 

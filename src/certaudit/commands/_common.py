@@ -36,3 +36,45 @@ def print_json(obj: Any) -> None:
     """Write one JSON document to stdout (machine output)."""
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def load_model_for_data(model: Any, dataset: str | None, dev: Any) -> tuple[Any, Any, Any]:
+    """Load a checkpoint onto ``dev`` and the data set's description (default: the model's own),
+    refusing a data set whose image shape or class count the model does not take."""
+    from certaudit.data import dataset_info
+    from certaudit.models import load_checkpoint
+
+    net, meta = load_checkpoint(model, dev)
+    info = dataset_info(dataset or meta.dataset)
+    if list(info.shape) != list(meta.input_shape):
+        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
+    if info.num_classes != meta.num_classes:
+        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    return net, meta, info
+
+
+class MemoryRows:
+    """Stand-in for a row writer when no --out is given (nothing persists, nothing resumes)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def done(self) -> set[Any]:
+        return set()
+
+    def write_many(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def __enter__(self) -> "MemoryRows":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def progress_bar(enabled: bool):
+    """A transient rich progress bar on stderr (disabled: a no-op with the same interface)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.commands._common import console, err_console, load_model_for_data, parse_number, print_json
 from certaudit.errors import InputError
 
 
@@ -65,11 +65,11 @@ def audit_cmd(
     as_json: bool = typer.Option(False, "--json", help="print summary.json's headline as JSON"),
 ) -> None:
     from certaudit.audits.pipeline import AuditSettings, AuditSource
-    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.data import load_dataset, sha256_file
     from certaudit.distributed import device_for
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
-    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.models import resolve_device
 
     eps_v = parse_number(eps, "--eps", positive=True, allow_zero=False)
     settings = _settings(AuditSettings, eps_v, seed=seed, chunk=chunk, sigma=sigma, n0=n0, n=n, alpha=alpha,
@@ -89,12 +89,7 @@ def audit_cmd(
         raise InputError(f"--out {out} exists and is not a folder")
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta = load_checkpoint(model, dev)
-    info = dataset_info(dataset or meta.dataset)
-    if list(info.shape) != list(meta.input_shape):
-        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
-    if info.num_classes != meta.num_classes:
-        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    net, meta, info = load_model_for_data(model, dataset, dev)
     x, y = load_dataset(info.name, split, data_root)
     if skip >= len(y):
         raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y)} images)")
@@ -154,9 +149,9 @@ class _Bar:
     """A rich progress bar per stage on stderr (transient)."""
 
     def __init__(self, enabled: bool):
-        from certaudit.commands.certify import _progress
+        from certaudit.commands._common import progress_bar
 
-        self.progress = _progress(enabled)
+        self.progress = progress_bar(enabled)
         self.tasks: dict[str, Any] = {}
 
     def update(self, stage: str, done: int, total: int) -> None:

@@ -26,7 +26,15 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.commands._common import (
+    MemoryRows,
+    console,
+    err_console,
+    load_model_for_data,
+    parse_number,
+    print_json,
+    progress_bar,
+)
 from certaudit.errors import InputError
 
 DEFAULT_CHUNK = 256  # images per certify call for defenses without their own suggestion
@@ -64,15 +72,14 @@ def certify_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of certified accuracy against radius"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    import torch
 
     from certaudit.audits.certified import default_radii, summarize
-    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_indices
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
-    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.models import resolve_device
 
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
@@ -101,12 +108,7 @@ def certify_cmd(
 
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta = load_checkpoint(model, dev)
-    info = dataset_info(dataset or meta.dataset)
-    if list(info.shape) != list(meta.input_shape):
-        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
-    if info.num_classes != meta.num_classes:
-        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    net, meta, info = load_model_for_data(model, dataset, dev)
     guard = build_defense(defense, net, meta, options)
     x, y = load_dataset(info.name, split, data_root)
     if skip >= len(y):
@@ -123,7 +125,7 @@ def certify_cmd(
 
     config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
               "settings": stable_settings(settings), "dataset": info.name, "split": split, "device": dev.type}
-    writer: Any = ShardedRowWriter(out, config, env) if out is not None else _MemoryRows()
+    writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
     with writer:
         done = writer.done()
         left = [i for i in wanted if i not in done]
@@ -133,7 +135,7 @@ def certify_cmd(
         per_call = chunk or _chunk_for(guard, info.shape)
         takes_indices = "indices" in inspect.signature(guard.certify).parameters
         t_run = time.perf_counter()
-        with _progress(enabled=bool(todo) and env.is_main) as bar:
+        with progress_bar(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"certify ({defense})", total=len(todo))
             for a in range(0, len(todo), per_call):
                 idx = todo[a:a + per_call]
@@ -218,30 +220,6 @@ def _chunk_for(guard: Any, shape: tuple[int, ...]) -> int:
     return int(suggest(shape)) if callable(suggest) else DEFAULT_CHUNK
 
 
-class _MemoryRows:
-    """Stand-in for RowWriter when no --out is given (nothing persists, nothing resumes)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def done(self) -> set[Any]:
-        return set()
-
-    def write_many(self, rows: list[dict[str, Any]]) -> None:
-        self.rows.extend(rows)
-
-    def __enter__(self) -> "_MemoryRows":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled)
 
 
 def _print_summary(s: dict[str, Any]) -> None:

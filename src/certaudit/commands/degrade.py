@@ -24,7 +24,15 @@ from typing import Any, List, Optional
 
 import typer
 
-from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.commands._common import (
+    MemoryRows,
+    console,
+    err_console,
+    load_model_for_data,
+    parse_number,
+    print_json,
+    progress_bar,
+)
 from certaudit.errors import InputError
 
 ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all", "identity")
@@ -119,22 +127,16 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
          plot: Path | None, as_json: bool) -> None:
     from certaudit.attacks.degradation import AttackConfig, attacks_for
     from certaudit.audits.degradation import degrade_batch, fpr_curve, plot_fpr_curves, summarize_degradation
-    from certaudit.commands.certify import _MemoryRows, _progress
-    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
-    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.models import resolve_device
 
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta = load_checkpoint(model, dev)
-    info = dataset_info(dataset or meta.dataset)
-    if list(info.shape) != list(meta.input_shape):
-        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
-    if info.num_classes != meta.num_classes:
-        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    net, meta, info = load_model_for_data(model, dataset, dev)
     if defense == "smoothing":
         opts = {k: defense_options[k] for k in ("sigma", "n0", "n", "alpha", "batch_size", "seed")}
     elif defense == "interval":
@@ -159,7 +161,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
               "device": dev.type}
-    writer: Any = ShardedRowWriter(out, config, env) if out is not None else _MemoryRows()
+    writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
     with writer:
         done = writer.done()
         left = [i for i in wanted if i not in done]
@@ -170,7 +172,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
         if len(left) < len(wanted) and not as_json and env.is_main:
             err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already audited")
         t_run = time.perf_counter()
-        with _progress(enabled=bool(blocks) and env.is_main) as bar:
+        with progress_bar(enabled=bool(blocks) and env.is_main) as bar:
             task = bar.add_task(f"degrade ({defense}, {attack})", total=n_todo)
             for idx in blocks:
                 rows = degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,

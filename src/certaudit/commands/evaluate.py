@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from certaudit.commands._common import console, print_json
+from certaudit.commands._common import console, load_model_for_data, print_json
 from certaudit.errors import InputError
 
 
@@ -28,8 +28,8 @@ def evaluate_cmd(
 ) -> None:
     from rich.table import Table
 
-    from certaudit.data import dataset_info, load_dataset
-    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.data import load_dataset
+    from certaudit.models import resolve_device
     from certaudit.train import accuracy
 
     if limit is not None and limit < 1:
@@ -37,10 +37,7 @@ def evaluate_cmd(
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    net, meta = load_checkpoint(model, dev)
-    info = dataset_info(dataset or meta.dataset)
-    if list(info.shape) != list(meta.input_shape):
-        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
+    net, meta, info = load_model_for_data(model, dataset, dev)
     x, y = load_dataset(info.name, split, data_root)
     if limit is not None:
         x, y = x[:limit], y[:limit]

@@ -18,7 +18,15 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.commands._common import (
+    MemoryRows,
+    console,
+    err_console,
+    load_model_for_data,
+    parse_number,
+    print_json,
+    progress_bar,
+)
 from certaudit.errors import InputError
 
 PRESETS = ("smoothing", "crown-ibp")
@@ -78,13 +86,13 @@ def spoof_cmd(
 
     from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
     from certaudit.audits.spoofing import is_randomized, save_grid, spoof_batch, summarize
-    from certaudit.data import dataset_info, load_dataset, sha256_file
+    from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.base import ABSTAIN
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
-    from certaudit.models import load_checkpoint, resolve_device
+    from certaudit.models import resolve_device
 
     # ---- validate everything before loading anything
     for name, value, low in (("--limit", limit, 1), ("--chunk", chunk, 1), ("--batch-size", batch_size, 1)):
@@ -141,12 +149,7 @@ def spoof_cmd(
     options = {k: v for k, v in options.items() if v is not None}
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta = load_checkpoint(model, dev)
-    info = dataset_info(dataset or meta.dataset)
-    if list(info.shape) != list(meta.input_shape):
-        raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
-    if info.num_classes != meta.num_classes:
-        raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
+    net, meta, info = load_model_for_data(model, dataset, dev)
     if cand is not None and max(cand) >= info.num_classes:
         raise InputError(f"--targets must lie in [0, {info.num_classes}), got {cand}")
     guard = build_defense(defense_name, net, meta, options)
@@ -173,7 +176,7 @@ def spoof_cmd(
                   "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
                   "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
                   "dataset": info.name, "split": split, "device": dev.type}
-    writer: Any = ShardedRowWriter(out, config_row, env) if out is not None else _MemoryRows()
+    writer: Any = ShardedRowWriter(out, config_row, env) if out is not None else MemoryRows()
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]] = []
     with writer:
         done = writer.done()
@@ -188,7 +191,7 @@ def spoof_cmd(
         todo = [i for b in blocks for i in b]
         n_targets = len(cand) if cand is not None else info.num_classes - 1
         t_run = time.perf_counter()
-        with _progress(enabled=bool(todo) and env.is_main) as bar:
+        with progress_bar(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"shadow attack ({defense_name}, {config.channels}-channel)",
                                 total=max(1, len(todo) * n_targets * config.steps))
             finished = 0
@@ -265,30 +268,6 @@ def _caption(label: int, pred: Any, radius: Any, info: Any, abstain: int) -> str
     return f"{name}{mark}, r={float(radius or 0.0):.3f}"
 
 
-class _MemoryRows:
-    """Stand-in for RowWriter when no --out is given."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def done(self) -> set[Any]:
-        return set()
-
-    def write_many(self, rows: list[dict[str, Any]]) -> None:
-        self.rows.extend(rows)
-
-    def __enter__(self) -> "_MemoryRows":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True, disable=not enabled)
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:

@@ -312,7 +312,7 @@ class SmoothedClassifier(Defense):
         :data:`certaudit.defenses.sequential.DECISIONS` and ``log_evidence`` (B,) float64.
         Forward batches are kept full: an image that is decided frees its slots for the next one.
         """
-        from certaudit.defenses.sequential import CERTIFIED, SEQ_BLOCK, SequentialTest, run_sequential, threshold
+        from certaudit.defenses.sequential import CERTIFIED, SEQ_BLOCK, SequentialTest, threshold
 
         n0 = self.n0 if n0 is None else _count("n0", n0)
         n = self.n if n is None else _count("n", n)

@@ -68,7 +68,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from certaudit.defenses.interval.ops import Affine, Channel, Conv, Dense, Op, ReLU, Reshape, compile_model, to_device
+from certaudit.defenses.interval.ops import Affine, Channel, Dense, Op, ReLU, Reshape, compile_model, to_device
 from certaudit.errors import InputError
 
 METHODS = ("ibp", "crown-ibp", "crown")
