@@ -252,7 +252,8 @@ def test_audit_cli_and_bad_input(tmp_path, capsys):
     head = json.loads(capsys.readouterr().out)
     assert head["images"] == 4 and head["defense"] == "lipschitz"
     for extra, needle in ((["--eps", "-1"], "eps"), (["--eps", "0.25", "--stages", "clean,bogus"], "stage"),
-                          (["--eps", "0.25", "--defense", "nope"], "defense"), (["--eps", "0.25", "--limit", "0"], "limit")):
+                          (["--eps", "0.25", "--defense", "nope"], "defense"), (["--eps", "0.25", "--limit", "0"], "limit"),
+                          (["--eps", "0.25", "--defense", "interval", "--method", "magic"], "method")):
         rc = main([*base, *extra, "--out", str(tmp_path / "b")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0].lower(), err
@@ -294,3 +295,16 @@ def test_own_pytorch_model_with_normalization_through_the_python_api(tmp_path, z
     assert s["headline"]["clean_accuracy"] == pytest.approx(want)
     paths = write_report(tmp_path / "mine")
     assert "Spoofing examples" in paths["html"].read_text()
+
+
+def test_a_setting_refused_before_any_stage_is_one_line_from_a_real_process(tmp_path):
+    """As a user sees it (stderr not captured by pytest): no stray progress-bar line before the error."""
+    import subprocess
+    import sys
+
+    model = zoo.model_path("digits_gloro_2eps")
+    done = subprocess.run([sys.executable, "-m", "certaudit", "audit", "--model", str(model), "--defense", "interval",
+                           "--method", "magic", "--eps", "0.25", "--limit", "2", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["certaudit: error: unknown bound method 'magic'; choose one of: ibp, crown-ibp, crown"]

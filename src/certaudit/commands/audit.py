@@ -146,25 +146,30 @@ def run_and_report(out: Path, net: Any, meta: Any, source: Any, x: Any, y: Any, 
 
 
 class _Bar:
-    """A rich progress bar per stage on stderr (transient)."""
+    """A rich progress bar per stage on stderr (transient), started at the first update: an error
+    raised before any stage runs (bad settings) stays a single line on stderr."""
 
     def __init__(self, enabled: bool):
         from certaudit.commands._common import progress_bar
 
         self.progress = progress_bar(enabled)
         self.tasks: dict[str, Any] = {}
+        self.started = False
 
     def update(self, stage: str, done: int, total: int) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(f"audit: {stage}", total=max(total, 1))
         self.progress.update(self.tasks[stage], completed=done if total else 1)
 
     def __enter__(self) -> "_Bar":
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.stop()
 
 
 def print_headline(items: list[tuple[str, dict[str, Any]]]) -> None:
