@@ -280,7 +280,7 @@ def test_gloro_loss_uses_the_bottom_logit_and_warms_up_eps(digits):
     for step in (0, 50, 100):
         loss, aug = GLORO_METHOD.loss(net, x, y, cfg, StepInfo(0, step, 100, gen))
         assert aug.shape == (32, 11)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[0] < losses[1] <= losses[2] + 1e-6  # a larger ε raises the ⊥ logit, hence the loss
     with pytest.raises(InputError):
         GLORO_METHOD.setup(build_model("resnet20", (3, 32, 32), 10), cfg)
