@@ -181,8 +181,9 @@ def test_lower_never_exceeds_upper_and_violations_are_bugs():
         {"index": 4, "label": 0, "prediction": -1, "radius": 0.0, "correct": False, "certified": False,
          "certified_2eps": False, "degraded_by": None, "attacks": {}},
     ]
-    s = summarize_degradation(rows, 0.3)
+    s = summarize_degradation(rows, 0.3, monotone=True)  # GloRo: the 2ε check is the proven upper bound
     assert (s["test"], s["testR"], s["testA_lower"], s["testA_upper"]) == (5, 3, 1, 2)
+    assert s["testA_2eps_check"] == 2 and s["fpr_2eps_check"] == pytest.approx(2 / 3)
     assert s["fpr_lower"] == pytest.approx(1 / 3) and s["fpr_upper"] == pytest.approx(2 / 3)
     assert s["utility_reduction_lower"] == pytest.approx(1 / 5) and s["utility_reduction_upper"] == pytest.approx(2 / 5)
     assert s["vra_eps"] == pytest.approx(3 / 5) and s["vra_2eps"] == pytest.approx(1 / 5)
@@ -191,8 +192,13 @@ def test_lower_never_exceeds_upper_and_violations_are_bugs():
     rows[0]["degraded_by"] = "pgd"  # degraded although certified at 2ε: impossible for GloRo
     s = summarize_degradation(rows, 0.3, monotone=True)
     assert not s["invariant"]["lower_subset_upper"] and s["invariant"]["bug"] and s["invariant"]["violations"] == [0]
-    s = summarize_degradation(rows, 0.3, monotone=False)  # smoothing: a statistical event, not a bug
-    assert not s["invariant"]["bug"]
+    s = summarize_degradation(rows, 0.3, monotone=False)  # smoothing: no proof, so no proven upper bound
+    assert not s["invariant"]["bug"] and s["invariant"]["lower_subset_upper"] is None
+    assert s["testA_upper"] is None and s["fpr_upper"] is None and s["fpr_2eps_check"] == pytest.approx(2 / 3)
+    assert s["invariant"]["outside_2eps_check"] == [0]
+    rows[0]["proven_nondegradable"] = True  # a proof (e.g. IBP at 2ε for CROWN) that an attack then broke
+    s = summarize_degradation(rows, 0.3, monotone=False)
+    assert s["invariant"]["bug"] and s["invariant"]["violations"] == [0]
 
 
 def test_fpr_curve_matches_definition():
@@ -202,10 +208,13 @@ def test_fpr_curve_matches_definition():
     rows.append({"label": 0, "prediction": -1, "radius": 0.0})
     curve = fpr_curve(rows, [0.25, 0.5, 1.0])
     # r = 0.25: testR = {0.3, 0.5, 0.9, 1.2}; upper = radius < 0.5 → {0.3}
-    assert curve[0]["testR"] == 4 and curve[0]["testA_upper"] == 1 and curve[0]["fpr_upper"] == 0.25
+    assert curve[0]["testR"] == 4 and curve[0]["testA_2r_check"] == 1 and curve[0]["fpr_2r_check"] == 0.25
+    assert curve[0]["fpr_upper"] is None  # not known to be monotone: the 2r check is not called a bound
     # r = 0.5: testR = {0.5, 0.9, 1.2}; all < 1.0 except 1.2
-    assert curve[1]["fpr_upper"] == pytest.approx(2 / 3)
-    assert curve[2]["testR"] == 1 and curve[2]["fpr_upper"] == 1.0
+    assert curve[1]["fpr_2r_check"] == pytest.approx(2 / 3)
+    assert curve[2]["testR"] == 1 and curve[2]["fpr_2r_check"] == 1.0
+    proven = fpr_curve(rows, [0.25, 0.5, 1.0], proven=True)  # monotone, closed-form radii: a proven bound
+    assert [p["fpr_upper"] for p in proven] == [p["fpr_2r_check"] for p in curve]
     assert curve[0]["vra"] == pytest.approx(4 / 7) and curve[0]["vra_2r"] == pytest.approx(3 / 7)
     with pytest.raises(InputError):
         fpr_curve(rows, [0.0])
@@ -224,7 +233,7 @@ def test_cohen_log_parsing(tmp_path):
     assert rows[3]["seconds"] == pytest.approx(60.0) and rows[3]["correct"] is False
     up = upper_from_log(rows, 0.25)
     # testR: radius >= 0.25 and correct → idx 0, 20; 2ε = 0.5: idx 20 fails
-    assert (up["testR"], up["testA_upper"], up["fpr_upper"]) == (2, 1, 0.5)
+    assert (up["testR"], up["testA_2eps_check"], up["fpr_2eps_check"]) == (2, 1, 0.5)
     bad = tmp_path / "bad.tsv"
     bad.write_text("a\tb\tc\n1\t2\t3\n")
     with pytest.raises(InputError):

@@ -84,7 +84,7 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     correct = [r for r in rows if r["prediction"] == r["label"]]
     assert ours["format"] == "certaudit" and ours["test"] == 50
     assert ours["testR"] == sum(r["radius"] >= 0.1 for r in correct)
-    assert ours["testA_upper"] == sum(0.1 <= r["radius"] < 0.2 for r in correct)
+    assert ours["testA_2eps_check"] == sum(0.1 <= r["radius"] < 0.2 for r in correct)
     log = tmp_path / "sigma_0.50"
     log.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
                    "0\t3\t3\t1.2\t1\t0:00:09.1\n1\t8\t8\t0.7\t1\t0:00:09.2\n2\t0\t-1\t0.0\t0\t0:00:09.0\n")
@@ -92,8 +92,9 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     assert main(["degrade", "--from-log", str(log), "--eps", "0.5", "--radii", "0.25,0.5,1", "--plot", str(png),
                  "--json"]) == 0
     cohen = json.loads(capsys.readouterr().out)
-    assert cohen["format"] == "cohen" and (cohen["testR"], cohen["testA_upper"]) == (2, 1)
-    assert [p["fpr_upper"] for p in cohen["fpr_curve"]] == [0.0, 0.5, 1.0]
+    assert cohen["format"] == "cohen" and (cohen["testR"], cohen["testA_2eps_check"]) == (2, 1)
+    assert [p["fpr_2r_check"] for p in cohen["fpr_curve"]] == [0.0, 0.5, 1.0]
+    assert all(p["fpr_upper"] is None for p in cohen["fpr_curve"])  # a log proves nothing about monotonicity
     assert png.exists()
     # several logs: one summary each, one plot with a curve per log (Fig. 2 style)
     assert main(["degrade", "--from-log", str(log), "--from-log", str(rows_file), "--eps", "0.1", "--plot", str(png),

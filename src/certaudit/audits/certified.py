@@ -1,7 +1,9 @@
 """Certified accuracy against radius, from certification rows (any defense).
 
 A row holds at least ``label`` (true class), ``prediction`` (the certified label, or ABSTAIN = -1)
-and ``radius`` (0 where ABSTAIN). An input counts as *certified correct at r* when the prediction
+and ``radius`` (0 where ABSTAIN; null where the defense only checked given radii); optionally
+``certified_at`` ({radius key: bool}, the defense's own check at exactly that radius) and
+``radius_tol`` (> 0: the radius is a bisection point, so ``radius >= r`` is not the check at r). An input counts as *certified correct at r* when the prediction
 is its label and ``radius ≥ r``: this is the certified (verified robust) accuracy, VRA, at r, and at
 r = 0 it is the clean accuracy of the certified classifier (Cohen et al.'s convention for the
 smoothed classifier: CERTIFY's label, abstentions counted as errors). Algorithm 2.1 of the
@@ -15,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from certaudit.defenses.base import ABSTAIN
+from certaudit.defenses.base import ABSTAIN, radius_key
 from certaudit.errors import InputError
 
 L2_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
@@ -28,35 +30,82 @@ def default_radii(norm: str) -> tuple[float, ...]:
 
 
 def _arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """label, prediction and radius (NaN where the row carries none: check-only rows)."""
     try:
         label = np.array([int(r["label"]) for r in rows], dtype=np.int64)
         pred = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
-        radius = np.array([float(r["radius"]) for r in rows], dtype=np.float64)
+        radius = np.array([math.nan if r.get("radius") is None else float(r["radius"]) for r in rows],
+                          dtype=np.float64)
+        if any("radius" not in r for r in rows):
+            raise KeyError("radius")
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"certification rows need label, prediction and radius ({exc})") from None
     return label, pred, radius
 
 
+def radius_tolerance(rows: Sequence[dict[str, Any]]) -> float:
+    """The largest ``radius_tol`` of the rows: 0 when every radius is closed-form (``radius >= r`` is
+    the defense's own check at r), > 0 when radii are bisection points within that tolerance."""
+    return max((float(r.get("radius_tol") or 0.0) for r in rows), default=0.0)
+
+
+def certified_mask(rows: Sequence[dict[str, Any]], r: float, *, allow_bisection: bool = False
+                   ) -> tuple[np.ndarray | None, str]:
+    """Per row, certified (not ABSTAIN) at radius ``r``, and where that comes from.
+
+    From the row's own check at exactly r (``certified_at``, written by the defense's
+    Algorithm 2.1) where every row has one: ``"check"``; else from closed-form radii
+    (``radius >= r``): ``"radius"``; from bisection radii only with ``allow_bisection``
+    (``"bisection radius (tol …)"``: certified at a point >= r, but not the run-time check at r).
+    ``(None, reason)`` when the rows cannot answer (no radius, or bisection radii not allowed).
+    """
+    key = radius_key(r) if r > 0 else None
+    _, pred, rad = _arrays(rows)
+    ok = pred != ABSTAIN
+    if key is not None and rows and all(key in (row.get("certified_at") or {}) for row in rows):
+        return ok & np.array([bool(row["certified_at"][key]) for row in rows], dtype=bool), "check"
+    if r == 0:
+        return ok & ~(rad < 0), "radius"  # certified at 0 = a label (NaN radius too: nothing to compare)
+    if np.isnan(rad).any():
+        return None, "rows without a radius (check-only or sequential rows) and no check at this radius"
+    tol = radius_tolerance(rows)
+    if tol > 0 and not allow_bisection:
+        return None, f"radii are bisection points (tol {tol:g}) and the rows hold no check at this radius"
+    return ok & (rad >= r), ("radius" if tol == 0 else f"bisection radius (tol {tol:g})")
+
+
 def certified_accuracy(rows: Sequence[dict[str, Any]], radius: float) -> float:
-    """VRA at ``radius``: fraction of rows whose prediction is correct and certified at ``radius``."""
-    label, pred, rad = _arrays(rows)
+    """VRA at ``radius``: fraction of rows whose prediction is correct and certified at ``radius``
+    (the rows' checks at exactly that radius, or closed-form radii; see :func:`certified_mask`)."""
+    label, pred, _ = _arrays(rows)
     if len(label) == 0:
         return float("nan")
-    return float(np.mean((pred == label) & (pred != ABSTAIN) & (rad >= radius)))
+    mask, why = certified_mask(rows, radius)
+    if mask is None:
+        raise InputError(f"no certified accuracy at {radius:g}: {why}")
+    return float(np.mean((pred == label) & mask))
 
 
 def rejection_rate(rows: Sequence[dict[str, Any]], eps: float) -> float:
-    """Fraction of (clean) inputs that Algorithm 2.1 rejects at ``eps`` (ABSTAIN or radius < eps)."""
-    _, pred, rad = _arrays(rows)
+    """Fraction of (clean) inputs that Algorithm 2.1 rejects at ``eps`` (ABSTAIN or not certified at eps)."""
+    _, pred, _ = _arrays(rows)
     if len(pred) == 0:
         return float("nan")
-    return float(np.mean((pred == ABSTAIN) | (rad < eps)))
+    mask, why = certified_mask(rows, eps)
+    if mask is None:
+        raise InputError(f"no rejection rate at {eps:g}: {why}")
+    return float(np.mean(~mask))
 
 
 def summarize(rows: Sequence[dict[str, Any]], radii: Iterable[float], eps: float | None = None) -> dict[str, Any]:
     """Certified accuracy at each radius, abstention, clean accuracy, speed, and VRA/rejection at ε.
 
-    ``images_per_second`` uses the rows' ``seconds`` (time spent certifying each input) when present.
+    Every table entry says where it comes from (``source``): the defense's own check at exactly
+    that radius (``check``), closed-form radii (``radius``: the same thing), or bisection radii
+    (``bisection radius (tol t)``: certified up to a point >= r found by bisection; stated, never
+    used at ε). VRA at ε and 2ε and the rejection rate at ε come from checks or closed-form radii
+    only; where the rows have neither they are None with a ``note``. ``radius_tolerance`` is 0 for
+    closed-form radii. ``images_per_second`` uses the rows' ``seconds`` when present.
     """
     radii = sorted(float(r) for r in radii)
     if any(r < 0 or not math.isfinite(r) for r in radii):
@@ -70,16 +119,36 @@ def summarize(rows: Sequence[dict[str, Any]], radii: Iterable[float], eps: float
     correct = (pred == label) & (pred != ABSTAIN)
     out["clean_accuracy"] = float(correct.mean())
     out["abstain_rate"] = float(np.mean(pred == ABSTAIN))
-    out["certified_accuracy"] = [{"radius": r, "accuracy": float(np.mean(correct & (rad >= r)))} for r in radii]
-    certified = pred != ABSTAIN
-    out["median_radius_correct"] = float(np.median(rad[correct])) if correct.any() else 0.0
-    out["mean_radius_certified"] = float(np.mean(rad[certified])) if certified.any() else 0.0
+    out["radius_tolerance"] = radius_tolerance(rows)
+    table = []
+    for r in radii:
+        mask, why = certified_mask(rows, r, allow_bisection=True)
+        if mask is None:
+            table.append({"radius": r, "accuracy": None, "source": why})
+        else:
+            table.append({"radius": r, "accuracy": float(np.mean(correct & mask)), "source": why})
+    out["certified_accuracy"] = table
+    has_rad = ~np.isnan(rad)
+    certified = (pred != ABSTAIN) & has_rad
+    if has_rad.all():
+        out["median_radius_correct"] = float(np.median(rad[correct])) if correct.any() else 0.0
+        out["mean_radius_certified"] = float(np.mean(rad[certified])) if certified.any() else 0.0
+    else:
+        out["median_radius_correct"] = out["mean_radius_certified"] = None
+        out["radius_note"] = "rows carry no radius (checks at given radii only): radius statistics skipped"
     if eps is not None:
         eps = float(eps)
         out["eps"] = eps
-        out["vra_eps"] = float(np.mean(correct & (rad >= eps)))
-        out["vra_2eps"] = float(np.mean(correct & (rad >= 2 * eps)))
-        out["rejection_rate_eps"] = float(np.mean(~certified | (rad < eps)))
+        notes = []
+        for key, r in (("vra_eps", eps), ("vra_2eps", 2 * eps)):
+            mask, why = certified_mask(rows, r)
+            out[key] = None if mask is None else float(np.mean(correct & mask))
+            if mask is None:
+                notes.append(f"{key}: {why}")
+        mask, why = certified_mask(rows, eps)
+        out["rejection_rate_eps"] = None if mask is None else float(np.mean(~mask))
+        if notes:
+            out["eps_note"] = "; ".join(notes)
     seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
     if seconds and len(seconds) == n:
         total = float(sum(seconds))
@@ -91,6 +160,9 @@ def summarize(rows: Sequence[dict[str, Any]], radii: Iterable[float], eps: float
 def accuracy_curve(rows: Sequence[dict[str, Any]], points: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """Certified accuracy as a step function of the radius: (radii, accuracy), radii from 0 to past the largest."""
     label, pred, rad = _arrays(rows)
+    if np.isnan(rad).any():
+        raise InputError("rows without a radius (checks at given radii only) have no certified-accuracy curve; "
+                         "certify the full radius (interval: --full-radius)")
     correct = (pred == label) & (pred != ABSTAIN)
     top = float(rad[correct].max()) if correct.any() else 1.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, points)
@@ -132,5 +204,5 @@ def plot_certified_accuracy(curves: dict[str, Sequence[dict[str, Any]]], path: A
         plt.close(fig)
 
 
-__all__ = ["certified_accuracy", "rejection_rate", "summarize", "default_radii", "accuracy_curve",
+__all__ = ["certified_accuracy", "certified_mask", "radius_tolerance", "rejection_rate", "summarize", "default_radii", "accuracy_curve",
            "plot_certified_accuracy", "L2_RADII", "LINF_RADII"]

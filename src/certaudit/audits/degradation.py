@@ -35,42 +35,29 @@ import torch
 from certaudit.attacks.degradation import (
     AttackConfig, attacks_for, is_randomized, run_attack, verify_candidates,
 )
-from certaudit.defenses.base import ABSTAIN, Defense, check_eps
+from certaudit.defenses.base import ABSTAIN, Defense, check_eps, radius_key
 from certaudit.errors import InputError
 
-RECHECK_SEED_OFFSET = 0x5EED_0000_D1CE  # fresh CERTIFY noise for candidates: seed + offset + attack number
+RECHECK_SEED_OFFSET = 0x5EED_0000_D1CE  # re-check noise for candidates: seed + offset + attack number
+ROW_FORMAT = 2  # rows with checks at exactly ε / 2ε, proofs, one judging CERTIFY (resume refuses format 1)
+JUDGE_SEED_OFFSET = 0x5EED_0000_1D6E  # smoothing: the one judging CERTIFY of each input's chosen candidate
 
 
 def monotone_certifier(defense: Any) -> bool:
-    """Whether Appendix A's monotonicity holds exactly (so lower ⊆ upper must hold without exception).
-
-    Lipschitz (GloRo) bounds: yes (Lemma A.5). Interval bounds: IBP yes; CROWN-style bounds adapt
-    their relaxation to ε and need not be. Randomized smoothing: only with high probability.
-    """
-    if is_randomized(defense):
-        return False
-    method = getattr(defense, "method", None)
-    if method is not None and str(method).lower() != "ibp":
-        return False
-    return True
+    """Whether Appendix A's monotonicity holds exactly (the protocol's ``monotone``): Lipschitz
+    (Lemma A.5) and IBP bounds yes; CROWN-style bounds adapt their relaxation to ε and need not be;
+    randomized smoothing only with high probability."""
+    return bool(getattr(defense, "monotone", False)) and not is_randomized(defense)
 
 
 def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indices: Sequence[int]):
-    """Label, radius and the ε / 2ε verdicts of Algorithm 2.1 on the clean batch."""
-    if is_randomized(defense):
-        cert = defense.certify(x, seed=seed, indices=list(indices))  # type: ignore[call-arg]
-        label, radius = cert.label.cpu(), cert.radius.detach().double().cpu()
-        ok = label != ABSTAIN
-        return label, radius, ok & (radius >= eps), ok & (radius >= 2 * eps)
+    """Label, radius and the ε / 2ε verdicts of Algorithm 2.1 on the clean batch: the defense's own
+    checks at exactly ε and 2ε (one CERTIFY draw for smoothing), never a radius compared with ε."""
     with torch.no_grad():
-        cert = defense.certify(x)
-        a1 = defense.accept(x, eps).cpu()
-        a2 = defense.accept(x, 2 * eps).cpu()
+        cert = defense.certify_checks(x, [eps, 2 * eps], full_radius=True, seed=seed, indices=list(indices))
     label = cert.label.cpu()
-    # The ε / 2ε verdicts are Algorithm 2.1 itself (for bisection-based radii the radius is only
-    # a lower bound); the label is the prediction whenever something is certified.
-    label = torch.where(a1 != ABSTAIN, a1, label)
-    return label, cert.radius.detach().double().cpu(), a1 != ABSTAIN, a2 != ABSTAIN
+    return (label, cert.radius.detach().double().cpu(), cert.certified_at(eps).cpu(),
+            cert.certified_at(2 * eps).cpu(), cert.radius_tol)
 
 
 def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str = "all",
@@ -81,17 +68,29 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     ``attack`` is one of ``pgd``, ``pgd-2eps``, ``spgd`` (smoothing), ``margin`` or ``all`` (each in
     that order on the inputs not yet degraded; the row records which attack found x'). With
     ``exhaustive`` every attack runs on every certified input, and ``attacks`` in the row holds each
-    one's verdict (per-attack lower bounds from one run). ``prune`` (monotone certifiers only)
-    skips the inputs certified at 2ε, which Appendix A proves cannot be degraded (faster; the
-    lower ⊆ upper check then has nothing to check on them). ``attack_options``: see
+    one's verdict (per-attack lower bounds from one run). ``prune`` skips the inputs the defense
+    *proves* non-degradable (:meth:`Defense.prove_nondegradable`; faster; the lower ⊆ upper check
+    then has nothing to check on them). ``attack_options``: see
     :class:`~certaudit.attacks.degradation.AttackConfig` (steps, restarts, step_size, schedule,
-    samples, check_every, targeted, tol). Returns one row per image: ``index``, ``label``,
-    ``prediction``, ``radius``, ``correct``, ``certified``, ``certified_2eps``, ``degraded_by``,
-    ``distance`` (of the counted x', else None), ``attacks`` ({name: bool} for attacks run),
-    ``label_changed`` (attack names whose x' was accepted with another label: broken certificate),
-    ``radius_after`` (smallest certified radius of the label at the candidates, where the re-check
-    computes radii: Lipschitz and smoothing; 0 where x' gets another label or ⊥),
-    ``seconds`` (the batch's wall time per image).
+    samples, check_every, targeted, tol).
+
+    Randomized smoothing: each attack's candidate is first re-checked with its own *selection*
+    CERTIFY (stream ``seed + RECHECK_SEED_OFFSET + k``; the verdicts in ``attacks``); per input the
+    best candidate (rejected by its selection CERTIFY, else the smallest certified radius of the
+    label; the earlier attack on ties) is then judged by **one** fresh CERTIFY (stream ``seed +
+    JUDGE_SEED_OFFSET``), which alone decides ``degraded_by``. So every input gets exactly one
+    judging draw, whatever the number of attacks, and the ``identity`` control goes through the same
+    path: the lower bound is never inflated by re-drawing the noise. Deterministic defenses judge
+    every candidate by the same (deterministic) check.
+
+    Returns one row per image: ``index``, ``label``, ``prediction``, ``radius`` (NaN-free: 0 where
+    ABSTAIN), ``correct``, ``certified`` and ``certified_2eps`` (the defense's own checks at exactly
+    ε and 2ε), ``proven_nondegradable`` (True/False from the defense's proof, None where it has
+    none), ``degraded_by``, ``distance`` (of the counted x', else None), ``attacks`` ({name: bool}
+    for attacks run), ``judged`` (smoothing: the attack whose candidate was judged), ``label_changed``
+    (attack names whose x' was accepted with another label: broken certificate), ``radius_after``
+    (certified radius of the label at the candidates, where the re-check computes radii in closed
+    form: Lipschitz and smoothing; 0 where x' gets another label or ⊥), ``seconds``.
     """
     eps = check_eps(eps)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -106,23 +105,38 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     cfg = AttackConfig.from_options(attack_options)
     t0 = time.perf_counter()
     x = x.to(defense.device)
-    label, radius, cert1, cert2 = _clean_checks(defense, x, eps, seed, idx)
+    label, radius, cert1, cert2, radius_tol = _clean_checks(defense, x, eps, seed, idx)
     b = x.shape[0]
+    proven: list[bool | None] = [None] * b
+    sure = cert1.nonzero().flatten()
+    if sure.numel():
+        with torch.no_grad():
+            proof = defense.prove_nondegradable(x[sure.to(x.device)], eps, label[sure])
+        if proof is not None:
+            for j, i in enumerate(sure.tolist()):
+                proven[i] = bool(proof[j])
+    if prune and any(p is None for i, p in enumerate(proven) if bool(cert1[i])):
+        raise InputError("prune needs a defense that proves non-degradability (Lipschitz or interval bounds): "
+                         "randomized smoothing has no such proof")
     degraded_by: list[str | None] = [None] * b
     distance: list[float | None] = [None] * b
     verdicts: list[dict[str, bool]] = [{} for _ in range(b)]
     changed: list[list[str]] = [[] for _ in range(b)]
     radius_after: list[float | None] = [None] * b  # smallest certified radius of the label reached
-    if prune and not monotone_certifier(defense):
-        raise InputError("prune needs a monotone certifier (Lipschitz or IBP): for smoothing or CROWN bounds an "
-                         "input certified at 2ε can still be degraded")
-    attackable = cert1 & ~cert2 if prune else cert1
+    judged: list[str | None] = [None] * b
+    skip = torch.tensor([bool(prune and p) for p in proven], dtype=torch.bool)
+    attackable = cert1 & ~skip
     pending = attackable.nonzero().flatten()  # attack only what the defense accepts
+    randomized = is_randomized(defense)
+    best_cand = x.detach().clone() if randomized else None
+    best_score = [math.inf] * b  # smoothing selection: 0 = rejected by its selection CERTIFY, else radius
+    best_name: list[str | None] = [None] * b
+    hit = [False] * b  # an attack already succeeded (deterministic: degraded; smoothing: selection-rejected)
     for k, name in enumerate(names):
         if exhaustive or pending.numel() == 0:
             todo = pending
         else:
-            todo = pending[torch.tensor([degraded_by[int(i)] is None for i in pending.tolist()], dtype=torch.bool)]
+            todo = pending[torch.tensor([not hit[int(i)] for i in pending.tolist()], dtype=torch.bool)]
         if todo.numel() == 0:
             continue
         sub = todo.tolist()
@@ -133,28 +147,63 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
         for j, i in enumerate(sub):
             ok = bool(verdict.success[j])
             verdicts[i][name] = ok
+            hit[i] = hit[i] or ok
+            if bool(verdict.label_changed[j]):
+                changed[i].append(name)
+            if randomized:
+                if bool(verdict.in_ball[j]) and bool(verdict.in_box[j]):
+                    score = 0.0 if ok else (float(verdict.radius[j]) if verdict.radius is not None else 1.0)
+                    if score < best_score[i]:
+                        best_score[i], best_name[i] = score, name
+                        best_cand[i] = cand[j]  # type: ignore[index]
+                continue
             if ok and degraded_by[i] is None:
                 degraded_by[i] = name
                 distance[i] = float(verdict.distance[j])
-            if bool(verdict.label_changed[j]):
-                changed[i].append(name)
-            if verdict.radius is not None and ok is not None:
+            if verdict.radius is not None:
                 r_after = float(verdict.radius[j])
                 radius_after[i] = r_after if radius_after[i] is None else min(radius_after[i], r_after)
+    if randomized:  # one judging CERTIFY per attacked input, on its chosen candidate
+        chosen = [i for i in range(b) if best_name[i] is not None]
+        if chosen:
+            sel = torch.tensor(chosen, dtype=torch.long)
+            verdict = verify_candidates(defense, x[sel.to(x.device)], best_cand[sel.to(x.device)],  # type: ignore[index]
+                                        label[sel], eps, tol=cfg.tol, seed=seed + JUDGE_SEED_OFFSET,
+                                        indices=[idx[i] for i in chosen])
+            for j, i in enumerate(chosen):
+                judged[i] = best_name[i]
+                if bool(verdict.success[j]):
+                    degraded_by[i] = best_name[i]
+                    distance[i] = float(verdict.distance[j])
+                if bool(verdict.label_changed[j]) and best_name[i] not in changed[i]:
+                    changed[i].append(best_name[i])  # type: ignore[arg-type]
+                if verdict.radius is not None:
+                    radius_after[i] = float(verdict.radius[j])
     seconds = (time.perf_counter() - t0) / max(1, b)
     mono = monotone_certifier(defense)
     rows = []
     for i in range(b):
         pred = int(label[i])
-        rows.append({
-            "index": idx[i], "label": int(y[i]), "prediction": pred, "radius": float(radius[i]),
+        row = {
+            "index": idx[i], "label": int(y[i]), "prediction": pred, "radius": _finite_or_none(float(radius[i])),
             "correct": pred == int(y[i]), "certified": bool(cert1[i]), "certified_2eps": bool(cert2[i]),
+            "certified_at": {radius_key(eps): bool(cert1[i]), radius_key(2 * eps): bool(cert2[i])},
+            "proven_nondegradable": proven[i],
             "degraded_by": degraded_by[i], "distance": distance[i], "attacks": verdicts[i],
             "label_changed": changed[i], "radius_after": radius_after[i], "monotone": mono,
-            "pruned": bool(prune and cert1[i] and cert2[i]),
+            "pruned": bool(skip[i] and cert1[i]),
             "seconds": round(seconds, 6),
-        })
+        }
+        if randomized:
+            row["judged"] = judged[i]
+        if radius_tol > 0:
+            row["radius_tol"] = radius_tol  # a bisection radius: figures at ε come from certified / certified_2eps
+        rows.append(row)
     return rows
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 def _attack_seed(seed: int, first_index: int, k: int) -> int:
@@ -168,11 +217,33 @@ def _flag(row: dict[str, Any], key: str) -> bool:
     return bool(v) if v is not None else False
 
 
+def _proof(row: dict[str, Any], monotone: bool | None) -> bool | None:
+    """The row's proof of non-degradability: ``proven_nondegradable``, or for rows without it, the 2ε
+    check of a monotone certifier (Appendix A; the row's ``monotone`` or the caller's); else None."""
+    if "proven_nondegradable" in row:
+        v = row["proven_nondegradable"]
+        return None if v is None else bool(v)
+    mono = row.get("monotone", monotone)
+    return bool(row.get("certified_2eps")) if mono else None
+
+
 def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monotone: bool | None = None) -> dict[str, Any]:
     """§3.3 quantities from degrade rows: testR, testA lower/upper, FPR and utility-reduction bounds.
 
-    ``monotone`` (default: the rows' ``monotone`` field, else unknown) decides whether a degraded input that is
-    certified at 2ε is a ``bug`` (monotone certifier) or a statistical event (smoothing).
+    Two figures from above, each named for what it is (docs/degradation.md):
+
+    * ``testA_upper`` / ``fpr_upper``: the **proven** upper bound, the members of testR that the
+      defense did *not prove* non-degradable (``proven_nondegradable``: the 2ε check for a monotone
+      certifier, IBP on B(x, 2ε) for CROWN-style bounds). None when the defense has no proof
+      (randomized smoothing): then nothing bounds the FPR from above but the trivial 1;
+    * ``testA_2eps_check`` / ``fpr_2eps_check``: the members of testR not accepted at 2ε by the
+      run-time check itself (§3.3.2). An upper bound only for monotone certifiers, where it equals
+      the proven one.
+
+    ``invariant``: the attacks' set must lie inside the proven upper set (a degraded input that was
+    proven non-degradable is a bug of the defense, the proof or the attack). A degraded input
+    accepted at 2ε by a *non-monotone* check is counted (``outside_2eps_check``), not called a bug.
+    ``monotone`` (default: the rows' ``monotone`` field) is reported.
     """
     eps = check_eps(eps)
     n = len(rows)
@@ -182,26 +253,34 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     c1 = np.array([_flag(r, "certified") for r in rows], dtype=bool)
     c2 = np.array([_flag(r, "certified_2eps") for r in rows], dtype=bool)
     lower = np.array([r.get("degraded_by") is not None for r in rows], dtype=bool)
+    proofs = [_proof(r, monotone) for r in rows]
     test_r = c1 & correct
+    has_proof = all(p is not None for p, in_r in zip(proofs, test_r) if in_r)
+    proven = np.array([bool(p) for p in proofs], dtype=bool)
     a_low = test_r & lower
-    a_up = test_r & ~c2
-    # Appendix A: for every certified input, degraded ⇒ not certified at 2ε
-    violations = [int(r["index"]) for r, bad in zip(rows, c1 & lower & c2) if bad]
+    a_check = test_r & ~c2
+    a_up = test_r & ~proven if has_proof else None
+    violations = [int(r["index"]) for r, bad in zip(rows, c1 & lower & proven) if bad]
+    outside = [int(r["index"]) for r, bad in zip(rows, c1 & lower & c2) if bad]
     broken = [int(r["index"]) for r in rows if r.get("label_changed")]
 
-    def ratio(a: int, b: int) -> float | None:
-        return a / b if b else None
+    def ratio(a: int | None, b: int) -> float | None:
+        return a / b if (b and a is not None) else None
 
+    k_r = int(test_r.sum())
+    k_up = None if a_up is None else int(a_up.sum())
     out: dict[str, Any] = {
-        "eps": eps, "test": n, "certified": int(c1.sum()), "testR": int(test_r.sum()),
-        "testA_lower": int(a_low.sum()), "testA_upper": int(a_up.sum()),
-        "fpr_lower": ratio(int(a_low.sum()), int(test_r.sum())),
-        "fpr_upper": ratio(int(a_up.sum()), int(test_r.sum())),
+        "eps": eps, "test": n, "certified": int(c1.sum()), "testR": k_r,
+        "testA_lower": int(a_low.sum()), "testA_upper": k_up, "testA_2eps_check": int(a_check.sum()),
+        "fpr_lower": ratio(int(a_low.sum()), k_r),
+        "fpr_upper": ratio(k_up, k_r), "fpr_2eps_check": ratio(int(a_check.sum()), k_r),
         "utility_reduction_lower": ratio(int(a_low.sum()), n),
-        "utility_reduction_upper": ratio(int(a_up.sum()), n),
-        "vra_eps": ratio(int(test_r.sum()), n), "vra_2eps": ratio(int((c2 & correct).sum()), n),
+        "utility_reduction_upper": ratio(k_up, n),
+        "utility_reduction_2eps_check": ratio(int(a_check.sum()), n),
+        "vra_eps": ratio(k_r, n), "vra_2eps": ratio(int((c2 & correct).sum()), n),
         "clean_accuracy": ratio(int(correct.sum()), n),
-        "lower_over_upper": ratio(int(a_low.sum()), int(a_up.sum())),
+        "lower_over_upper": ratio(int(a_low.sum()), k_up) if k_up else None,
+        "upper_bound": _upper_kind(rows, has_proof, monotone),
     }
     per: dict[str, dict[str, Any]] = {}
     for r, in_r in zip(rows, test_r):
@@ -213,25 +292,31 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
         if in_r and r.get("degraded_by"):
             per.setdefault(r["degraded_by"], {"tried": 0, "succeeded": 0, "first": 0})["first"] += 1
     for name, d in per.items():
-        d["fpr_lower"] = ratio(d["succeeded"], int(test_r.sum()))
+        d["fpr_lower"] = ratio(d["succeeded"], k_r)
         d["utility_reduction_lower"] = ratio(d["succeeded"], n)
-        d["lower_over_upper"] = ratio(d["succeeded"], int(a_up.sum()))
+        d["lower_over_upper"] = ratio(d["succeeded"], k_up) if k_up else None
     out["per_attack"] = per
-    # How far the attacks moved the certified radius, relative to ε, on the upper-bound set: the
+    if any(r.get("judged") for r in rows):
+        out["per_attack_note"] = ("smoothing: per-attack verdicts are each attack's own selection CERTIFY (one draw "
+                                  "per attack); the combined lower bound is one judging CERTIFY per input")
+    # How far the attacks moved the certified radius, relative to ε, on the 2ε-check set: the
     # 2ε check assumes a drop of ε is possible (the global Lipschitz rate); the real rate is lower
-    drops = [(float(r["radius"]) - float(r["radius_after"])) / eps for r, up in zip(rows, a_up)
-             if up and r.get("radius_after") is not None]
+    drops = [(float(r["radius"]) - float(r["radius_after"])) / eps for r, up in zip(rows, a_check)
+             if up and r.get("radius_after") is not None and r.get("radius") is not None]
     if drops:
         q = np.quantile(np.asarray(drops), [0.1, 0.5, 0.9])
         out["radius_drop_over_eps"] = {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2]),
                                        "images": len(drops)}
     out["invariant"] = {
-        "lower_subset_upper": not violations, "violations": violations,
+        "lower_subset_upper": not violations if has_proof else None, "violations": violations,
+        "outside_2eps_check": outside,
         "monotone_certifier": monotone,
-        "bug": bool(violations) and monotone is not False,
-        "note": ("degraded inputs certified at 2ε contradict Appendix A for a monotone certifier"
-                 if violations and monotone is not False else
-                 "randomized smoothing is monotone only with high probability" if violations else ""),
+        "bug": bool(violations),
+        "note": ("degraded inputs the defense had proven non-degradable: a bug of the defense, its proof or the attack"
+                 if violations else
+                 "no proof for randomized smoothing: nothing to check the attacks against" if not has_proof else
+                 "degraded inputs accepted by the run-time check at 2ε: possible for a non-monotone check"
+                 if outside else ""),
     }
     out["label_changed"] = broken
     secs = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
@@ -240,38 +325,64 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     return out
 
 
+def _upper_kind(rows: Sequence[dict[str, Any]], has_proof: bool, monotone: bool | None) -> str:
+    if not has_proof:
+        return ("none proven (randomized smoothing: a fresh CERTIFY at x' can abstain whatever the 2ε check says); "
+                "fpr_2eps_check is the §3.3.2 heuristic")
+    if monotone:
+        return "proven: the 2ε check of a monotone certifier (Appendix A)"
+    return ("proven: IBP on B(x, 2ε) (every run-time bound is at least IBP's; docs/degradation.md); "
+            "fpr_2eps_check is the run-time method's 2ε check, not a bound for a non-monotone check")
+
+
 def _cert_arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     try:
         correct = np.array([int(r["prediction"]) == int(r["label"]) and int(r["prediction"]) != ABSTAIN
                             for r in rows], dtype=bool)
+        if any(r.get("radius") is None for r in rows):
+            raise InputError("rows without a radius (sequential accept-at-ε decisions, or checks at given radii "
+                             "only) cannot give the 2ε check or an FPR curve: certify the radius itself "
+                             "(drop --sequential; interval: --full-radius)")
         radius = np.array([float(r["radius"]) for r in rows], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"rows need label, prediction and radius ({exc})") from None
     return correct, radius
 
 
-def fpr_curve(rows: Sequence[dict[str, Any]], radii: Iterable[float]) -> list[dict[str, Any]]:
-    """Upper bound of the false-positive rate against the radius (Figures 2–3 of the paper).
+def fpr_curve(rows: Sequence[dict[str, Any]], radii: Iterable[float], *, proven: bool = False) -> list[dict[str, Any]]:
+    """The 2r check of the false-positive rate against the radius (Figures 2–3 of the paper).
 
-    At radius r: testR(r) = correct with radius ≥ r; testA_upper(r) = those with radius < 2r;
-    ``fpr_upper = |testA_upper| / |testR|`` (None when testR is empty), with VRA at r and 2r and
-    the utility-reduction upper bound ``|testA_upper| / |test|``. Works on certify rows, degrade
-    rows and parsed Cohen et al. logs (any rows with label, prediction, radius).
+    At radius r: testR(r) = correct and certified at r; testA(r) = those not certified at 2r;
+    ``fpr_2r_check = |testA| / |testR|`` (None when testR is empty), with VRA at r and 2r and
+    ``utility_reduction_2r_check = |testA| / |test|``. "Certified at r" is the rows' own check at
+    exactly r where they hold one (``certified_at``), else ``radius >= r``; ``source`` says which
+    (bisection radii are named with their tolerance). ``fpr_upper`` repeats the 2r check only when
+    ``proven`` (the caller knows the rows come from a monotone certifier with closed-form radii,
+    Appendix A), else it is None: for smoothing, CROWN-style bounds or an unknown log the 2r check is
+    not a proven bound. Works on certify rows, degrade rows and parsed Cohen et al. logs.
     """
+    from certaudit.audits.certified import certified_mask
+
     radii = [float(r) for r in radii]
     if any(not math.isfinite(r) or r <= 0 for r in radii):
         raise InputError("radii must be finite numbers > 0")
-    correct, radius = _cert_arrays(rows)
+    correct, _ = _cert_arrays(rows)
     n = len(correct)
     out = []
     for r in radii:
-        test_r = correct & (radius >= r)
-        upper = test_r & (radius < 2 * r)
+        m1, src1 = certified_mask(rows, r, allow_bisection=True)
+        m2, src2 = certified_mask(rows, 2 * r, allow_bisection=True)
+        assert m1 is not None and m2 is not None  # every row has a radius (checked above)
+        test_r = correct & m1
+        upper = test_r & ~m2
         k = int(test_r.sum())
-        out.append({"radius": r, "testR": k, "testA_upper": int(upper.sum()),
-                    "fpr_upper": (int(upper.sum()) / k) if k else None,
-                    "vra": (k / n) if n else None, "vra_2r": (int((correct & (radius >= 2 * r)).sum()) / n) if n else None,
-                    "utility_reduction_upper": (int(upper.sum()) / n) if n else None})
+        check = (int(upper.sum()) / k) if k else None
+        exact = src1 in ("check", "radius") and src2 in ("check", "radius")
+        out.append({"radius": r, "testR": k, "testA_2r_check": int(upper.sum()), "fpr_2r_check": check,
+                    "fpr_upper": check if (proven and exact) else None,
+                    "vra": (k / n) if n else None, "vra_2r": (int((correct & m2).sum()) / n) if n else None,
+                    "utility_reduction_2r_check": (int(upper.sum()) / n) if n else None,
+                    "source": src1 if src1 == src2 else f"{src1} / {src2}"})
     return out
 
 
@@ -285,8 +396,8 @@ def default_curve_radii(rows: Sequence[dict[str, Any]], points: int = 40) -> lis
 
 def plot_fpr_curves(curves: dict[str, Sequence[dict[str, Any]]], path: Any, *, radii: Sequence[float] | None = None,
                     eps: float | None = None, norm: str = "l2", title: str | None = None) -> None:
-    """PNG in the style of Figures 2/3: FPR upper bound (left) and VRA (right) against the radius,
-    one line per named set of rows; ε marked."""
+    """PNG in the style of Figures 2/3: the FPR's 2r check (left; a proven upper bound for monotone
+    certifiers only) and VRA (right) against the radius, one line per named set of rows; ε marked."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -298,9 +409,9 @@ def plot_fpr_curves(curves: dict[str, Sequence[dict[str, Any]]], path: Any, *, r
             grid = list(radii) if radii is not None else default_curve_radii(rows)
             pts = fpr_curve(rows, grid)
             xs = [p["radius"] for p in pts]
-            ax1.plot(xs, [np.nan if p["fpr_upper"] is None else p["fpr_upper"] for p in pts], label=name)
+            ax1.plot(xs, [np.nan if p["fpr_2r_check"] is None else p["fpr_2r_check"] for p in pts], label=name)
             ax2.plot(xs, [np.nan if p["vra"] is None else p["vra"] for p in pts], label=name)
-        for ax, ylabel in ((ax1, "false-positive rate (upper bound)"), (ax2, "VRA")):
+        for ax, ylabel in ((ax1, "FPR by the 2r check"), (ax2, "VRA")):
             if eps is not None:
                 ax.axvline(eps, color="grey", linestyle="--", linewidth=1)
             ax.set_xlabel(f"radius ε ({'ℓ∞' if str(norm).lower() == 'linf' else 'ℓ2'})")
@@ -342,6 +453,13 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
         good = [r for r in rows if all(k in r for k in need)]
         if rows and not good:
             raise InputError(f"{p}: rows have no label/prediction/radius (not certification rows)")
+        if any(r.get("radius") is None and "decision" in r for r in good):
+            raise InputError(f"{p}: rows of certify --sequential hold an accept-at-ε decision and no radius; "
+                             "the 2ε check needs certified radii (certify without --sequential)")
+        dup = duplicate_indices(good)
+        if dup:
+            raise InputError(f"{p}: image index {dup[0]} occurs in more than one row ({len(dup)} duplicates); "
+                             "a log must hold one row per image")
         return "certaudit", good
     cols = first.strip().split("\t") if "\t" in first else first.split()
     if [c.strip().lower() for c in cols[:5]] != list(COHEN_COLUMNS[:5]):
@@ -387,19 +505,47 @@ def _parse_time(text: str) -> float | None:
 
 
 def upper_from_log(rows: Sequence[dict[str, Any]], eps: float) -> dict[str, Any]:
-    """The §3.3.2 upper bound at ε from certification rows alone (no model run)."""
+    """The §3.3.2 2ε check at ε from certification rows alone (no model run).
+
+    ``fpr_2eps_check`` = |correct, certified at ε, not at 2ε| / |correct, certified at ε|, with
+    "certified at r" from the rows' checks at exactly r where they hold them, else closed-form
+    radii. Rows whose radii are bisection points and that hold no check at ε and 2ε are refused
+    (the figure at ε must come from the check at ε). A log does not say whether its certifier is
+    monotone, so this is the 2ε check, not a proven bound (see ``degrade --model`` for the proof).
+    """
+    from certaudit.audits.certified import certified_mask
+
     eps = check_eps(eps)
-    correct, radius = _cert_arrays(rows)
+    correct, _ = _cert_arrays(rows)
     n = len(correct)
-    test_r = correct & (radius >= eps)
-    up = test_r & (radius < 2 * eps)
+    m1, why1 = certified_mask(rows, eps)
+    m2, why2 = certified_mask(rows, 2 * eps)
+    if m1 is None or m2 is None:
+        raise InputError(f"no 2ε check at eps={eps:g} from these rows: {why1 if m1 is None else why2}; "
+                         "certify with --eps at this ε")
+    test_r = correct & m1
+    up = test_r & ~m2
     k = int(test_r.sum())
-    return {"eps": eps, "test": n, "testR": k, "testA_upper": int(up.sum()),
-            "fpr_upper": int(up.sum()) / k if k else None,
-            "utility_reduction_upper": int(up.sum()) / n if n else None,
+    return {"eps": eps, "test": n, "testR": k, "testA_2eps_check": int(up.sum()),
+            "fpr_2eps_check": int(up.sum()) / k if k else None,
+            "utility_reduction_2eps_check": int(up.sum()) / n if n else None,
             "vra_eps": k / n if n else None,
-            "vra_2eps": int((correct & (radius >= 2 * eps)).sum()) / n if n else None}
+            "vra_2eps": int((correct & m2).sum()) / n if n else None,
+            "source": why1 if why1 == why2 else f"{why1} / {why2}"}
+
+
+def duplicate_indices(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices that occur in more than one row."""
+    seen: set[int] = set()
+    dup: list[int] = []
+    for r in rows:
+        i = r.get("index")
+        if i in seen:
+            dup.append(int(i))  # type: ignore[arg-type]
+        elif i is not None:
+            seen.add(int(i))
+    return dup
 
 
 __all__ = ["degrade_batch", "summarize_degradation", "fpr_curve", "plot_fpr_curves", "read_certification_log",
-           "upper_from_log", "monotone_certifier", "default_curve_radii", "COHEN_COLUMNS"]
+           "upper_from_log", "monotone_certifier", "default_curve_radii", "duplicate_indices", "COHEN_COLUMNS"]

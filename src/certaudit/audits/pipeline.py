@@ -28,7 +28,6 @@ illustrations, the counts come from the rows.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import platform
@@ -46,7 +45,6 @@ from certaudit.errors import InputError
 
 STAGES = ("clean", "certify", "degrade", "spoof")
 SUMMARY_VERSION = 1
-COMPUTED_SETTINGS = ("layers", "penultimate_lipschitz", "max_pairwise")  # float by-products, not the experiment
 
 Progress = Callable[[str, int, int], None]  # (stage, images done in this run, images to do in this run)
 
@@ -199,8 +197,9 @@ def _defense_options(defense: str, s: AuditSettings) -> dict[str, Any]:
 
 
 def _stable_settings(guard: Any) -> dict[str, Any]:
-    settings = guard.settings() if hasattr(guard, "settings") else {}
-    return {k: v for k, v in settings.items() if k not in COMPUTED_SETTINGS}
+    from certaudit.defenses.base import stable_settings
+
+    return stable_settings(guard.settings() if hasattr(guard, "settings") else {})
 
 
 def _open(out: Path, stage: str, config: dict[str, Any], wanted: list[int], env: Any, block: int):
@@ -248,9 +247,12 @@ def _stage_clean(out, guard, model, x, y, wanted, s, base, dev, progress, env):
 
 def _stage_certify(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     """The defense's CERTIFY on every image: label (or ABSTAIN) and certified radius."""
-    writer, blocks = _open(out, "certify", {"stage": "certify", **base}, wanted, env, s.chunk)
+    from certaudit.defenses.base import ABSTAIN, radius_key
+
+    checks = [s.eps, 2 * s.eps]  # the headline's figures at ε and 2ε come from the defense's checks at them
+    config = {"stage": "certify", **base, "checks": [radius_key(r) for r in checks]}
+    writer, blocks = _open(out, "certify", config, wanted, env, s.chunk)
     todo = [i for b in blocks for i in b]
-    takes_indices = "indices" in inspect.signature(guard.certify).parameters
     with writer:
         _tick(progress, "certify", 0, len(todo))
         done = 0
@@ -258,12 +260,20 @@ def _stage_certify(out, guard, model, x, y, wanted, s, base, dev, progress, env)
             t0 = time.perf_counter()
             xc = x[idx].to(dev)
             with torch.no_grad():
-                cert = guard.certify(xc, indices=idx) if takes_indices else guard.certify(xc)
+                cert = guard.certify_checks(xc, checks, full_radius=True, indices=idx)
             label, radius = cert.label.cpu(), cert.radius.detach().double().cpu()
+            at = {k: v.cpu() for k, v in cert.checks.items()}
             sec = (time.perf_counter() - t0) / len(idx)
-            writer.write_many([{"index": i, "label": int(y[i]), "prediction": int(label[b]),
-                                "radius": float(radius[b]), "correct": int(label[b]) == int(y[i]),
-                                "seconds": round(sec, 6)} for b, i in enumerate(idx)])
+            rows = []
+            for b, i in enumerate(idx):
+                row = {"index": i, "label": int(y[i]), "prediction": int(label[b]),
+                       "radius": float(radius[b]), "correct": int(label[b]) == int(y[i]),
+                       "certified_at": {k: bool(v[b]) and int(label[b]) != ABSTAIN for k, v in at.items()},
+                       "seconds": round(sec, 6)}
+                if cert.radius_tol > 0:
+                    row["radius_tol"] = cert.radius_tol
+                rows.append(row)
+            writer.write_many(rows)
             done += len(idx)
             _tick(progress, "certify", done, len(todo))
         return _finish(writer, wanted), len(todo)
@@ -279,8 +289,10 @@ def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress, env)
 
     names = attacks_for(guard, s.attack)
     cfg = AttackConfig.from_options(_attack_options(s))
+    from certaudit.audits.degradation import ROW_FORMAT
+
     config = {"stage": "degrade", **base, "eps": s.eps, "attack": s.attack, "attacks": names,
-              "attack_config": cfg.as_dict(), "chunk": s.chunk}
+              "attack_config": cfg.as_dict(), "chunk": s.chunk, "row_format": ROW_FORMAT}
     writer, blocks = _open(out, "degrade", config, wanted, env, s.chunk)
     todo = [i for b in blocks for i in b]
     kept = _count_examples(out, "degrade") if env.is_main else s.examples  # rank 0 keeps the examples
@@ -320,7 +332,7 @@ def _keep_degrade_examples(out: Path, guard: Any, x: torch.Tensor, rows: list[di
             if bool(verdict.success[j]):
                 nat.append(xs[j].detach().cpu())
                 adv.append(cand[j].detach().cpu())
-                meta_rows.append((int(r["index"]), int(r["label"]), int(r["prediction"]), float(r["radius"]),
+                meta_rows.append((int(r["index"]), int(r["label"]), int(r["prediction"]), float(r["radius"] or 0.0),
                                   float(verdict.distance[j]), name))
     if not nat:
         return 0
@@ -338,7 +350,7 @@ def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
         loss: Any = SmoothedCrossEntropy(model, float(guard.sigma), samples=s.spoof_samples, noise="fixed")
     else:
         config = ShadowConfig.crown_ibp(channels=s.spoof_channels)
-        kwargs = {"n_samples": s.spoof_samples} if "n_samples" in inspect.signature(guard.margin).parameters else {}
+        kwargs = {"n_samples": s.spoof_samples} if is_randomized(guard) else {}
         loss = DefenseMargin(guard, s.eps, **kwargs)
     if s.spoof_steps is not None:
         config = config.with_(steps=s.spoof_steps)
@@ -356,7 +368,7 @@ def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     sel_opts = {"n0": s.n0, "n": s.spoof_select_n} if randomized else {}
     stage_config = {"stage": "spoof", **base, "eps": s.eps, "shadow": config.as_dict(),
                     "spoof_loss": loss.settings() if hasattr(loss, "settings") else {}, "certify": cert_opts,
-                    "select": sel_opts, "skip_abstained": randomized}
+                    "select": sel_opts, "skip_abstained": randomized, "checks": "eps"}
     writer, blocks = _open(out, "spoof", stage_config, targets, env, s.chunk)
     todo = [i for b in blocks for i in b]
     kept = _count_examples(out, "spoof") if env.is_main else s.examples  # rank 0 keeps the examples
@@ -365,7 +377,8 @@ def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress, env):
         done = 0
         for idx in blocks:
             res = spoof_batch(guard, loss, x[idx].to(dev), y[idx], config, indices=idx, seed=s.seed,
-                              certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized)
+                              certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
+                              eps=s.eps)
             if kept < s.examples:
                 pick = [b for b, r in enumerate(res.rows) if r.get("success")][:s.examples - kept]
                 if pick:
@@ -481,15 +494,18 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
         if r:
             from certaudit.audits.degradation import default_curve_radii, fpr_curve
 
+            from certaudit.audits.degradation import monotone_certifier
+
             grid = sorted(set(default_curve_radii(r, 40)) | {eps, 2 * eps})
-            out["fpr_curve"] = fpr_curve(r, grid)
+            out["fpr_curve"] = fpr_curve(r, grid, proven=monotone_certifier(guard))
     if "degrade" in rows:
         from certaudit.audits.degradation import summarize_degradation
 
         d = summarize_degradation(rows["degrade"], eps) if rows["degrade"] else {"test": 0}
         out["degradation"] = d
-        for key in ("testR", "testA_lower", "testA_upper", "fpr_lower", "fpr_upper", "utility_reduction_lower",
-                    "utility_reduction_upper", "lower_over_upper"):
+        for key in ("testR", "testA_lower", "testA_upper", "testA_2eps_check", "fpr_lower", "fpr_upper",
+                    "fpr_2eps_check", "utility_reduction_lower", "utility_reduction_upper",
+                    "utility_reduction_2eps_check", "lower_over_upper", "upper_bound"):
             head[key] = d.get(key)
         inv = d.get("invariant") or {}
         head["lower_subset_upper"] = inv.get("lower_subset_upper")
@@ -598,10 +614,12 @@ SUMMARY_SCHEMA: dict[str, Any] = {
                 **{k: _RATE for k in ("clean_accuracy", "certified_clean_accuracy", "abstain_rate", "vra_eps",
                                       "vra_2eps", "rejection_rate_eps", "fpr_lower", "fpr_upper",
                                       "utility_reduction_lower", "utility_reduction_upper", "lower_over_upper",
+                                      "fpr_2eps_check", "utility_reduction_2eps_check",
                                       "spoof_success_rate", "spoofed_beats_natural", "robust_error",
                                       "attack_error")},
-                **{k: _COUNT for k in ("testR", "testA_lower", "testA_upper", "broken_certificates",
+                **{k: _COUNT for k in ("testR", "testA_lower", "testA_2eps_check", "broken_certificates",
                                        "spoof_images", "spoof_attacked")},
+                "testA_upper": {"type": ["integer", "null"], "minimum": 0}, "upper_bound": {"type": "string"},
                 "natural_radius_mean": _NUM, "shadow_radius_mean": _NUM,
                 "lower_subset_upper": {"type": ["boolean", "null"]},
             },
@@ -610,10 +628,12 @@ SUMMARY_SCHEMA: dict[str, Any] = {
         "certification": {"type": "object", "required": ["images", "certified_accuracy"],
                           "properties": {"certified_accuracy": {"type": "array", "items": {
                               "type": "object", "required": ["radius", "accuracy"],
-                              "properties": {"radius": {"type": "number", "minimum": 0}, "accuracy": _RATE}}}}},
-        "fpr_curve": {"type": "array", "items": {"type": "object", "required": ["radius", "testR", "fpr_upper"],
+                              "properties": {"radius": {"type": "number", "minimum": 0}, "accuracy": _RATE,
+                                             "source": {"type": "string"}}}}}},
+        "fpr_curve": {"type": "array", "items": {"type": "object",
+                                                  "required": ["radius", "testR", "fpr_2r_check", "fpr_upper"],
                                                   "properties": {"radius": {"type": "number"}, "testR": _COUNT,
-                                                                 "fpr_upper": _RATE}}},
+                                                                 "fpr_2r_check": _RATE, "fpr_upper": _RATE}}},
         "degradation": {"type": "object", "required": ["test"]},
         "spoofing": {"type": "object", "required": ["images"]},
         "timings": {"type": "object", "required": ["stages", "wall_seconds_this_run"],

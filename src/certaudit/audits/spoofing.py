@@ -22,7 +22,6 @@ natural | δ | x + δ grid.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from certaudit.attacks.degradation import is_randomized
 from certaudit.attacks.shadow import (
     ShadowConfig,
     SpoofLoss,
@@ -42,7 +42,7 @@ from certaudit.attacks.shadow import (
     tv_penalty,
     wrong_class_pairs,
 )
-from certaudit.defenses.base import ABSTAIN, Certificates
+from certaudit.defenses.base import ABSTAIN, Certificates, radius_key
 from certaudit.errors import InputError
 
 ROLE_SELECT = 101  # seed role of the selection CERTIFY
@@ -60,31 +60,38 @@ class SpoofOutcome:
 
 
 def certify_images(defense: Any, x: torch.Tensor, *, seed: int | None = None,
-                   indices: Sequence[int] | None = None, **options: Any) -> Certificates:
-    """``defense.certify(x)``, passing only the options its signature takes (smoothing: seed,
-    indices, n0, n, alpha; deterministic defenses: none). ``None`` options are left out."""
-    params = _parameters(defense.certify)
-    kwargs = {k: v for k, v in {"seed": seed, "indices": indices, **options}.items() if v is not None and k in params}
-    return defense.certify(x, **kwargs)
+                   indices: Sequence[int] | None = None, radii: Sequence[float] = (), **options: Any) -> Certificates:
+    """``defense.certify_checks(x, radii)``: label, radius and the defense's own check at exactly each
+    of ``radii``. ``seed``/``indices`` and ``options`` (``n0``, ``n``, ``alpha``) reach a randomized
+    defense only (deterministic ones have no noise); ``None`` options are left out."""
+    opts = {k: v for k, v in options.items() if v is not None} if defense.randomized else {}
+    return defense.certify_checks(x, list(radii), full_radius=True, seed=seed,
+                                  indices=None if indices is None else list(indices), **opts)
 
 
-def is_randomized(defense: Any) -> bool:
-    """A defense whose CERTIFY draws noise (takes a seed): its certificates are re-drawn to judge."""
-    return "seed" in _parameters(defense.certify)
+def _check_at(cert: Certificates, eps: float | None, b: int) -> bool | None:
+    """The defense's own verdict at exactly ``eps`` for item ``b`` (label not ABSTAIN), or None."""
+    if eps is None:
+        return None
+    hit = cert.checks.get(radius_key(eps))
+    return None if hit is None else bool(hit[b]) and int(cert.label[b]) != ABSTAIN
 
 
 def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor, config: ShadowConfig, *,
                 indices: Sequence[int] | None = None, seed: int = 0, candidates: Sequence[int] | None = None,
                 certify_options: dict[str, Any] | None = None, select_options: dict[str, Any] | None = None,
                 skip_abstained: bool = True, images_per_group: int | None = None,
-                on_step: Callable[[int], None] | None = None) -> SpoofOutcome:
+                on_step: Callable[[int], None] | None = None, eps: float | None = None) -> SpoofOutcome:
     """Natural CERTIFY, batched untargeted Shadow Attack, selection, fresh judging CERTIFY.
 
     ``x`` (B, C, H, W) in [0, 1], ``y`` (B,) true labels, ``indices`` their data-set indices (for
     seeds; default 0..B−1). ``certify_options`` go to the natural and the judging CERTIFY (e.g.
     ``n0``, ``n``, ``alpha``), ``select_options`` to the selection CERTIFY of every candidate (default:
     the same). ``skip_abstained``: do not attack images whose natural CERTIFY abstains (the paper
-    reports over the images the smoothed classifier does not abstain on).
+    reports over the images the smoothed classifier does not abstain on). ``eps``: also record the
+    defense's own check at exactly ``eps`` of the natural image and of the judged spoof
+    (``natural_certified_eps``, ``spoofed_certified_eps``: Table 2 is computed from these, never
+    from a bisection radius compared with ε).
     """
     b_count = int(x.shape[0])
     y = torch.as_tensor(y).long().flatten()
@@ -98,10 +105,16 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
     num_classes = int(defense.num_classes)
     t0 = time.perf_counter()
 
-    nat = certify_images(defense, x, seed=seed, indices=idx, **cert_opts)
+    check_radii = [] if eps is None else [float(eps)]
+    nat = certify_images(defense, x, seed=seed, indices=idx, radii=check_radii, **cert_opts)
     nat_label, nat_radius = nat.label.cpu().tolist(), nat.radius.detach().cpu().double().tolist()
     attack = [not (skip_abstained and nat_label[b] == ABSTAIN) for b in range(b_count)]
     rows = [_natural_row(idx[b], int(y[b]), nat_label[b], nat_radius[b], nat, b) for b in range(b_count)]
+    for b, row in enumerate(rows):
+        if eps is not None:
+            row["natural_certified_eps"] = _check_at(nat, eps, b)
+        if nat.radius_tol > 0:
+            row["radius_tol"] = nat.radius_tol
     delta_best = torch.zeros_like(x)
     x_best = x.detach().clone()
 
@@ -121,7 +134,8 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
         chosen = torch.tensor(best, dtype=torch.long, device=x.device)  # (A,) pair per attacked image
         x_adv = res.x_adv[chosen]  # (A, C, H, W)
         # The judge: a fresh CERTIFY of the chosen images (new noise for randomized defenses).
-        final = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_FINAL), indices=[idx[b] for b in todo], **cert_opts)
+        final = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_FINAL), indices=[idx[b] for b in todo],
+                               radii=check_radii, **cert_opts)
         f_label, f_radius = final.label.cpu().tolist(), final.radius.detach().cpu().double().tolist()
         applied = x_adv - xs  # (A, C, H, W) the perturbation as certified, after clipping
         l2 = applied.flatten(1).norm(dim=1).cpu().tolist()
@@ -148,6 +162,8 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
                 "l2": float(l2[a]), "linf": float(linf[a]), "tv": float(tv[a]), "color": float(color[a]),
                 "dissim": float(dissim[a]),
             })
+            if eps is not None:
+                rows[b]["spoofed_certified_eps"] = _check_at(final, eps, b=a)
             for key, val in final.extras.items():
                 rows[b]["spoofed_" + key] = _jsonable(val[a])
         delta_best[sub.to(x.device)] = applied
@@ -197,13 +213,6 @@ def _finite(v: float) -> float | None:
 def _jsonable(v: torch.Tensor) -> Any:
     v = v.detach().cpu()
     return v.tolist() if v.dim() else v.item()
-
-
-def _parameters(fn: Any) -> set[str]:
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):  # pragma: no cover
-        return set()
 
 
 # ---------------------------------------------------------------------------------------- summary
@@ -256,19 +265,38 @@ def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[
         out[f"{key}_mean"] = float(np.mean(vals)) if vals else None
     if eps is not None:
         eps = float(eps)
-        nat_ok = (nat_pred == label) & certified & (nat_rad >= eps)
         adv_pred = np.array([int(r["spoofed_prediction"]) if r.get("spoofed_prediction") is not None else ABSTAIN
                              for r in rows])
-        adv_ok = attacked & (adv_pred != label) & (adv_pred != ABSTAIN) & (adv_rad >= eps)
         out["eps"] = eps
-        out["robust_error"] = float(1.0 - nat_ok.mean())
-        out["attack_error"] = float(1.0 - adv_ok.mean())
+        nat_at = _at_eps(rows, "natural_certified_eps", nat_rad, eps)
+        adv_at = _at_eps([r for r in rows if r.get("attacked")], "spoofed_certified_eps", adv_rad[attacked], eps)
+        if nat_at is None or adv_at is None:
+            out["robust_error"] = out["attack_error"] = None
+            out["table2_note"] = (f"rows hold no check at eps={eps:g} and their radii are bisection points: "
+                                  "rerun with this --eps to get the robust and attack errors")
+        else:
+            nat_ok = (nat_pred == label) & (nat_pred != ABSTAIN) & nat_at
+            adv_cert = np.zeros(n, dtype=bool)
+            adv_cert[attacked] = adv_at
+            adv_ok = attacked & (adv_pred != label) & (adv_pred != ABSTAIN) & adv_cert
+            out["robust_error"] = float(1.0 - nat_ok.mean())
+            out["attack_error"] = float(1.0 - adv_ok.mean())
     seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
     if len(seconds) == n:
         total = float(sum(seconds))
         out["seconds"] = total
         out["images_per_second"] = n / total if total > 0 else None
     return out
+
+
+def _at_eps(rows: Sequence[dict[str, Any]], key: str, radius: np.ndarray, eps: float) -> np.ndarray | None:
+    """Per row, certified at exactly ``eps`` by the defense's own check (``key``); rows without it fall
+    back to ``radius >= eps`` only where the radius is closed-form (no ``radius_tol``); else None."""
+    if all(r.get(key) is not None for r in rows):
+        return np.array([bool(r[key]) for r in rows], dtype=bool)
+    if any(r.get("radius_tol") for r in rows):
+        return None
+    return radius >= eps
 
 
 def _mean(v: np.ndarray) -> float | None:

@@ -19,7 +19,6 @@ rank certifies its share of the images into ``rows.jsonl.rank{K}``, rank 0 merge
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -56,7 +55,10 @@ def certify_cmd(
     eps: Optional[str] = typer.Option(None, "--eps", help="also report VRA at ε and 2ε and the clean rejection rate at ε"),
     sequential: bool = typer.Option(False, "--sequential", help="smoothing: only decide certification at --eps, with an "
                                     "anytime-valid test that stops per image when decided (--n is the budget)"),
-    radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the table, e.g. 0,0.25,0.5 or 0,2/255"),
+    radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the table, e.g. 0,0.25,0.5 or 0,2/255 "
+                                        "(each checked exactly by the defense)"),
+    full_radius: bool = typer.Option(False, "--full-radius", help="interval: also find each image's largest certified "
+                                     "radius by bisection (default only without --eps and --radii)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per forward pass (default: from memory)"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (bf16: certificate about the bf16 model)"),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels-last memory layout (CUDA speed-up)"),
@@ -74,6 +76,8 @@ def certify_cmd(
 ) -> None:
 
     from certaudit.audits.certified import default_radii, summarize
+    from certaudit.defenses.base import ABSTAIN
+    from certaudit.defenses.sequential import DECISIONS
     from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_indices
@@ -95,6 +99,18 @@ def certify_cmd(
     if sequential and (eps_v is None or defense.lower() != "smoothing"):
         raise InputError("--sequential needs --defense smoothing and --eps (the radius to decide)")
     radii_v = None if radii is None else _parse_radii(radii)
+    if sequential and (radii_v is not None or full_radius or plot is not None):
+        raise InputError("--sequential decides certification at --eps only: it gives no radius for --radii, "
+                         "--full-radius or --plot")
+    if full_radius and defense.lower() != "interval":
+        raise InputError("--full-radius applies to --defense interval (other defenses always give the radius)")
+    # the defense's own checks at exactly these radii (ε, 2ε and the table's radii): figures at a radius come
+    # from them; the interval defense's bisection radius is computed only when asked for (or nothing else is)
+    check_radii = sorted({r for r in ([eps_v, 2 * eps_v] if eps_v is not None else []) + (radii_v or []) if r > 0})
+    want_radius = defense.lower() != "interval" or full_radius or (eps_v is None and radii_v is None)
+    if plot is not None and not want_radius:
+        raise InputError("--plot draws certified accuracy against the radius: add --full-radius (bisection) "
+                         "for the interval defense")
     options: dict[str, Any] = {
         "sigma": None if sigma is None else parse_number(sigma, "--sigma"),
         "n0": n0, "n": n, "alpha": parse_number(alpha, "--alpha"), "eps": eps_v, "batch_size": batch_size,
@@ -120,11 +136,15 @@ def certify_cmd(
     if sequential:
         from certaudit.defenses.sequential import SEQ_BLOCK, SEQ_GROWTH
 
-        settings = {**settings, "sequential_eps": eps_v, "sequential": f"beta-mixture-block{SEQ_BLOCK}-growth{SEQ_GROWTH}"}
-    from certaudit.defenses.base import stable_settings
+        settings = {**settings, "sequential_eps": eps_v, "sequential": f"beta-mixture-block{SEQ_BLOCK}-growth{SEQ_GROWTH}",
+                    "rows": "radius-null-decision"}  # rows before carried radius = ε
+    from certaudit.defenses.base import radius_key, stable_settings
 
     config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
               "settings": stable_settings(settings), "dataset": info.name, "split": split, "device": dev.type}
+    if check_radii or not want_radius:  # rows carry checks at these radii (older files without them stay resumable)
+        config["checks"] = [radius_key(r) for r in check_radii]
+        config["full_radius"] = want_radius
     writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
     with writer:
         done = writer.done()
@@ -133,7 +153,6 @@ def certify_cmd(
         if len(left) < len(wanted) and not as_json and env.is_main:
             err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already certified")
         per_call = chunk or _chunk_for(guard, info.shape)
-        takes_indices = "indices" in inspect.signature(guard.certify).parameters
         t_run = time.perf_counter()
         with progress_bar(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"certify ({defense})", total=len(todo))
@@ -144,18 +163,27 @@ def certify_cmd(
                 if sequential:
                     cert = guard.certify_at(xc, eps_v, indices=idx)
                 else:
-                    cert = guard.certify(xc, indices=idx) if takes_indices else guard.certify(xc)
+                    cert = guard.certify_checks(xc, check_radii, full_radius=want_radius, indices=idx)
                 label = cert.label.cpu()  # one transfer per chunk
-                radius = cert.radius.detach().cpu()
+                radius = cert.radius.detach().cpu().double()
                 extras = {k: v.detach().cpu() for k, v in cert.extras.items()}
+                checks = {k: v.detach().cpu() for k, v in cert.checks.items()}
                 seconds = (time.perf_counter() - t0) / len(idx)
                 rows = []
                 for b, i in enumerate(idx):
                     pred = int(label[b])
-                    row = {"index": i, "label": int(y[i]), "prediction": pred, "radius": float(radius[b]),
+                    rad = float(radius[b])
+                    row = {"index": i, "label": int(y[i]), "prediction": pred,
+                           "radius": rad if rad == rad else None,  # null: not computed (checks only / sequential)
                            "correct": pred == int(y[i]), "seconds": round(seconds, 6)}
+                    if checks:
+                        row["certified_at"] = {k: bool(v[b]) and pred != ABSTAIN for k, v in checks.items()}
+                    if cert.radius_tol > 0:
+                        row["radius_tol"] = cert.radius_tol
                     for key, val in extras.items():
                         row[key] = val[b].tolist()
+                    if sequential:
+                        row["decision"] = DECISIONS[int(row["decision"])] if "decision" in row else None
                     rows.append(row)
                 writer.write_many(rows)
                 bar.advance(task, len(idx))
@@ -169,7 +197,14 @@ def certify_cmd(
     rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
 
     norm_name = getattr(getattr(guard, "norm", None), "value", "l2")
-    grid = radii_v if radii_v is not None else _trim(default_radii(norm_name), rows_all)
+    if radii_v is not None:
+        grid = list(radii_v)
+    elif want_radius and not sequential:
+        grid = _trim(default_radii(norm_name), rows_all)
+    else:
+        grid = [0.0]
+    if eps_v is not None:  # the table always shows the requested radii
+        grid = sorted(set(grid) | {eps_v} | (set() if sequential else {2 * eps_v}))
     summary = summarize(rows_all, grid, eps_v)
     summary = {"model": str(model), "defense": defense.lower(), "norm": norm_name, "dataset": info.name,
                "split": split, "range": [skip, stop], "settings": settings, "device": str(dev),
@@ -206,7 +241,7 @@ def _parse_radii(text: str) -> list[float]:
 
 def _trim(radii: tuple[float, ...], rows: list[dict[str, Any]]) -> list[float]:
     """Drop the default grid's radii beyond the first one that no row reaches (all zeros after it)."""
-    top = max((float(r.get("radius", 0.0)) for r in rows), default=0.0)
+    top = max((float(r["radius"]) for r in rows if r.get("radius") is not None), default=0.0)
     out = []
     for r in radii:
         out.append(r)
@@ -229,8 +264,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     table = Table()
     table.add_column(f"radius ({s['norm']})", justify="right")
     table.add_column("certified accuracy", justify="right")
+    table.add_column("from", justify="left")
     for item in s.get("certified_accuracy", []):
-        table.add_row(f"{item['radius']:.4g}", f"{item['accuracy']:.4f}")
+        acc = "n/a" if item["accuracy"] is None else f"{item['accuracy']:.4f}"
+        table.add_row(f"{item['radius']:.4g}", acc, item.get("source", ""))
     console.print(table)
     stats = Table(show_header=False, box=None)
     stats.add_column("what")
@@ -240,9 +277,14 @@ def _print_summary(s: dict[str, Any]) -> None:
         stats.add_row("clean accuracy (certified label, radius >= 0)", f"{s['clean_accuracy']:.4f}")
         stats.add_row("abstention rate", f"{s['abstain_rate']:.4f}")
     if "eps" in s:
-        stats.add_row(f"VRA at eps = {s['eps']:.4g}", f"{s['vra_eps']:.4f}")
-        stats.add_row(f"VRA at 2 eps = {2 * s['eps']:.4g}", f"{s['vra_2eps']:.4f}")
-        stats.add_row(f"clean rejection rate at eps = {s['eps']:.4g}", f"{s['rejection_rate_eps']:.4f}")
+        def f4(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        stats.add_row(f"VRA at eps = {s['eps']:.4g} (check at ε)", f4(s["vra_eps"]))
+        stats.add_row(f"VRA at 2 eps = {2 * s['eps']:.4g} (check at 2ε)", f4(s["vra_2eps"]))
+        stats.add_row(f"clean rejection rate at eps = {s['eps']:.4g}", f4(s["rejection_rate_eps"]))
+        if s.get("eps_note"):
+            stats.add_row("note", s["eps_note"])
     if s.get("images_per_second_this_run"):
         stats.add_row("images/s (this run)", f"{s['images_per_second_this_run']:.3g}")
     if s.get("samples_per_second_this_run"):

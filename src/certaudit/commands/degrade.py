@@ -52,8 +52,8 @@ def degrade_cmd(
                                                        "success counts; identity (x' = x) is a control"),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="with several attacks: run every attack on every "
                                                                  "certified image (per-attack lower bounds)"),
-    prune: bool = typer.Option(False, "--prune", help="lipschitz / interval-ibp: do not attack inputs certified "
-                                                       "at 2ε (Appendix A: they cannot be degraded)"),
+    prune: bool = typer.Option(False, "--prune", help="lipschitz / interval: do not attack inputs the defense proves "
+                                                       "non-degradable (2ε check, or IBP at 2ε for CROWN)"),
     steps: int = typer.Option(50, "--steps", help="PGD steps per restart"),
     restarts: int = typer.Option(1, "--restarts", help="PGD restarts (margin on lipschitz: targeted runner-ups)"),
     step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step (default 2.5·radius/steps)"),
@@ -126,7 +126,9 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
          skip: int, chunk: int, data_root: Path | None, out: Path | None, radii: list[float] | None,
          plot: Path | None, as_json: bool) -> None:
     from certaudit.attacks.degradation import AttackConfig, attacks_for
-    from certaudit.audits.degradation import degrade_batch, fpr_curve, plot_fpr_curves, summarize_degradation
+    from certaudit.audits.degradation import (
+        ROW_FORMAT, degrade_batch, fpr_curve, monotone_certifier, plot_fpr_curves, summarize_degradation,
+    )
     from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
@@ -160,6 +162,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
+              "row_format": ROW_FORMAT,
               "device": dev.type}
     writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
     with writer:
@@ -194,7 +197,8 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     summary = {"model": str(model), "defense": defense, "norm": norm_name, "dataset": info.name, "split": split,
                "range": [skip, stop], "attack": attack, "attacks": names, "exhaustive": exhaustive,
                "prune": prune, "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": new_images,
-               "wall_seconds": round(wall, 3), **summary, "fpr_curve": fpr_curve(rows_all, grid)}
+               "wall_seconds": round(wall, 3), **summary,
+               "fpr_curve": fpr_curve(rows_all, grid, proven=monotone_certifier(guard))}
     if env.distributed:
         summary["processes"] = env.world_size
     if new_images and wall > 0:
@@ -221,12 +225,19 @@ def _from_log(paths: list[Path], eps: float, radii: list[float] | None, plot: Pa
         fmt, rows = read_certification_log(path)
         if not rows:
             raise InputError(f"{path}: no certification rows")
-        grid = radii if radii is not None else default_curve_radii(rows, 20)
-        summaries.append({"log": str(path), "format": fmt, **upper_from_log(rows, eps),
-                          "fpr_curve": fpr_curve(rows, grid)})
+        entry = {"log": str(path), "format": fmt, **upper_from_log(rows, eps)}
+        if any(r.get("radius") is None for r in rows):
+            entry["fpr_curve"] = []
+            entry["curve_note"] = "rows hold checks at given radii only (no radius): no curve"
+        else:
+            grid = radii if radii is not None else default_curve_radii(rows, 20)
+            entry["fpr_curve"] = fpr_curve(rows, grid)
+        summaries.append(entry)
         name = path.name if path.name not in curves else str(path)
         curves[name] = rows
     if plot is not None:
+        if any(not e["fpr_curve"] for e in summaries):
+            raise InputError("--plot needs rows with radii (these hold checks at given radii only)")
         title = f"{paths[0].name}: {len(curves[next(iter(curves))])} images" if len(paths) == 1 else None
         plot_fpr_curves(curves, plot, radii=radii, eps=eps, title=title)
         for s in summaries:
@@ -243,15 +254,21 @@ def _from_log(paths: list[Path], eps: float, radii: list[float] | None, plot: Pa
 def _print_log_summary(summary: dict[str, Any], eps: float) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]upper bounds[/bold] from {summary['log']} ({summary['format']} format, "
+    console.print(f"[bold]2ε check[/bold] from {summary['log']} ({summary['format']} format, "
                   f"{summary['test']} images), ε = {eps:.4g}")
     stats = Table(show_header=False, box=None)
     stats.add_column("what")
     stats.add_column("value", justify="right")
-    for key in ("testR", "testA_upper", "vra_eps", "vra_2eps", "fpr_upper", "utility_reduction_upper"):
+    for key in ("testR", "testA_2eps_check", "vra_eps", "vra_2eps", "fpr_2eps_check", "utility_reduction_2eps_check"):
         stats.add_row(key, _fmt(summary[key]))
+    stats.add_row("certified at r from", summary.get("source", ""))
     console.print(stats)
-    _print_curve(summary["fpr_curve"])
+    console.print("(a log does not say whether its certifier is monotone: the 2ε check is a proven upper bound "
+                  "only for monotone certifiers with closed-form radii, e.g. Lipschitz; see docs/degradation.md)")
+    if summary["fpr_curve"]:
+        _print_curve(summary["fpr_curve"])
+    elif summary.get("curve_note"):
+        console.print(summary["curve_note"])
 
 
 def _fmt(v: Any) -> str:
@@ -265,12 +282,12 @@ def _fmt(v: Any) -> str:
 def _print_curve(curve: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title="FPR upper bound against radius (Fig. 2/3)")
-    for col in ("radius", "testR", "testA upper", "FPR upper", "VRA(r)", "VRA(2r)"):
+    table = Table(title="FPR by the 2r check against radius (Fig. 2/3)")
+    for col in ("radius", "testR", "testA (2r check)", "FPR (2r check)", "proven upper", "VRA(r)", "VRA(2r)", "from"):
         table.add_column(col, justify="right")
     for p in curve:
-        table.add_row(f"{p['radius']:.4g}", str(p["testR"]), str(p["testA_upper"]), _fmt(p["fpr_upper"]),
-                      _fmt(p["vra"]), _fmt(p["vra_2r"]))
+        table.add_row(f"{p['radius']:.4g}", str(p["testR"]), str(p["testA_2r_check"]), _fmt(p["fpr_2r_check"]),
+                      _fmt(p["fpr_upper"]), _fmt(p["vra"]), _fmt(p["vra_2r"]), p.get("source", ""))
     console.print(table)
 
 
@@ -289,18 +306,26 @@ def _print_summary(s: dict[str, Any]) -> None:
         if d["tried"]:
             table.add_row(f"  {name}", vra, _pct(d["fpr_lower"]), _pct(d["utility_reduction_lower"]),
                           str(d["succeeded"]), _pct(d["lower_over_upper"]))
-    table.add_row("upper (2ε check)", vra, _pct(s["fpr_upper"]), _pct(s["utility_reduction_upper"]),
-                  str(s["testA_upper"]), "100.0")
+    table.add_row("upper (proven)", vra, _pct(s["fpr_upper"]), _pct(s["utility_reduction_upper"]),
+                  "n/a" if s["testA_upper"] is None else str(s["testA_upper"]),
+                  "n/a" if s["testA_upper"] is None else "100.0")
+    table.add_row("2ε check (run-time method)", vra, _pct(s["fpr_2eps_check"]), _pct(s["utility_reduction_2eps_check"]),
+                  str(s["testA_2eps_check"]), "")
     console.print(table)
     stats = Table(show_header=False, box=None)
     stats.add_column("what")
     stats.add_column("value", justify="right")
     stats.add_row("testR (certified and correct at ε)", str(s["testR"]))
     stats.add_row(f"VRA at 2ε = {2 * s['eps']:.4g}", _pct(s["vra_2eps"]))
+    stats.add_row("upper bound", s["upper_bound"])
     inv = s["invariant"]
-    verdict = "holds" if inv["lower_subset_upper"] else (
-        f"VIOLATED on {len(inv['violations'])} images ({'BUG' if inv['bug'] else inv['note']})")
-    stats.add_row("invariant testA_lower ⊆ testA_upper", verdict)
+    if inv["lower_subset_upper"] is None:
+        verdict = "nothing to check (no proven upper bound)"
+    else:
+        verdict = "holds" if inv["lower_subset_upper"] else f"VIOLATED on {len(inv['violations'])} images (BUG)"
+    stats.add_row("invariant testA_lower ⊆ testA_upper (proven)", verdict)
+    if inv.get("outside_2eps_check"):
+        stats.add_row("degraded although accepted at 2ε (non-monotone check)", str(len(inv["outside_2eps_check"])))
     if s.get("label_changed"):
         stats.add_row("certificate broken (x' accepted with another label)", str(s["label_changed"][:10]))
     stats.add_row("wall time (this run)", f"{s['wall_seconds']:.1f} s ({s['new_images']} new images)")
@@ -310,8 +335,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         stats.add_row("plot", s["plot"])
     console.print(stats)
     if not inv["lower_subset_upper"] and inv["bug"]:
-        err_console.print("[bold red]bug:[/bold red] an input certified at 2ε was degraded; a monotone certifier "
-                          "(Appendix A) cannot allow this. Please report it with the rows file.")
+        err_console.print("[bold red]bug:[/bold red] an input the defense had proven non-degradable was degraded. "
+                          "Please report it with the rows file.")
 
 
 def _pct(v: Any) -> str:

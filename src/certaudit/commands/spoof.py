@@ -11,7 +11,6 @@ resume. Example (the paper's smoothing setting on CIFAR-10)::
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -157,7 +156,7 @@ def spoof_cmd(
     if loss_kind == "ce":
         loss: Any = SmoothedCrossEntropy(net, guard.sigma, samples=samples, noise=noise.lower())
     else:
-        kwargs = {"n_samples": samples} if "n_samples" in inspect.signature(guard.margin).parameters else {}
+        kwargs = {"n_samples": samples} if randomized else {}
         if loss_kind == "robust-ce":
             kwargs["reduction"] = "ce"
         loss = DefenseMargin(guard, eps_v or 0.0, **kwargs)
@@ -175,6 +174,7 @@ def spoof_cmd(
     config_row = {"verb": "spoof", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense_name,
                   "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
                   "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
+                  "checks": "eps" if eps_v is not None else None,
                   "dataset": info.name, "split": split, "device": dev.type}
     writer: Any = ShardedRowWriter(out, config_row, env) if out is not None else MemoryRows()
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]] = []
@@ -200,7 +200,7 @@ def spoof_cmd(
                 yc = y_all[idx]
                 result = spoof_batch(guard, loss, xc, yc, config, indices=idx, seed=seed, candidates=cand,
                                      certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
-                                     on_step=lambda k: bar.advance(task, k))
+                                     on_step=lambda k: bar.advance(task, k), eps=eps_v)
                 writer.write_many(result.rows)
                 finished += len(idx)
                 bar.update(task, completed=finished * n_targets * config.steps)

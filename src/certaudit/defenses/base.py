@@ -15,6 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, Sequence
 
 import torch
 
@@ -38,38 +39,90 @@ class Norm(str, Enum):
             raise InputError(f"unknown norm {value!r}; choose one of: l2, linf") from None
 
 
+def radius_key(r: float) -> str:
+    """The key of a checked radius in ``Certificates.checks`` and in rows (``certified_at``): the
+    shortest repr of the float, so a radius read back from JSON finds its check exactly."""
+    return repr(float(r))
+
+
 @dataclass
 class Certificates:
     """Batched certification result.
 
     ``label[i]`` is the predicted label or :data:`ABSTAIN`; ``radius[i]`` the radius (in input
-    space, in ``norm``) up to which ``label[i]`` is certified (0 where ABSTAIN). ``extras`` holds
-    per-defense tensors of the same batch length (e.g. smoothing counts, Lipschitz margins).
+    space, in ``norm``) up to which ``label[i]`` is certified (0 where ABSTAIN; NaN where the
+    defense was asked for checks only and computed no radius). ``extras`` holds per-defense tensors
+    of the same batch length (e.g. smoothing counts, Lipschitz margins).
+
+    ``radius_tol`` says what the radius means: 0 when ``radius >= r`` *is* the defense's own check
+    at r (closed-form radii: smoothing, Lipschitz); > 0 when the radius is the last certified point
+    of a bisection with that tolerance (interval bounds): certified, but ``radius >= r`` is then
+    not the run-time check at r. ``checks`` maps a radius (key :func:`radius_key`) to the bool
+    (B,) verdict of the defense's own check at *exactly* that radius (Algorithm 2.1 accepts the
+    label). :meth:`accept` uses a check where one exists and refuses to read a bisection radius.
     """
 
     label: torch.Tensor  # (B,) int64
     radius: torch.Tensor  # (B,) float
     norm: Norm
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    checks: dict[str, torch.Tensor] = field(default_factory=dict)
+    radius_tol: float = 0.0
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
+    def has_radius(self) -> bool:
+        """Whether a radius was computed (NaN marks a check-only certificate)."""
+        return not bool(torch.isnan(self.radius.double()).all()) if len(self) else True
+
     def accept(self, eps: float) -> torch.Tensor:
-        """Algorithm 2.1 on already computed certificates: label if radius >= eps, else ABSTAIN."""
+        """Algorithm 2.1 on already computed certificates: label if certified at ``eps``, else ABSTAIN.
+
+        From the defense's check at exactly ``eps`` when one was made; else from a closed-form radius
+        (``radius >= eps``). A bisection radius (``radius_tol > 0``) or a missing one is refused:
+        ask the defense (``defense.accept(x, eps)``) instead.
+        """
         eps = check_eps(eps)
-        keep = (self.label != ABSTAIN) & (self.radius >= eps)
+        hit = self.checks.get(radius_key(eps))
+        if hit is not None:
+            keep = (self.label != ABSTAIN) & hit.to(self.label.device).bool()
+        elif self.radius_tol > 0 or not self.has_radius():
+            raise InputError(f"these certificates hold no check at eps={eps!r} and their radius "
+                             + ("is a bisection point (tol " + f"{self.radius_tol:g}), not the run-time check"
+                                if self.has_radius() else "was not computed")
+                             + "; ask the defense's accept(x, eps)")
+        else:
+            keep = (self.label != ABSTAIN) & (self.radius >= eps)
         return torch.where(keep, self.label, torch.full_like(self.label, ABSTAIN))
 
     def certified_at(self, eps: float) -> torch.Tensor:
         """Boolean mask: cert(x, eps) of the paper."""
         return self.accept(eps) != ABSTAIN
 
+    def with_checks(self, radii: Sequence[float]) -> "Certificates":
+        """These certificates with ``checks`` at ``radii`` from a closed-form radius (``radius_tol == 0``)."""
+        for r in radii:
+            key = radius_key(check_eps(r, "radius"))
+            if key not in self.checks:
+                self.checks[key] = self.certified_at(r)
+        return self
+
 
 class Defense(ABC):
-    """A certified run-time defense around a model (a class: it holds the model and cached state)."""
+    """A certified run-time defense around a model (a class: it holds the model and cached state).
+
+    Declared capabilities (class attributes, read by attacks and audits instead of sniffing):
+
+    * ``randomized``: its certificates draw noise; :meth:`certify` then takes ``seed`` and
+      ``indices`` (image i's noise derives from (seed, indices[i])) and a re-check is a re-draw;
+    * ``monotone``: cert(x, ε) implies cert(x', ε') for every x' with ‖x' − x‖ + ε' ≤ ε exactly
+      (Appendix A of the degradation paper), so the 2ε check is a proven degradation upper bound.
+    """
 
     norm: Norm
+    randomized: bool = False
+    monotone: bool = False
 
     def __init__(self, model: torch.nn.Module, num_classes: int):
         if not isinstance(model, torch.nn.Module):
@@ -98,6 +151,30 @@ class Defense(ABC):
     @abstractmethod
     def margin(self, x: torch.Tensor, eps: float, target: torch.Tensor) -> torch.Tensor:
         """Differentiable (B,) score, > 0 iff ``target`` would be certified at ``x`` with radius ``eps``."""
+
+    def certify_checks(self, x: torch.Tensor, radii: Sequence[float] = (), *, full_radius: bool = True,
+                       seed: int | None = None, indices: Sequence[int] | None = None,
+                       **options: Any) -> Certificates:
+        """:meth:`certify` plus the defense's own check (Algorithm 2.1) at exactly each of ``radii``,
+        in ``Certificates.checks``; one noise draw for a randomized defense (seed, indices and
+        ``options`` such as ``n0``/``n`` go to its certify). ``full_radius=False`` lets a defense
+        whose radius costs more than the checks (interval bisection) skip the radius (NaN).
+
+        This default suits closed-form radii (``radius >= r`` is the check at r); defenses whose
+        radius is a search override it."""
+        kwargs = dict(options)
+        if self.randomized:
+            kwargs.update({k: v for k, v in (("seed", seed), ("indices", indices)) if v is not None})
+        return self.certify(x, **kwargs).with_checks(radii)
+
+    def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor | None:
+        """(B,) bool: True where it is *proven* that Algorithm 2.1 accepts ``label`` at radius ``eps``
+        at every x' in B(x, eps) ∩ [0,1]^d (so x cannot be degraded); None where the defense has
+        no such proof (randomized smoothing). Default, for a :attr:`monotone` certifier: the check
+        at 2·eps (Appendix A)."""
+        if not self.monotone:
+            return None
+        return self.accept(x, 2.0 * check_eps(eps)).cpu() == torch.as_tensor(label).cpu().long()
 
 
 # Settings a defense *computes* from the model (e.g. Lipschitz bounds, whose last digits depend on the

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_images, check_labels
+from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_images, check_labels, radius_key
 from certaudit.errors import InputError
 
 NOISE_BLOCK_BYTES = 32 * 2**20
@@ -194,6 +194,7 @@ class SmoothedClassifier(Defense):
     """
 
     norm = Norm.L2
+    randomized = True  # certificates draw noise: certify takes seed/indices, a re-check is a re-draw
 
     def __init__(self, model: nn.Module, num_classes: int, sigma: float, *, batch_size: int | None = None,
                  precision: str = "fp32", channels_last: bool = False, n0: int = 100, n: int = 100_000,
@@ -292,6 +293,17 @@ class SmoothedClassifier(Defense):
             return self.certify_at(x, eps, n0, n, alpha, generator, seed=seed, indices=indices, beta=beta).label
         return self.certify(x, n0, n, alpha, generator, seed=seed, indices=indices).accept(eps)
 
+    def certify_checks(self, x: torch.Tensor, radii: Sequence[float] = (), *, full_radius: bool = True,
+                       seed: int | None = None, indices: Sequence[int] | None = None,
+                       **options: Any) -> Certificates:
+        """CERTIFY (one draw) with its verdict at each of ``radii`` (``radius >= r``: the run-time check).
+        A defense built with ``sequential=True`` answers a single radius without ``full_radius`` with
+        the sequential test (:meth:`certify_at`), as its :meth:`accept` does."""
+        radii = list(radii)
+        if self.sequential and not full_radius and len(radii) == 1:
+            return self.certify_at(x, radii[0], seed=seed, indices=indices, **options)
+        return self.certify(x, seed=seed, indices=indices, **options).with_checks(radii)
+
     def certify_at(self, x: torch.Tensor, eps: float, n0: int | None = None, n: int | None = None,
                    alpha: float | None = None, generator: torch.Generator | None = None, *,
                    seed: int | None = None, indices: Sequence[int] | torch.Tensor | None = None,
@@ -306,7 +318,8 @@ class SmoothedClassifier(Defense):
         least ``1 − alpha`` a returned label is certified at ``eps`` for the smoothed classifier.
 
         Returns :class:`Certificates` with ``label`` (ABSTAIN where not certified at ``eps``),
-        ``radius = eps`` where certified (a lower bound of the certified radius), else 0, and extras
+        ``radius`` NaN (the test decides certification at ``eps``, it measures no radius), the
+        decision in ``checks`` at ``eps`` (so ``.accept(eps)`` works and any other radius is refused), and extras
         ``counts_selection`` (B, K), ``counts`` (B, K) of the estimation samples, ``samples`` (B,)
         base-model evaluations (``n0`` + estimation), ``decision`` (B,) codes of
         :data:`certaudit.defenses.sequential.DECISIONS` and ``log_evidence`` (B,) float64.
@@ -327,13 +340,14 @@ class SmoothedClassifier(Defense):
         counts, result = self._sample_sequential(x, c_hat, test, base, idx, SEQ_BLOCK)
         certified = torch.from_numpy(result.decision == CERTIFIED)
         label = torch.where(certified, c_hat, torch.full_like(c_hat, ABSTAIN))
-        radius = torch.where(certified, torch.full((x.shape[0],), eps_f, dtype=torch.float64),
-                             torch.zeros(x.shape[0], dtype=torch.float64))
+        # the test decides "certified at ε or not", it measures no radius: NaN, and the decision is the check at ε
+        radius = torch.full((x.shape[0],), math.nan, dtype=torch.float64)
         extras = {"counts_selection": counts0, "counts": counts,
                   "samples": torch.from_numpy(result.trials + n0),
                   "decision": torch.from_numpy(result.decision.astype(np.int64)),
                   "log_evidence": torch.from_numpy(test.evidence(result.successes, result.trials))}
-        return Certificates(label=label, radius=radius, norm=Norm.L2, extras=extras)
+        return Certificates(label=label, radius=radius, norm=Norm.L2, extras=extras,
+                            checks={radius_key(eps_f): certified})
 
     def predict(self, x: torch.Tensor, n: int | None = None, alpha: float | None = None,
                 generator: torch.Generator | None = None, *, seed: int | None = None,

@@ -25,7 +25,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels
+from certaudit.defenses.base import (
+    ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels, radius_key,
+)
 from certaudit.defenses.interval.bounds import (
     METHODS, Network, compile_network, down32, margin_bounds, no_tf32, parse_method,
 )
@@ -76,7 +78,8 @@ class IntervalDefense(Defense):
 
     def settings(self) -> dict[str, Any]:
         return {"method": self.method, "tol": self.tol, "max_radius": self.max_radius, "norm": "linf",
-                "domain": "[0,1]", "bounds": "sound-float32"}
+                "domain": "[0,1]", "bounds": "sound-float32",
+                "radius": "bisection; figures at a radius from checks at it"}  # rows before had no radius_tol
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -153,19 +156,39 @@ class IntervalDefense(Defense):
                 out.append(torch.where(ok, label, torch.full_like(label, ABSTAIN)))
         return torch.cat(out)
 
+    @property
+    def monotone(self) -> bool:  # type: ignore[override]
+        """IBP bounds are monotone in the box (Appendix A); CROWN-style ones re-fit their slopes to ε."""
+        return self.method == "ibp"
+
     def certify(self, x: torch.Tensor) -> Certificates:
         """Prediction and largest certified ℓ∞ radius (bisection on ε, all images in parallel).
 
         The radius is certified (the bound was evaluated at exactly that float32 value) and is
         within ``tol`` of the largest radius the bisection can certify: a bisection point above
         it failed. ``max_radius`` (default 1: the whole cube [0,1]^d) caps it. Radius 0 means no
-        certificate at ``tol``; the label is still the prediction. Extras: ``margin`` (the clean
-        top-1 minus top-2 logit gap), ``evaluations`` (bound evaluations per image).
+        certificate at ``tol``; the label is still the prediction. ``radius_tol`` = ``tol``: the
+        radius is a bisection point, so ``radius >= ε`` is *not* the run-time check at ε (use
+        :meth:`accept`, or :meth:`certify_checks` with the radii that matter). Extras: ``margin``
+        (the clean top-1 minus top-2 logit gap), ``evaluations`` (bound evaluations per image).
         """
+        return self.certify_checks(x, (), full_radius=True)
+
+    def certify_checks(self, x: torch.Tensor, radii: Sequence[float] = (), *, full_radius: bool = True,
+                       seed: int | None = None, indices: Sequence[int] | None = None,
+                       **options: Any) -> Certificates:
+        """The prediction, the run-time check (one bound evaluation) at exactly each of ``radii``,
+        and with ``full_radius`` the bisection radius of :meth:`certify`; without it the radius is
+        NaN and the cost is ``len(radii)`` bound evaluations. ``seed``/``indices`` are ignored
+        (nothing is random)."""
         x = self._check(x)
+        radii = [check_eps(r, "radius") for r in radii]
+        keys = list(dict.fromkeys(radius_key(r) for r in radii))
+        values = [float(k) for k in keys]
         net = self._network(x)
-        labels, radii, gaps = [], [], []
-        steps = max(1, math.ceil(math.log2(self.max_radius / self.tol)))
+        labels, radii_out, gaps = [], [], []
+        checks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        steps = max(1, math.ceil(math.log2(self.max_radius / self.tol))) if full_radius else 0
         with torch.no_grad(), no_tf32(x.device):
             for i in range(0, x.shape[0], self.batch_size):
                 xb = x[i:i + self.batch_size]
@@ -173,13 +196,46 @@ class IntervalDefense(Defense):
                 top2 = logits.topk(2, dim=1)
                 label = top2.indices[:, 0]
                 gaps.append((top2.values[:, 0] - top2.values[:, 1]).float())
-                lo, hi = self._bisect(net, xb, label, steps)
+                for key, r in zip(keys, values):
+                    checks[key].append(self._certified(net, xb, r, label).cpu())
+                if full_radius:
+                    lo, _ = self._bisect(net, xb, label, steps)
+                    radii_out.append(lo)
+                else:
+                    radii_out.append(torch.full((xb.shape[0],), math.nan, dtype=torch.float32, device=xb.device))
                 labels.append(label)
-                radii.append(lo)
         label = torch.cat(labels)
-        return Certificates(label=label, radius=torch.cat(radii), norm=Norm.LINF,
-                            extras={"margin": torch.cat(gaps),
-                                    "evaluations": torch.full_like(label, steps + 1)})
+        evals = len(keys) + (steps + 1 if full_radius else 0)
+        return Certificates(label=label, radius=torch.cat(radii_out), norm=Norm.LINF,
+                            extras={"margin": torch.cat(gaps), "evaluations": torch.full_like(label, evals)},
+                            checks={k: torch.cat(v) for k, v in checks.items()},
+                            radius_tol=self.tol if full_radius else 0.0)
+
+    def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: proven that every x' in B∞(x, ε) ∩ [0,1]^d is accepted with ``label`` at ε by
+        this defense's run-time check, whatever its method (docs/degradation.md, "proven upper bound").
+
+        The proof is IBP on the clipped box B∞(x, 2ε) ∩ [0,1]^d: for x' in B∞(x, ε), the box of
+        x' at radius ε lies inside it, IBP is inclusion-monotone, and every run-time bound here
+        (IBP, CROWN-IBP, CROWN) is at least IBP's on the same box; a positive IBP margin of
+        ``label`` over the big box also makes ``label`` the prediction at every x'. Floating point:
+        the IBP lower bound must exceed twice its own rounding slack (the slack-free minus the
+        sound bound), which covers the rounding of the smaller boxes' evaluations.
+        """
+        x = self._check(x)
+        eps2 = 2.0 * check_eps(eps)
+        net = self._network(x)
+        tgt = check_labels(label, x.shape[0], self.num_classes).to(x.device)
+        out = []
+        with torch.no_grad(), no_tf32(x.device):
+            for i in range(0, x.shape[0], self.batch_size):
+                xb, tb = x[i:i + self.batch_size], tgt[i:i + self.batch_size]
+                sound = margin_bounds(net, xb, eps2, tb, "ibp", budget_mb=self.budget_mb)
+                plain = margin_bounds(net, xb, eps2, tb, "ibp", budget_mb=self.budget_mb, sound=False)
+                fin = torch.isfinite(sound)
+                slack = torch.where(fin, (plain.double() - sound.double()).clamp_min(0.0), torch.zeros_like(sound))
+                out.append((torch.where(fin, sound.double() - 2.0 * slack, sound.double()).min(1).values > 0).cpu())
+        return torch.cat(out)
 
     def _bisect(self, net: Network, x: torch.Tensor, label: torch.Tensor, steps: int):
         b = x.shape[0]
