@@ -65,7 +65,7 @@ def certified_mask(rows: Sequence[dict[str, Any]], r: float, *, allow_bisection:
     if key is not None and rows and all(key in (row.get("certified_at") or {}) for row in rows):
         return ok & np.array([bool(row["certified_at"][key]) for row in rows], dtype=bool), "check"
     if r == 0:
-        return ok & ~(rad < 0), "radius"  # certified at 0 = a label (NaN radius too: nothing to compare)
+        return ok, "prediction"  # certified at radius 0 = a label (the clean accuracy of the certified classifier)
     if np.isnan(rad).any():
         return None, "rows without a radius (check-only or sequential rows) and no check at this radius"
     tol = radius_tolerance(rows)
