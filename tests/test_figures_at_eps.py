@@ -242,6 +242,11 @@ def test_crown_degradation_reports_the_proven_bound_and_the_2eps_check(digits_2e
     assert all(r["certified_2eps"] for r in rows if r["proven_nondegradable"])
     assert s["testA_upper"] >= s["testA_2eps_check"] and s["fpr_upper"] >= s["fpr_2eps_check"]
     assert s["invariant"]["lower_subset_upper"] and not s["invariant"]["bug"]
+    # CROWN-IBP has no proof: no proven upper bound, the 2ε check is reported as what it is
+    d = IntervalDefense(net, 10, "crown-ibp", input_shape=meta.input_shape)
+    s = summarize_degradation(degrade_batch(d, x[:16], y[:16], eps, attack="margin", steps=4), eps)
+    assert s["fpr_upper"] is None and s["testA_upper"] is None and s["upper_bound"].startswith("none proven")
+    assert s["fpr_2eps_check"] is not None and s["invariant"]["lower_subset_upper"] is None
 
 
 def test_proof_of_nondegradability_is_sound_under_attack(digits_2eps):
@@ -249,7 +254,9 @@ def test_proof_of_nondegradability_is_sound_under_attack(digits_2eps):
     ε-ball: random points, corners and the certificate-aware attack (CROWN run-time check)."""
     _, net, meta, x, y = digits_2eps
     eps = 0.5 / 255
-    for method in ("crown", "crown-ibp", "ibp"):
+    crown_ibp = IntervalDefense(net, 10, "crown-ibp", input_shape=meta.input_shape)
+    assert crown_ibp.prove_nondegradable(x[:4], eps, crown_ibp.accept(x[:4], eps)) is None  # no proof: not ≥ IBP
+    for method in ("crown", "ibp"):
         d = IntervalDefense(net, 10, method, input_shape=meta.input_shape)
         xs = x[:60]
         label = d.accept(xs, eps)

@@ -951,8 +951,9 @@ def check_classifier_to_detector(defense: Defense, x: torch.Tensor, y: torch.Ten
     certified, clean_ok, wrong, evals = [], [], [], []
     for lo in range(0, x.shape[0], batch_size):  # a loop over batches, not images
         xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]
-        cert = defense.certify(xb)
-        certified.append(cert.certified_at(detector.radius) & (cert.label == yb))
+        # the defense's own check at exactly ε/2 (no bisection radius compared with it)
+        cert = defense.certify_checks(xb, [detector.radius], full_radius=False)
+        certified.append(cert.certified_at(detector.radius).to(yb.device) & (cert.label.to(yb.device) == yb))
         clean_ok.append(detector.predict(xb) == yb)
 
         def wrong_label_margin(xs: torch.Tensor, index: torch.Tensor, yb: torch.Tensor = yb) -> torch.Tensor:

@@ -47,9 +47,10 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("vra_2eps", "VRA@2ε", "pct"),
     ("rejection_rate_eps", "rejected@ε", "pct"),
     ("fpr_lower", "FPR lower", "pct"),
-    ("fpr_upper", "FPR upper", "pct"),
+    ("fpr_upper", "FPR upper (proven)", "pct"),
+    ("fpr_2eps_check", "FPR 2ε check", "pct"),
     ("utility_reduction_lower", "utility red. lower", "pct"),
-    ("utility_reduction_upper", "utility red. upper", "pct"),
+    ("utility_reduction_upper", "utility red. upper (proven)", "pct"),
     ("spoof_success_rate", "spoof success", "pct"),
     ("natural_radius_mean", "r̄ natural", "num"),
     ("shadow_radius_mean", "r̄ spoofed", "num"),
@@ -154,8 +155,10 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
             pts.append(p)
             if p["radius"] > 0 and not p["accuracy"]:
                 break
-        out.append(("Certified accuracy (VRA) at radius r", ["r", "certified accuracy"],
-                    [[f"{p['radius']:.4g}", fmt(p["accuracy"], "pct")] for p in pts]))
+        out.append(("Certified accuracy (VRA) at radius r; 'from' says whether the figure is the defense's own check at "
+                    "exactly r or read off certified radii (bisection radii with their tolerance)",
+                    ["r", "certified accuracy", "from"],
+                    [[f"{p['radius']:.4g}", fmt(p["accuracy"], "pct"), str(p.get("source", "radius"))] for p in pts]))
     d = s.get("degradation")
     if d and d.get("test"):
         rows = [["lower bound (attacks)", fmt(d.get("vra_eps"), "pct"), str(d.get("testA_lower")),
@@ -164,10 +167,16 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
             if p.get("tried"):
                 rows.append([f"  first found by {name}", "", str(p.get("first")), fmt(p.get("fpr_lower"), "pct"),
                              fmt(p.get("utility_reduction_lower"), "pct")])
-        rows.append(["upper bound (not certified at 2ε)", fmt(d.get("vra_eps"), "pct"), str(d.get("testA_upper")),
-                     fmt(d.get("fpr_upper"), "pct"), fmt(d.get("utility_reduction_upper"), "pct")])
+        rows.append(["upper bound (proven: not proven non-degradable)", fmt(d.get("vra_eps"), "pct"),
+                     fmt(d.get("testA_upper")), fmt(d.get("fpr_upper"), "pct"),
+                     fmt(d.get("utility_reduction_upper"), "pct")])
+        if d.get("testA_2eps_check") is not None:
+            rows.append(["2ε check of the run-time method (not certified at 2ε)", fmt(d.get("vra_eps"), "pct"),
+                         str(d.get("testA_2eps_check")), fmt(d.get("fpr_2eps_check"), "pct"),
+                         fmt(d.get("utility_reduction_2eps_check"), "pct")])
         out.append((f"Degradation at ε = {eps_text(a)}: |testR| = {d.get('testR')} of {d.get('test')} "
-                    f"(lower ⊆ upper: {fmt((d.get('invariant') or {}).get('lower_subset_upper'))})",
+                    f"(lower ⊆ proven upper: {fmt((d.get('invariant') or {}).get('lower_subset_upper'))}). "
+                    f"Upper bound: {d.get('upper_bound', '2ε check')}",
                     ["bound", "VRA@ε", "|testA|", "false-positive rate", "utility reduction"], rows))
     sp = s.get("spoofing")
     if sp and sp.get("images"):
@@ -233,7 +242,8 @@ def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
 
 
 def figure_fpr(audits: Sequence[AuditData]) -> str | None:
-    """FPR upper bound against radius (line) and, at ε, the lower bound by attack (marker)."""
+    """The FPR's 2r check against radius (solid where it is a proven upper bound, dashed where not)
+    and, at ε, the lower bound by attack and the proven upper bound (markers)."""
     have = [a for a in audits if a.summary.get("fpr_curve")]
     if not have:
         return None
@@ -242,8 +252,11 @@ def figure_fpr(audits: Sequence[AuditData]) -> str | None:
     for k, a in enumerate(have):
         color = f"C{k}"
         pts = a.summary["fpr_curve"]
-        ax.plot([p["radius"] for p in pts], [np.nan if p["fpr_upper"] is None else p["fpr_upper"] for p in pts],
-                color=color, label=f"{a.name}: upper bound")
+        proven = bool(pts) and all(p.get("fpr_upper") is not None for p in pts if p.get("fpr_2r_check") is not None)
+        ax.plot([p["radius"] for p in pts],
+                [np.nan if p.get("fpr_2r_check") is None else p["fpr_2r_check"] for p in pts],
+                color=color, linestyle="-" if proven else "--",
+                label=f"{a.name}: 2r check" + (" (proven upper bound)" if proven else " (not a proven bound)"))
         d = a.summary.get("degradation") or {}
         if d.get("fpr_lower") is not None:
             ax.plot([a.eps], [d["fpr_lower"]], marker="v", color=color, linestyle="none", markersize=8,
@@ -385,13 +398,18 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
     ("FPR lower", "|testA_lower| / |testR|: fraction of correctly certified images for which an ε-bounded attack found "
                   "x' that the defense rejects (a false positive: nothing was wrong with x). A lower bound: attacks are "
                   "incomplete."),
-    ("FPR upper", "|testA_upper| / |testR|: fraction of correctly certified images not certified at 2ε. Only these "
-                  "can be degraded (x' within ε of x is certified at ε when x is certified at 2ε), so this bounds the "
-                  "FPR from above (exactly for monotone certifiers, with high probability for smoothing)."),
+    ("FPR upper (proven)", "|testA_upper| / |testR|: fraction of correctly certified images the defense did not "
+                           "prove non-degradable. For a monotone certifier (GloRo, IBP) the proof is the 2ε check "
+                           "(x' within ε of x is certified at ε when x is certified at 2ε, Appendix A); for CROWN and "
+                           "CROWN-IBP it is IBP on the 2ε box (every run-time bound is at least IBP's). Randomized "
+                           "smoothing has no proof: n/a."),
+    ("FPR 2ε check", "fraction of correctly certified images that the run-time method itself does not certify at 2ε "
+                     "(§3.3.2). Equal to the proven bound for monotone certifiers; for CROWN-style bounds and smoothing "
+                     "it is a heuristic, not a bound (an attack may degrade an image that passes it)."),
     ("utility red.", "|testA| / |test| = VRA@ε × FPR: the accuracy an adversary can take away from the defended "
                      "model by forcing rejections, lower and upper bound."),
-    ("lower ⊆ upper", "Appendix A of the degradation paper: every degraded image must lie in testA_upper; a violation on "
-                      "a monotone certifier is a bug (reported as such in summary.json)."),
+    ("lower ⊆ upper", "every degraded image must lie in the proven testA_upper; a violation is a bug of the defense, "
+                      "its proof or the attack (reported as such in summary.json)."),
     ("spoof success", "Shadow Attack: fraction of attacked images (not abstained) whose perturbed image x+δ gets a "
                       "fresh certificate for a wrong label (the surrogate loss never decides success)."),
     ("r̄ natural, r̄ spoofed", "mean certified radius of the natural images (not abstained) and of the successful "
@@ -399,8 +417,10 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
     ("robust error / attack error", "Table 2 of the Shadow Attack paper at ε: fraction of images not certified correct "
                                     "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
                                     "label at ε (lower = stronger attack)."),
-    ("FPR curve", "the upper bound recomputed for every radius r from the certification rows: correct images with "
-                  "radius in [r, 2r) over correct images with radius ≥ r (Figs. 2–3 of the degradation paper)."),
+    ("FPR curve", "the 2r check recomputed for every radius r from the certification rows: correct images certified "
+                  "at r but not at 2r over correct images certified at r (Figs. 2–3 of the degradation paper). A proven "
+                  "upper bound only for monotone certifiers with closed-form radii (solid line); for interval bounds "
+                  "the radii are bisection points and the check is not monotone (dashed)."),
 )
 
 
@@ -433,9 +453,10 @@ def render_html(audits: Sequence[AuditData], title: str = "certaudit report") ->
 
     parts.append(f'<section id="fpr"><h2>{sec["fpr"]}</h2>')
     parts.append(_img(figure_fpr(audits), "false-positive rate against radius",
-                      "Line: upper bound of the false-positive rate if the defense were run at radius r (correctly "
-                      "certified images not certified at 2r). Filled ▼: lower bound at ε, found by the degradation "
-                      "attacks; open ▲: upper bound at ε from the defense's own 2ε check."))
+                      "Line: the 2r check of the false-positive rate if the defense were run at radius r (correctly "
+                      "certified images not certified at 2r); solid where it is a proven upper bound (monotone "
+                      "certifier), dashed where it is not. Filled ▼: lower bound at ε, found by the degradation "
+                      "attacks; open ▲: proven upper bound at ε."))
     parts.append("</section>")
 
     parts.append(f'<section id="spoofed-radii"><h2>{sec["spoofed-radii"]}</h2>')

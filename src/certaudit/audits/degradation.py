@@ -116,8 +116,8 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
             for j, i in enumerate(sure.tolist()):
                 proven[i] = bool(proof[j])
     if prune and any(p is None for i, p in enumerate(proven) if bool(cert1[i])):
-        raise InputError("prune needs a defense that proves non-degradability (Lipschitz or interval bounds): "
-                         "randomized smoothing has no such proof")
+        raise InputError("prune needs a defense that proves non-degradability (Lipschitz, interval IBP or CROWN): "
+                         "randomized smoothing and CROWN-IBP have no such proof")
     degraded_by: list[str | None] = [None] * b
     distance: list[float | None] = [None] * b
     verdicts: list[dict[str, bool]] = [{} for _ in range(b)]
@@ -314,7 +314,7 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
         "bug": bool(violations),
         "note": ("degraded inputs the defense had proven non-degradable: a bug of the defense, its proof or the attack"
                  if violations else
-                 "no proof for randomized smoothing: nothing to check the attacks against" if not has_proof else
+                 "no proof for this defense: nothing to check the attacks against" if not has_proof else
                  "degraded inputs accepted by the run-time check at 2ε: possible for a non-monotone check"
                  if outside else ""),
     }
@@ -327,8 +327,9 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
 
 def _upper_kind(rows: Sequence[dict[str, Any]], has_proof: bool, monotone: bool | None) -> str:
     if not has_proof:
-        return ("none proven (randomized smoothing: a fresh CERTIFY at x' can abstain whatever the 2ε check says); "
-                "fpr_2eps_check is the §3.3.2 heuristic")
+        return ("none proven: this defense has no proof of non-degradability (randomized smoothing: a fresh CERTIFY "
+                "at x' can abstain whatever the 2ε check says; CROWN-IBP: neither monotone in ε nor bounded below by "
+                "IBP); fpr_2eps_check is the §3.3.2 heuristic, not a bound")
     if monotone:
         return "proven: the 2ε check of a monotone certifier (Appendix A)"
     return ("proven: IBP on B(x, 2ε) (every run-time bound is at least IBP's; docs/degradation.md); "

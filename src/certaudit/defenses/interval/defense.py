@@ -211,17 +211,21 @@ class IntervalDefense(Defense):
                             checks={k: torch.cat(v) for k, v in checks.items()},
                             radius_tol=self.tol if full_radius else 0.0)
 
-    def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor:
+    def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor | None:
         """(B,) bool: proven that every x' in B∞(x, ε) ∩ [0,1]^d is accepted with ``label`` at ε by
-        this defense's run-time check, whatever its method (docs/degradation.md, "proven upper bound").
+        this defense's run-time check (docs/degradation.md, "The proven upper bound"); None for
+        CROWN-IBP, which has no such proof (its bound can be looser than IBP's on the same box).
 
         The proof is IBP on the clipped box B∞(x, 2ε) ∩ [0,1]^d: for x' in B∞(x, ε), the box of
-        x' at radius ε lies inside it, IBP is inclusion-monotone, and every run-time bound here
-        (IBP, CROWN-IBP, CROWN) is at least IBP's on the same box; a positive IBP margin of
-        ``label`` over the big box also makes ``label`` the prediction at every x'. Floating point:
-        the IBP lower bound must exceed twice its own rounding slack (the slack-free minus the
+        x' at radius ε lies inside it, IBP is inclusion-monotone, and the run-time bound is at
+        least IBP's on the same box (IBP itself; CROWN keeps the better of its backward bound and
+        IBP on its tightened intervals, which lie inside IBP's). A positive IBP margin of ``label``
+        over the big box also makes ``label`` the prediction at every x'. Floating point: the IBP
+        lower bound must exceed twice its own accumulated rounding slack (the slack-free minus the
         sound bound), which covers the rounding of the smaller boxes' evaluations.
         """
+        if self.method == "crown-ibp":
+            return None
         x = self._check(x)
         eps2 = 2.0 * check_eps(eps)
         net = self._network(x)
@@ -230,11 +234,11 @@ class IntervalDefense(Defense):
         with torch.no_grad(), no_tf32(x.device):
             for i in range(0, x.shape[0], self.batch_size):
                 xb, tb = x[i:i + self.batch_size], tgt[i:i + self.batch_size]
-                sound = margin_bounds(net, xb, eps2, tb, "ibp", budget_mb=self.budget_mb)
-                plain = margin_bounds(net, xb, eps2, tb, "ibp", budget_mb=self.budget_mb, sound=False)
-                fin = torch.isfinite(sound)
-                slack = torch.where(fin, (plain.double() - sound.double()).clamp_min(0.0), torch.zeros_like(sound))
-                out.append((torch.where(fin, sound.double() - 2.0 * slack, sound.double()).min(1).values > 0).cpu())
+                sound = margin_bounds(net, xb, eps2, tb, "ibp", budget_mb=self.budget_mb).double()
+                plain = margin_bounds(net, xb, eps2, tb, "ibp", budget_mb=self.budget_mb, sound=False).double()
+                fin = torch.isfinite(sound)  # +inf in the label's own column
+                slack = torch.where(fin, (plain - sound).clamp_min(0.0), torch.zeros_like(sound))
+                out.append((torch.where(fin, sound - 2.0 * slack, sound).min(1).values > 0).cpu())
         return torch.cat(out)
 
     def _bisect(self, net: Network, x: torch.Tensor, label: torch.Tensor, steps: int):
