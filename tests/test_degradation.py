@@ -209,12 +209,10 @@ def test_fpr_curve_matches_definition():
     curve = fpr_curve(rows, [0.25, 0.5, 1.0])
     # r = 0.25: testR = {0.3, 0.5, 0.9, 1.2}; upper = radius < 0.5 → {0.3}
     assert curve[0]["testR"] == 4 and curve[0]["testA_2r_check"] == 1 and curve[0]["fpr_2r_check"] == 0.25
-    assert curve[0]["fpr_upper"] is None  # not known to be monotone: the 2r check is not called a bound
+    assert "fpr_upper" not in curve[0]  # the 2r check is the paper's curve, never called a bound
     # r = 0.5: testR = {0.5, 0.9, 1.2}; all < 1.0 except 1.2
     assert curve[1]["fpr_2r_check"] == pytest.approx(2 / 3)
     assert curve[2]["testR"] == 1 and curve[2]["fpr_2r_check"] == 1.0
-    proven = fpr_curve(rows, [0.25, 0.5, 1.0], proven=True)  # monotone, closed-form radii: a proven bound
-    assert [p["fpr_upper"] for p in proven] == [p["fpr_2r_check"] for p in curve]
     assert curve[0]["vra"] == pytest.approx(4 / 7) and curve[0]["vra_2r"] == pytest.approx(3 / 7)
     with pytest.raises(InputError):
         fpr_curve(rows, [0.0])

@@ -94,7 +94,6 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     cohen = json.loads(capsys.readouterr().out)
     assert cohen["format"] == "cohen" and (cohen["testR"], cohen["testA_2eps_check"]) == (2, 1)
     assert [p["fpr_2r_check"] for p in cohen["fpr_curve"]] == [0.0, 0.5, 1.0]
-    assert all(p["fpr_upper"] is None for p in cohen["fpr_curve"])  # a log proves nothing about monotonicity
     assert png.exists()
     # several logs: one summary each, one plot with a curve per log (Fig. 2 style)
     assert main(["degrade", "--from-log", str(log), "--from-log", str(rows_file), "--eps", "0.1", "--plot", str(png),

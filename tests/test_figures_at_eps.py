@@ -233,9 +233,10 @@ def test_crown_degradation_reports_the_proven_bound_and_the_2eps_check(digits_2e
     eps = 0.5 / 255
     d = IntervalDefense(net, 10, "crown", input_shape=meta.input_shape)
     rows = degrade_batch(d, x[:40], y[:40], eps, attack="margin", steps=8)
-    s = summarize_degradation(rows, eps)
+    s = summarize_degradation(rows, eps, proof=d.proof_name)
     assert s["invariant"]["monotone_certifier"] is False
-    assert s["upper_bound"].startswith("proven: IBP")
+    assert s["upper_bound"].startswith("proven: IBP on the clipped box")
+    assert all(r["radius"] is not None and r["radius_tol"] > 0 for r in rows)
     proven = [r["proven_nondegradable"] for r in rows if r["certified"]]
     assert any(proven) and not all(proven)
     # IBP ≤ CROWN: whatever IBP proves at 2ε, CROWN accepts at 2ε; the proven set is the smaller one
@@ -244,7 +245,9 @@ def test_crown_degradation_reports_the_proven_bound_and_the_2eps_check(digits_2e
     assert s["invariant"]["lower_subset_upper"] and not s["invariant"]["bug"]
     # CROWN-IBP has no proof: no proven upper bound, the 2ε check is reported as what it is
     d = IntervalDefense(net, 10, "crown-ibp", input_shape=meta.input_shape)
-    s = summarize_degradation(degrade_batch(d, x[:16], y[:16], eps, attack="margin", steps=4), eps)
+    no_radius = degrade_batch(d, x[:16], y[:16], eps, attack="margin", steps=4, full_radius=False)
+    assert all(r["radius"] is None for r in no_radius)  # the checks at ε and 2ε need no bisection
+    s = summarize_degradation(no_radius, eps, proof=d.proof_name)
     assert s["fpr_upper"] is None and s["testA_upper"] is None and s["upper_bound"].startswith("none proven")
     assert s["fpr_2eps_check"] is not None and s["invariant"]["lower_subset_upper"] is None
 
@@ -279,7 +282,8 @@ def test_proof_is_none_for_smoothing_and_the_2eps_check_for_lipschitz(digits_2ep
     _, net, meta, x, _ = digits_2eps
     lip = LipschitzDefense(net, 10, input_shape=meta.input_shape)
     lab = lip.accept(x[:16], 0.1)
-    assert torch.equal(lip.prove_nondegradable(x[:16], 0.1, lab), lip.accept(x[:16], 0.2) == lab)
+    # the 2ε check up to float64 rounding margins (~1e-9 of the logits): the same set on this model
+    assert torch.equal(lip.prove_nondegradable(x[:16], 0.1, lab), (lip.accept(x[:16], 0.2) == lab) & (lab != ABSTAIN))
     rs = SmoothedClassifier(net, 10, 0.25, n=100)
     assert rs.prove_nondegradable(x[:4], 0.1, torch.zeros(4, dtype=torch.long)) is None
 
@@ -294,3 +298,66 @@ def test_certificates_with_checks_are_exact_for_closed_form_radii():
     empty = Certificates(label=torch.tensor([0]), radius=torch.tensor([math.nan]), norm=Norm.LINF)
     with pytest.raises(InputError, match="not computed"):
         empty.accept(0.1)
+
+
+# ------------------------------------------------------------------ logs: what they can and cannot say
+
+def test_from_log_reads_check_only_interval_rows_at_their_eps(digits_2eps, tmp_path, capsys):
+    path, net, meta, x, y = digits_2eps
+    out = tmp_path / "iv.jsonl"
+    assert main(["certify", "--model", str(path), "--defense", "interval", "--method", "ibp", "--eps", "2/255",
+                 "--limit", "30", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["degrade", "--from-log", str(out), "--eps", "2/255", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    d = IntervalDefense(net, 10, "ibp", input_shape=meta.input_shape)
+    a1, a2 = d.accept(x[:30], 2 / 255), d.accept(x[:30], 4 / 255)
+    test_r = (a1 == y[:30])
+    assert s["testR"] == int(test_r.sum()) and s["testA_2eps_check"] == int((test_r & (a2 == ABSTAIN)).sum())
+    assert s["source"] == "check" and s["fpr_curve"] == [] and "curve_note" in s
+    # at another ε the rows hold no check and no radius: refused with one line
+    assert main(["degrade", "--from-log", str(out), "--eps", "0.01"]) == 2
+    assert "no 2ε check" in capsys.readouterr().err
+
+
+def test_old_interval_rows_are_read_as_bisection_radii(digits_2eps, tmp_path, capsys):
+    """Rows written before radius_tol existed: their radii are bisection points, never read at ε."""
+    path, *_ = digits_2eps
+    out = tmp_path / "full.jsonl"
+    assert main(["certify", "--model", str(path), "--defense", "interval", "--method", "ibp", "--limit", "10",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    old = [json.loads(line) for line in lines]
+    for r in old[1:]:
+        r.pop("radius_tol", None)
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("\n".join(json.dumps(r) for r in old) + "\n")
+    capsys.readouterr()
+    assert main(["degrade", "--from-log", str(legacy), "--eps", "2/255"]) == 2
+    assert "bisection" in capsys.readouterr().err
+
+
+def test_hostile_rows_and_radii_are_refused_with_one_line(tmp_path, capsys):
+    log = tmp_path / "bad.jsonl"
+    good = {"index": 0, "label": 1, "prediction": 1, "radius": 0.5}
+    for bad in ({"radius_tol": "x"}, {"certified_at": {"0.1": "yes"}}, {"radius": 1e400}):
+        log.write_text(json.dumps({"kind": "header", "config": {}, "config_sha256": "0"}) + "\n"
+                       + json.dumps({**good, **bad}) + "\n")
+        assert main(["degrade", "--from-log", str(log), "--eps", "0.1"]) == 2, bad
+        err = capsys.readouterr().err
+        assert "row 0" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    model = zoo.model_path("digits_gloro_eps")
+    for radii in ("0.01,,0.02", "0.1,0.1", ","):
+        assert main(["certify", "--model", str(model), "--defense", "lipschitz", "--radii", radii,
+                     "--limit", "2", "--device", "cpu"]) == 2, radii
+        assert "--radii" in capsys.readouterr().err
+
+
+def test_sequential_rows_report_no_clean_accuracy(capsys):
+    path = zoo.model_path("digits_gaussian")
+    assert main(["certify", "--model", str(path), "--defense", "smoothing", "--sequential", "--eps", "0.25",
+                 "--n", "2000", "--limit", "8", "--device", "cpu", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["clean_accuracy"] is None and s["abstain_rate"] is None and "clean_note" in s
+    zero = [p for p in s["certified_accuracy"] if p["radius"] == 0.0][0]
+    assert zero["accuracy"] is None and "sequential" in zero["source"]

@@ -242,8 +242,8 @@ def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
 
 
 def figure_fpr(audits: Sequence[AuditData]) -> str | None:
-    """The FPR's 2r check against radius (solid where it is a proven upper bound, dashed where not)
-    and, at ε, the lower bound by attack and the proven upper bound (markers)."""
+    """The FPR's 2r check against radius (line) and, at ε, the lower bound by attack and the proven
+    upper bound (markers)."""
     have = [a for a in audits if a.summary.get("fpr_curve")]
     if not have:
         return None
@@ -252,11 +252,9 @@ def figure_fpr(audits: Sequence[AuditData]) -> str | None:
     for k, a in enumerate(have):
         color = f"C{k}"
         pts = a.summary["fpr_curve"]
-        proven = bool(pts) and all(p.get("fpr_upper") is not None for p in pts if p.get("fpr_2r_check") is not None)
         ax.plot([p["radius"] for p in pts],
                 [np.nan if p.get("fpr_2r_check") is None else p["fpr_2r_check"] for p in pts],
-                color=color, linestyle="-" if proven else "--",
-                label=f"{a.name}: 2r check" + (" (proven upper bound)" if proven else " (not a proven bound)"))
+                color=color, label=f"{a.name}: 2r check")
         d = a.summary.get("degradation") or {}
         if d.get("fpr_lower") is not None:
             ax.plot([a.eps], [d["fpr_lower"]], marker="v", color=color, linestyle="none", markersize=8,
@@ -399,10 +397,9 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
                   "x' that the defense rejects (a false positive: nothing was wrong with x). A lower bound: attacks are "
                   "incomplete."),
     ("FPR upper (proven)", "|testA_upper| / |testR|: fraction of correctly certified images the defense did not "
-                           "prove non-degradable. For a monotone certifier (GloRo, IBP) the proof is the 2ε check "
-                           "(x' within ε of x is certified at ε when x is certified at 2ε, Appendix A); for CROWN and "
-                           "CROWN-IBP it is IBP on the 2ε box (every run-time bound is at least IBP's). Randomized "
-                           "smoothing has no proof: n/a."),
+                           "prove non-degradable. GloRo: the 2ε check with a margin for float64 rounding (Appendix A); "
+                           "IBP and CROWN: IBP on the 2ε box with a margin for rounding (IBP is inclusion-monotone and "
+                           "CROWN's bound is never below IBP's). Randomized smoothing and CROWN-IBP have no proof: –."),
     ("FPR 2ε check", "fraction of correctly certified images that the run-time method itself does not certify at 2ε "
                      "(§3.3.2). Equal to the proven bound for monotone certifiers; for CROWN-style bounds and smoothing "
                      "it is a heuristic, not a bound (an attack may degrade an image that passes it)."),
@@ -418,9 +415,9 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
                                     "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
                                     "label at ε (lower = stronger attack)."),
     ("FPR curve", "the 2r check recomputed for every radius r from the certification rows: correct images certified "
-                  "at r but not at 2r over correct images certified at r (Figs. 2–3 of the degradation paper). A proven "
-                  "upper bound only for monotone certifiers with closed-form radii (solid line); for interval bounds "
-                  "the radii are bisection points and the check is not monotone (dashed)."),
+                  "at r but not at 2r over correct images certified at r (Figs. 2–3 of the degradation paper). Not "
+                  "called a bound: the proven upper bound is given at ε only; for interval bounds the radii off ε "
+                  "and 2ε are bisection points."),
 )
 
 
@@ -454,9 +451,9 @@ def render_html(audits: Sequence[AuditData], title: str = "certaudit report") ->
     parts.append(f'<section id="fpr"><h2>{sec["fpr"]}</h2>')
     parts.append(_img(figure_fpr(audits), "false-positive rate against radius",
                       "Line: the 2r check of the false-positive rate if the defense were run at radius r (correctly "
-                      "certified images not certified at 2r); solid where it is a proven upper bound (monotone "
-                      "certifier), dashed where it is not. Filled ▼: lower bound at ε, found by the degradation "
-                      "attacks; open ▲: proven upper bound at ε."))
+                      "certified images not certified at 2r; the paper's Figs. 2–3, a heuristic for non-monotone "
+                      "checks). Filled ▼: lower bound at ε, found by the degradation attacks; open ▲: proven upper "
+                      "bound at ε (the defense's proof of non-degradability; absent where it has none)."))
     parts.append("</section>")
 
     parts.append(f'<section id="spoofed-radii"><h2>{sec["spoofed-radii"]}</h2>')

@@ -30,7 +30,8 @@ def default_radii(norm: str) -> tuple[float, ...]:
 
 
 def _arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """label, prediction and radius (NaN where the row carries none: check-only rows)."""
+    """label, prediction and radius (NaN where the row carries none: check-only rows); the optional
+    ``radius_tol`` and ``certified_at`` fields are validated too (a bad log is refused, not misread)."""
     try:
         label = np.array([int(r["label"]) for r in rows], dtype=np.int64)
         pred = np.array([int(r["prediction"]) for r in rows], dtype=np.int64)
@@ -40,7 +41,25 @@ def _arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.
             raise KeyError("radius")
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"certification rows need label, prediction and radius ({exc})") from None
+    for i, r in enumerate(rows):
+        where = f"row {r.get('index', i)}"
+        rad = radius[i]
+        if np.isinf(rad) or rad < 0:
+            raise InputError(f"{where}: radius {r['radius']!r} is not a finite number >= 0")
+        tol = r.get("radius_tol")
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                                or not math.isfinite(tol) or tol < 0):
+            raise InputError(f"{where}: radius_tol {tol!r} is not a finite number >= 0")
+        at = r.get("certified_at")
+        if at is not None and (not isinstance(at, dict) or not all(isinstance(v, bool) for v in at.values())):
+            raise InputError(f"{where}: certified_at must map radii to true/false, got {at!r}"[:200])
     return label, pred, radius
+
+
+def _sequential(rows: Sequence[dict[str, Any]]) -> bool:
+    """Rows of a sequential accept-at-ε test (a ``decision``, no radius): ⊥ there means "not
+    certified at ε", so they say nothing about clean accuracy or abstention at radius 0."""
+    return any("decision" in r and r.get("radius") is None for r in rows)
 
 
 def radius_tolerance(rows: Sequence[dict[str, Any]]) -> float:
@@ -62,6 +81,8 @@ def certified_mask(rows: Sequence[dict[str, Any]], r: float, *, allow_bisection:
     key = radius_key(r) if r > 0 else None
     _, pred, rad = _arrays(rows)
     ok = pred != ABSTAIN
+    if r == 0 and _sequential(rows):
+        return None, "sequential rows decide certification at ε only (⊥ = not certified at ε, not an abstention)"
     if key is not None and rows and all(key in (row.get("certified_at") or {}) for row in rows):
         return ok & np.array([bool(row["certified_at"][key]) for row in rows], dtype=bool), "check"
     if r == 0:
@@ -117,8 +138,13 @@ def summarize(rows: Sequence[dict[str, Any]], radii: Iterable[float], eps: float
         out.update({"clean_accuracy": None, "abstain_rate": None, "certified_accuracy": []})
         return out
     correct = (pred == label) & (pred != ABSTAIN)
-    out["clean_accuracy"] = float(correct.mean())
-    out["abstain_rate"] = float(np.mean(pred == ABSTAIN))
+    if _sequential(rows):  # ⊥ means "not certified at ε" here: no clean accuracy, no abstention rate
+        out["clean_accuracy"] = out["abstain_rate"] = None
+        out["clean_note"] = ("sequential accept-at-ε rows: a ⊥ means not certified at ε, so clean accuracy and "
+                             "abstention are not measured (certify without --sequential)")
+    else:
+        out["clean_accuracy"] = float(correct.mean())
+        out["abstain_rate"] = float(np.mean(pred == ABSTAIN))
     out["radius_tolerance"] = radius_tolerance(rows)
     table = []
     for r in radii:

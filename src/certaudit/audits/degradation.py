@@ -50,11 +50,12 @@ def monotone_certifier(defense: Any) -> bool:
     return bool(getattr(defense, "monotone", False)) and not is_randomized(defense)
 
 
-def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indices: Sequence[int]):
+def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indices: Sequence[int],
+                  full_radius: bool = True):
     """Label, radius and the ε / 2ε verdicts of Algorithm 2.1 on the clean batch: the defense's own
     checks at exactly ε and 2ε (one CERTIFY draw for smoothing), never a radius compared with ε."""
     with torch.no_grad():
-        cert = defense.certify_checks(x, [eps, 2 * eps], full_radius=True, seed=seed, indices=list(indices))
+        cert = defense.certify_checks(x, [eps, 2 * eps], full_radius=full_radius, seed=seed, indices=list(indices))
     label = cert.label.cpu()
     return (label, cert.radius.detach().double().cpu(), cert.certified_at(eps).cpu(),
             cert.certified_at(2 * eps).cpu(), cert.radius_tol)
@@ -62,7 +63,7 @@ def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indi
 
 def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str = "all",
                   seed: int = 0, indices: Sequence[int] | None = None, exhaustive: bool = False,
-                  prune: bool = False, **attack_options: Any) -> list[dict[str, Any]]:
+                  prune: bool = False, full_radius: bool = True, **attack_options: Any) -> list[dict[str, Any]]:
     """Audit one batch: certify, attack the inputs certified at ε, re-check every candidate.
 
     ``attack`` is one of ``pgd``, ``pgd-2eps``, ``spgd`` (smoothing), ``margin`` or ``all`` (each in
@@ -72,7 +73,9 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     *proves* non-degradable (:meth:`Defense.prove_nondegradable`; faster; the lower ⊆ upper check
     then has nothing to check on them). ``attack_options``: see
     :class:`~certaudit.attacks.degradation.AttackConfig` (steps, restarts, step_size, schedule,
-    samples, check_every, targeted, tol).
+    samples, check_every, targeted, tol). ``full_radius=False`` lets a defense whose radius is a
+    search (interval bisection) skip it: rows then carry ``radius`` null (the figures at ε and 2ε
+    come from the checks either way).
 
     Randomized smoothing: each attack's candidate is first re-checked with its own *selection*
     CERTIFY (stream ``seed + RECHECK_SEED_OFFSET + k``; the verdicts in ``attacks``); per input the
@@ -103,21 +106,21 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
         raise InputError(f"indices must have one entry per image ({x.shape[0]}), got {len(idx)}")
     names = attacks_for(defense, attack)
     cfg = AttackConfig.from_options(attack_options)
+    if prune and defense.proof_name is None:
+        raise InputError("prune needs a defense that proves non-degradability (Lipschitz, interval IBP or CROWN): "
+                         "randomized smoothing and CROWN-IBP have no such proof")
     t0 = time.perf_counter()
     x = x.to(defense.device)
-    label, radius, cert1, cert2, radius_tol = _clean_checks(defense, x, eps, seed, idx)
+    label, radius, cert1, cert2, radius_tol = _clean_checks(defense, x, eps, seed, idx, full_radius)
     b = x.shape[0]
     proven: list[bool | None] = [None] * b
     sure = cert1.nonzero().flatten()
-    if sure.numel():
-        with torch.no_grad():
-            proof = defense.prove_nondegradable(x[sure.to(x.device)], eps, label[sure])
+    if sure.numel() and defense.proof_name is not None:
+        with torch.no_grad():  # over the ball the success check admits: ‖x' − x‖ ≤ ε·(1 + tol)
+            proof = defense.prove_nondegradable(x[sure.to(x.device)], eps * (1.0 + float(cfg.tol)), label[sure])
         if proof is not None:
             for j, i in enumerate(sure.tolist()):
                 proven[i] = bool(proof[j])
-    if prune and any(p is None for i, p in enumerate(proven) if bool(cert1[i])):
-        raise InputError("prune needs a defense that proves non-degradability (Lipschitz, interval IBP or CROWN): "
-                         "randomized smoothing and CROWN-IBP have no such proof")
     degraded_by: list[str | None] = [None] * b
     distance: list[float | None] = [None] * b
     verdicts: list[dict[str, bool]] = [{} for _ in range(b)]
@@ -227,7 +230,8 @@ def _proof(row: dict[str, Any], monotone: bool | None) -> bool | None:
     return bool(row.get("certified_2eps")) if mono else None
 
 
-def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monotone: bool | None = None) -> dict[str, Any]:
+def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monotone: bool | None = None,
+                          proof: str | None = None) -> dict[str, Any]:
     """§3.3 quantities from degrade rows: testR, testA lower/upper, FPR and utility-reduction bounds.
 
     Two figures from above, each named for what it is (docs/degradation.md):
@@ -243,7 +247,8 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     ``invariant``: the attacks' set must lie inside the proven upper set (a degraded input that was
     proven non-degradable is a bug of the defense, the proof or the attack). A degraded input
     accepted at 2ε by a *non-monotone* check is counted (``outside_2eps_check``), not called a bug.
-    ``monotone`` (default: the rows' ``monotone`` field) is reported.
+    ``monotone`` (default: the rows' ``monotone`` field) is reported; ``proof`` is the defense's
+    :attr:`~certaudit.defenses.base.Defense.proof_name` (what ``upper_bound`` says proves it).
     """
     eps = check_eps(eps)
     n = len(rows)
@@ -255,7 +260,9 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     lower = np.array([r.get("degraded_by") is not None for r in rows], dtype=bool)
     proofs = [_proof(r, monotone) for r in rows]
     test_r = c1 & correct
-    has_proof = all(p is not None for p, in_r in zip(proofs, test_r) if in_r)
+    certified_proofs = [p for p, c in zip(proofs, c1) if c]
+    # decided by the rows where any input was certified, else by the defense's declared proof
+    has_proof = all(p is not None for p in certified_proofs) if certified_proofs else proof is not None
     proven = np.array([bool(p) for p in proofs], dtype=bool)
     a_low = test_r & lower
     a_check = test_r & ~c2
@@ -280,7 +287,7 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
         "vra_eps": ratio(k_r, n), "vra_2eps": ratio(int((c2 & correct).sum()), n),
         "clean_accuracy": ratio(int(correct.sum()), n),
         "lower_over_upper": ratio(int(a_low.sum()), k_up) if k_up else None,
-        "upper_bound": _upper_kind(rows, has_proof, monotone),
+        "upper_bound": _upper_kind(has_proof, monotone, proof),
     }
     per: dict[str, dict[str, Any]] = {}
     for r, in_r in zip(rows, test_r):
@@ -325,49 +332,55 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     return out
 
 
-def _upper_kind(rows: Sequence[dict[str, Any]], has_proof: bool, monotone: bool | None) -> str:
+def _upper_kind(has_proof: bool, monotone: bool | None, proof: str | None) -> str:
     if not has_proof:
         return ("none proven: this defense has no proof of non-degradability (randomized smoothing: a fresh CERTIFY "
                 "at x' can abstain whatever the 2ε check says; CROWN-IBP: neither monotone in ε nor bounded below by "
                 "IBP); fpr_2eps_check is the §3.3.2 heuristic, not a bound")
-    if monotone:
-        return "proven: the 2ε check of a monotone certifier (Appendix A)"
-    return ("proven: IBP on B(x, 2ε) (every run-time bound is at least IBP's; docs/degradation.md); "
-            "fpr_2eps_check is the run-time method's 2ε check, not a bound for a non-monotone check")
+    if proof:
+        return f"proven: {proof}"
+    return ("proven: the rows' proven_nondegradable" if not monotone else
+            "proven: the 2ε check of a monotone certifier (Appendix A; rows written without a proof field)")
 
 
 def _cert_arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """correct (certified label = label) and radius (NaN where a row carries none)."""
     try:
         correct = np.array([int(r["prediction"]) == int(r["label"]) and int(r["prediction"]) != ABSTAIN
                             for r in rows], dtype=bool)
-        if any(r.get("radius") is None for r in rows):
-            raise InputError("rows without a radius (sequential accept-at-ε decisions, or checks at given radii "
-                             "only) cannot give the 2ε check or an FPR curve: certify the radius itself "
-                             "(drop --sequential; interval: --full-radius)")
-        radius = np.array([float(r["radius"]) for r in rows], dtype=np.float64)
+        radius = np.array([math.nan if r.get("radius") is None else float(r["radius"]) for r in rows],
+                          dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"rows need label, prediction and radius ({exc})") from None
+    bad = np.isinf(radius) | (radius < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"row {rows[i].get('index', i)} has radius {radius[i]!r}: radii must be finite and >= 0")
     return correct, radius
 
 
-def fpr_curve(rows: Sequence[dict[str, Any]], radii: Iterable[float], *, proven: bool = False) -> list[dict[str, Any]]:
+def fpr_curve(rows: Sequence[dict[str, Any]], radii: Iterable[float]) -> list[dict[str, Any]]:
     """The 2r check of the false-positive rate against the radius (Figures 2–3 of the paper).
 
     At radius r: testR(r) = correct and certified at r; testA(r) = those not certified at 2r;
     ``fpr_2r_check = |testA| / |testR|`` (None when testR is empty), with VRA at r and 2r and
     ``utility_reduction_2r_check = |testA| / |test|``. "Certified at r" is the rows' own check at
     exactly r where they hold one (``certified_at``), else ``radius >= r``; ``source`` says which
-    (bisection radii are named with their tolerance). ``fpr_upper`` repeats the 2r check only when
-    ``proven`` (the caller knows the rows come from a monotone certifier with closed-form radii,
-    Appendix A), else it is None: for smoothing, CROWN-style bounds or an unknown log the 2r check is
-    not a proven bound. Works on certify rows, degrade rows and parsed Cohen et al. logs.
+    (bisection radii are named with their tolerance). The 2r check is the paper's curve; it is a
+    proven upper bound of the FPR only for monotone certifiers, and even then only up to the
+    rounding slack that the proof at ε accounts for (``summarize_degradation``'s ``fpr_upper``), so
+    it is never called one here. Works on certify rows, degrade rows and parsed Cohen et al. logs.
     """
     from certaudit.audits.certified import certified_mask
 
     radii = [float(r) for r in radii]
     if any(not math.isfinite(r) or r <= 0 for r in radii):
         raise InputError("radii must be finite numbers > 0")
-    correct, _ = _cert_arrays(rows)
+    correct, radius = _cert_arrays(rows)
+    if np.isnan(radius).any():
+        raise InputError("rows without a radius (sequential accept-at-ε decisions, or checks at given radii "
+                         "only) have no FPR curve: certify the radius itself (drop --sequential; interval: "
+                         "--full-radius)")
     n = len(correct)
     out = []
     for r in radii:
@@ -377,10 +390,8 @@ def fpr_curve(rows: Sequence[dict[str, Any]], radii: Iterable[float], *, proven:
         test_r = correct & m1
         upper = test_r & ~m2
         k = int(test_r.sum())
-        check = (int(upper.sum()) / k) if k else None
-        exact = src1 in ("check", "radius") and src2 in ("check", "radius")
-        out.append({"radius": r, "testR": k, "testA_2r_check": int(upper.sum()), "fpr_2r_check": check,
-                    "fpr_upper": check if (proven and exact) else None,
+        out.append({"radius": r, "testR": k, "testA_2r_check": int(upper.sum()),
+                    "fpr_2r_check": (int(upper.sum()) / k) if k else None,
                     "vra": (k / n) if n else None, "vra_2r": (int((correct & m2).sum()) / n) if n else None,
                     "utility_reduction_2r_check": (int(upper.sum()) / n) if n else None,
                     "source": src1 if src1 == src2 else f"{src1} / {src2}"})
@@ -390,6 +401,7 @@ def fpr_curve(rows: Sequence[dict[str, Any]], radii: Iterable[float], *, proven:
 def default_curve_radii(rows: Sequence[dict[str, Any]], points: int = 40) -> list[float]:
     """An even grid from a small radius to the largest certified radius of the rows."""
     _, radius = _cert_arrays(rows)
+    radius = radius[~np.isnan(radius)]
     top = float(radius.max()) if len(radius) else 1.0
     top = top if top > 0 else 1.0
     return [float(v) for v in np.linspace(top / points, top, points)]
@@ -449,9 +461,17 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
     if first.startswith("{"):
         from certaudit.results import read_rows
 
-        _, rows = read_rows(p)
+        header, rows = read_rows(p)
         need = ("label", "prediction", "radius")
         good = [r for r in rows if all(k in r for k in need)]
+        config = (header or {}).get("config") or {}
+        if config.get("defense") == "interval":
+            # interval rows written before radius_tol existed hold bisection radii: say so, so that no
+            # figure at ε is read off them (the tolerance is the run's own setting, 1e-3 by default)
+            tol = float((config.get("settings") or {}).get("tol") or 1e-3)
+            for r in good:
+                if r.get("radius") is not None and "radius_tol" not in r:
+                    r["radius_tol"] = tol
         if rows and not good:
             raise InputError(f"{p}: rows have no label/prediction/radius (not certification rows)")
         if any(r.get("radius") is None and "decision" in r for r in good):

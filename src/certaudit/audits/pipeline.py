@@ -301,7 +301,7 @@ def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress, env)
         done = 0
         for idx in blocks:
             rows = degrade_batch(guard, x[idx], y[idx], s.eps, attack=s.attack, seed=s.seed, indices=idx,
-                                 **cfg.as_dict())
+                                 full_radius=False, **cfg.as_dict())
             if kept < s.examples:
                 kept += _keep_degrade_examples(out, guard, x, rows, s, cfg, s.examples - kept)
             writer.write_many(rows)
@@ -494,14 +494,12 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
         if r:
             from certaudit.audits.degradation import default_curve_radii, fpr_curve
 
-            from certaudit.audits.degradation import monotone_certifier
-
             grid = sorted(set(default_curve_radii(r, 40)) | {eps, 2 * eps})
-            out["fpr_curve"] = fpr_curve(r, grid, proven=monotone_certifier(guard))
+            out["fpr_curve"] = fpr_curve(r, grid)
     if "degrade" in rows:
         from certaudit.audits.degradation import summarize_degradation
 
-        d = summarize_degradation(rows["degrade"], eps) if rows["degrade"] else {"test": 0}
+        d = summarize_degradation(rows["degrade"], eps, proof=guard.proof_name) if rows["degrade"] else {"test": 0}
         out["degradation"] = d
         for key in ("testR", "testA_lower", "testA_upper", "testA_2eps_check", "fpr_lower", "fpr_upper",
                     "fpr_2eps_check", "utility_reduction_lower", "utility_reduction_upper",
@@ -631,9 +629,9 @@ SUMMARY_SCHEMA: dict[str, Any] = {
                               "properties": {"radius": {"type": "number", "minimum": 0}, "accuracy": _RATE,
                                              "source": {"type": "string"}}}}}},
         "fpr_curve": {"type": "array", "items": {"type": "object",
-                                                  "required": ["radius", "testR", "fpr_2r_check", "fpr_upper"],
+                                                  "required": ["radius", "testR", "fpr_2r_check"],
                                                   "properties": {"radius": {"type": "number"}, "testR": _COUNT,
-                                                                 "fpr_2r_check": _RATE, "fpr_upper": _RATE}}},
+                                                                 "fpr_2r_check": _RATE}}},
         "degradation": {"type": "object", "required": ["test"]},
         "spoofing": {"type": "object", "required": ["images"]},
         "timings": {"type": "object", "required": ["stages", "wall_seconds_this_run"],

@@ -233,10 +233,15 @@ def certify_cmd(
 
 
 def _parse_radii(text: str) -> list[float]:
-    parts = [p for p in str(text).replace(" ", "").split(",") if p]
-    if not parts:
+    parts = str(text).replace(" ", "").split(",")
+    if not any(parts):
         raise InputError("--radii needs at least one radius, e.g. 0,0.25,0.5")
-    return [parse_number(p, "--radii", positive=True, allow_zero=True) for p in parts]
+    if not all(parts):
+        raise InputError(f"--radii has an empty entry: {text!r} (write e.g. 0,0.25,0.5)")
+    values = [parse_number(p, "--radii", positive=True, allow_zero=True) for p in parts]
+    if len(set(values)) != len(values):
+        raise InputError(f"--radii lists a radius twice: {text!r}")
+    return sorted(values)
 
 
 def _trim(radii: tuple[float, ...], rows: list[dict[str, Any]]) -> list[float]:
@@ -274,8 +279,11 @@ def _print_summary(s: dict[str, Any]) -> None:
     stats.add_column("value", justify="right")
     stats.add_row("model", Path(s["model"]).name)
     if s["images"]:
-        stats.add_row("clean accuracy (certified label, radius >= 0)", f"{s['clean_accuracy']:.4f}")
-        stats.add_row("abstention rate", f"{s['abstain_rate']:.4f}")
+        if s["clean_accuracy"] is None:
+            stats.add_row("clean accuracy, abstention", s.get("clean_note", "n/a"))
+        else:
+            stats.add_row("clean accuracy (certified label, radius >= 0)", f"{s['clean_accuracy']:.4f}")
+            stats.add_row("abstention rate", f"{s['abstain_rate']:.4f}")
     if "eps" in s:
         def f4(v: Any) -> str:
             return "n/a" if v is None else f"{v:.4f}"

@@ -5,9 +5,11 @@ Two modes:
 * with ``--model``: certify every image at ε and 2ε, attack the ones certified at ε, re-check every
   candidate (distance, box, the real Algorithm 2.1, fresh noise for smoothing) and write one row
   per image (resumable); print the Tables 1–2 columns (baseline VRA, FPR, utility reduction) for
-  the lower bound (attacks) and the upper bound (the 2ε check), per attack;
-* with ``--from-log FILE``: the upper bound and the FPR-against-radius curve (Figures 2–3) from an
-  existing certification log (our certify rows or Cohen et al.'s tab-separated logs), no model run.
+  the lower bound (attacks), the proven upper bound (the defense's proof of non-degradability) and
+  the run-time method's 2ε check, per attack;
+* with ``--from-log FILE``: the 2ε check and its FPR-against-radius curve (Figures 2–3) from an
+  existing certification log (our certify rows or Cohen et al.'s tab-separated logs), no model run;
+  a log proves nothing about monotonicity, so these are not called bounds.
 
 Examples::
 
@@ -40,7 +42,8 @@ ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all", "identity")
 
 def register(app: typer.Typer) -> None:
     app.command("degrade", help="Degradation attacks (forced rejections of certified inputs): lower bounds by "
-                                "attack, upper bounds by the 2ε check; or upper bounds from a certification log.")(degrade_cmd)
+                                "attack, proven upper bounds and the 2ε check; or the 2ε check from a certification "
+                                "log.")(degrade_cmd)
 
 
 def degrade_cmd(
@@ -77,10 +80,10 @@ def degrade_cmd(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
     out: Optional[Path] = typer.Option(None, "--out", help="rows file (.jsonl); rerun with the same path to resume"),
     from_log: Optional[List[Path]] = typer.Option(None, "--from-log", help="certification log (certaudit rows or "
-                                                                           "Cohen et al.'s TSV): upper bounds without a "
+                                                                           "Cohen et al.'s TSV): the 2ε check without a "
                                                                            "model; repeat to compare models (one plot)"),
     radii: Optional[str] = typer.Option(None, "--radii", help="comma list of radii for the FPR curve"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: FPR upper bound and VRA against radius"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: the FPR's 2r check and VRA against radius"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     eps_v = parse_number(eps, "--eps", positive=True, allow_zero=False)
@@ -93,10 +96,10 @@ def degrade_cmd(
             raise InputError("--radii needs at least one radius")
     if from_log:
         if model is not None:
-            raise InputError("give either --model (run attacks) or --from-log (upper bounds from a log), not both")
+            raise InputError("give either --model (run attacks) or --from-log (the 2ε check from a log), not both")
         return _from_log(from_log, eps_v, radii_v, plot, as_json)
     if model is None:
-        raise InputError("--model is required (or --from-log FILE for upper bounds from a certification log)")
+        raise InputError("--model is required (or --from-log FILE for the 2ε check from a certification log)")
     for a in attack.lower().replace(" ", "").split(","):
         if a not in ATTACK_CHOICES:
             raise InputError(f"unknown --attack {a!r}; choose one of: {', '.join(ATTACK_CHOICES)} (or a comma list)")
@@ -126,9 +129,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
          skip: int, chunk: int, data_root: Path | None, out: Path | None, radii: list[float] | None,
          plot: Path | None, as_json: bool) -> None:
     from certaudit.attacks.degradation import AttackConfig, attacks_for
-    from certaudit.audits.degradation import (
-        ROW_FORMAT, degrade_batch, fpr_curve, monotone_certifier, plot_fpr_curves, summarize_degradation,
-    )
+    from certaudit.audits.degradation import ROW_FORMAT, degrade_batch, fpr_curve, plot_fpr_curves, summarize_degradation
     from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.registry import build_defense
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
@@ -147,6 +148,11 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
         opts = {"eps": eps}
     guard = build_defense(defense, net, meta, {k: v for k, v in opts.items() if v is not None})
     names = attacks_for(guard, attack)  # refuses spgd on deterministic defenses early
+    if prune and guard.proof_name is None:
+        raise InputError(f"--prune needs a defense that proves non-degradability; {defense}"
+                         f"{' ' + str(getattr(guard, 'method', '')) if defense == 'interval' else ''} has no such proof")
+    # the interval defense's radius is a bisection (11 bound passes per image): only for the --plot curve
+    full_radius = defense != "interval" or plot is not None
     cfg = AttackConfig.from_options(attack_options)
     x, y = load_dataset(info.name, split, data_root)
     if skip >= len(y):
@@ -162,7 +168,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
-              "row_format": ROW_FORMAT,
+              "row_format": ROW_FORMAT, "full_radius": full_radius,
               "device": dev.type}
     writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
     with writer:
@@ -179,7 +185,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
             task = bar.add_task(f"degrade ({defense}, {attack})", total=n_todo)
             for idx in blocks:
                 rows = degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
-                                     exhaustive=exhaustive, prune=prune, **cfg.as_dict())
+                                     exhaustive=exhaustive, prune=prune, full_radius=full_radius, **cfg.as_dict())
                 writer.write_many(rows)
                 bar.advance(task, len(idx))
         rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
@@ -191,14 +197,17 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     selected = set(wanted)
     rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
 
-    summary = summarize_degradation(rows_all, eps)
+    summary = summarize_degradation(rows_all, eps, proof=guard.proof_name)
+    radius_known = all(r.get("radius") is not None for r in rows_all)
     norm_name = guard.norm.value
     grid = radii if radii is not None else [eps / 2, eps, 1.5 * eps, 2 * eps]
     summary = {"model": str(model), "defense": defense, "norm": norm_name, "dataset": info.name, "split": split,
                "range": [skip, stop], "attack": attack, "attacks": names, "exhaustive": exhaustive,
                "prune": prune, "attack_config": cfg.as_dict(), "settings": settings, "device": str(dev), "new_images": new_images,
                "wall_seconds": round(wall, 3), **summary,
-               "fpr_curve": fpr_curve(rows_all, grid, proven=monotone_certifier(guard))}
+               "fpr_curve": fpr_curve(rows_all, grid) if plot is not None or radius_known else [],
+               **({} if plot is not None or radius_known else
+                  {"curve_note": "no FPR curve: the interval defense's radius is a bisection, run only with --plot"})}
     if env.distributed:
         summary["processes"] = env.world_size
     if new_images and wall > 0:
@@ -263,8 +272,8 @@ def _print_log_summary(summary: dict[str, Any], eps: float) -> None:
         stats.add_row(key, _fmt(summary[key]))
     stats.add_row("certified at r from", summary.get("source", ""))
     console.print(stats)
-    console.print("(a log does not say whether its certifier is monotone: the 2ε check is a proven upper bound "
-                  "only for monotone certifiers with closed-form radii, e.g. Lipschitz; see docs/degradation.md)")
+    console.print("(the 2ε check, not a proven bound: a log says nothing about the certifier; `degrade --model` "
+                  "gives the proven upper bound; see docs/degradation.md)")
     if summary["fpr_curve"]:
         _print_curve(summary["fpr_curve"])
     elif summary.get("curve_note"):
@@ -283,11 +292,11 @@ def _print_curve(curve: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="FPR by the 2r check against radius (Fig. 2/3)")
-    for col in ("radius", "testR", "testA (2r check)", "FPR (2r check)", "proven upper", "VRA(r)", "VRA(2r)", "from"):
+    for col in ("radius", "testR", "testA (2r check)", "FPR (2r check)", "VRA(r)", "VRA(2r)", "from"):
         table.add_column(col, justify="right")
     for p in curve:
         table.add_row(f"{p['radius']:.4g}", str(p["testR"]), str(p["testA_2r_check"]), _fmt(p["fpr_2r_check"]),
-                      _fmt(p["fpr_upper"]), _fmt(p["vra"]), _fmt(p["vra_2r"]), p.get("source", ""))
+                      _fmt(p["vra"]), _fmt(p["vra_2r"]), p.get("source", ""))
     console.print(table)
 
 

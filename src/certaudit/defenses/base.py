@@ -167,14 +167,17 @@ class Defense(ABC):
             kwargs.update({k: v for k, v in (("seed", seed), ("indices", indices)) if v is not None})
         return self.certify(x, **kwargs).with_checks(radii)
 
+    @property
+    def proof_name(self) -> str | None:
+        """What :meth:`prove_nondegradable` proves with, in words for reports; None: no proof."""
+        return None
+
     def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor | None:
         """(B,) bool: True where it is *proven* that Algorithm 2.1 accepts ``label`` at radius ``eps``
         at every x' in B(x, eps) ∩ [0,1]^d (so x cannot be degraded); None where the defense has
-        no such proof (randomized smoothing). Default, for a :attr:`monotone` certifier: the check
-        at 2·eps (Appendix A)."""
-        if not self.monotone:
-            return None
-        return self.accept(x, 2.0 * check_eps(eps)).cpu() == torch.as_tensor(label).cpu().long()
+        no such proof (the default; randomized smoothing). Defenses that have one override this and
+        :attr:`proof_name` (docs/degradation.md, "The proven upper bound")."""
+        return None
 
 
 # Settings a defense *computes* from the model (e.g. Lipschitz bounds, whose last digits depend on the

@@ -542,6 +542,7 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
             mag.append(mg)
         lo, hi = lo_i, hi_i
     spec = Spec.fold(net.last, c)
+    plain_last = (lo[-1], hi[-1])  # IBP's own last-layer interval (CROWN tightens copies in st)
     st = State(ops, lo, hi, mag, x_lo, x_hi, sound, lower_slope, {})
     ibp_bound = None
     if method == "ibp" or (beta is not None and beta < 1):
@@ -564,6 +565,10 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
         # CROWN-tightened last-layer interval beats CROWN's backward pass on some IBP-trained
         # networks (the adaptive lower slopes are loose there), and is never worse than plain IBP.
         crown = torch.maximum(crown, spec.ibp(st.lo[-1], st.hi[-1], sound).to(crown.dtype))
+        if st.lo[-1] is not plain_last[0] or st.hi[-1] is not plain_last[1]:
+            # and never below plain IBP's computed bound on the same box, exactly (not only up to the
+            # rounding of spec.ibp on the tightened interval): the degradation proof relies on it
+            crown = torch.maximum(crown, spec.ibp(plain_last[0], plain_last[1], sound).to(crown.dtype))
     if beta is not None and ibp_bound is not None:
         crown = beta * crown + (1 - beta) * ibp_bound
     return (crown, st) if return_state else crown

@@ -211,6 +211,14 @@ class IntervalDefense(Defense):
                             checks={k: torch.cat(v) for k, v in checks.items()},
                             radius_tol=self.tol if full_radius else 0.0)
 
+    @property
+    def proof_name(self) -> str | None:
+        if self.method == "crown-ibp":
+            return None
+        why = ("IBP is inclusion-monotone" if self.method == "ibp"
+               else "CROWN's bound is never below IBP's on the same box")
+        return f"IBP on the clipped box B∞(x, 2ε) with twice its rounding slack ({why})"
+
     def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor | None:
         """(B,) bool: proven that every x' in B∞(x, ε) ∩ [0,1]^d is accepted with ``label`` at ε by
         this defense's run-time check (docs/degradation.md, "The proven upper bound"); None for
@@ -218,8 +226,8 @@ class IntervalDefense(Defense):
 
         The proof is IBP on the clipped box B∞(x, 2ε) ∩ [0,1]^d: for x' in B∞(x, ε), the box of
         x' at radius ε lies inside it, IBP is inclusion-monotone, and the run-time bound is at
-        least IBP's on the same box (IBP itself; CROWN keeps the better of its backward bound and
-        IBP on its tightened intervals, which lie inside IBP's). A positive IBP margin of ``label``
+        least IBP's on the same box (IBP itself; CROWN keeps the best of its backward bound, IBP on
+        its tightened intervals and IBP on the plain ones). A positive IBP margin of ``label``
         over the big box also makes ``label`` the prediction at every x'. Floating point: the IBP
         lower bound must exceed twice its own accumulated rounding slack (the slack-free minus the
         sound bound), which covers the rounding of the smaller boxes' evaluations.
@@ -229,7 +237,9 @@ class IntervalDefense(Defense):
         x = self._check(x)
         eps2 = 2.0 * check_eps(eps)
         net = self._network(x)
-        tgt = check_labels(label, x.shape[0], self.num_classes).to(x.device)
+        label = torch.as_tensor(label).long().to(x.device)
+        valid = label != ABSTAIN  # nothing to prove for a rejected input
+        tgt = check_labels(torch.where(valid, label, torch.zeros_like(label)), x.shape[0], self.num_classes)
         out = []
         with torch.no_grad(), no_tf32(x.device):
             for i in range(0, x.shape[0], self.batch_size):
@@ -239,7 +249,7 @@ class IntervalDefense(Defense):
                 fin = torch.isfinite(sound)  # +inf in the label's own column
                 slack = torch.where(fin, (plain - sound).clamp_min(0.0), torch.zeros_like(sound))
                 out.append((torch.where(fin, sound - 2.0 * slack, sound).min(1).values > 0).cpu())
-        return torch.cat(out)
+        return torch.cat(out) & valid.cpu()
 
     def _bisect(self, net: Network, x: torch.Tensor, label: torch.Tensor, steps: int):
         b = x.shape[0]

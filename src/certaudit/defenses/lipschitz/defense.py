@@ -298,6 +298,38 @@ class LipschitzDefense(Defense):
         rival = rival.masked_fill(F.one_hot(t, self.num_classes).bool(), -math.inf)
         return (f.gather(1, t.view(-1, 1)).squeeze(1) - rival.amax(dim=1)).to(out_dtype)  # rounding keeps the sign
 
+    @property
+    def proof_name(self) -> str | None:
+        return "the 2ε check with four times its float64 rounding slack (Appendix A, Lemma A.5: K is global)"
+
+    def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: proven that every x' with ‖x' − x‖₂ ≤ ε is accepted with ``label`` at ε.
+
+        Lemma A.5: ``f_y − f_j`` is ``K_{y,j}``-Lipschitz, so the exact margin at x' is at least the
+        exact margin at x minus ``ε·K_{y,j}``. The run-time check at x' subtracts its own rounding
+        slack ``2(e'_y + e'_j)`` from a computed margin that is itself within ``e'_y + e'_j`` of the
+        exact one. So it suffices that ``f_y − f_j − 2ε·K_{y,j}`` at x exceeds ``(e_y + e_j)``
+        (x's rounding) plus ``3(e'_y + e'_j)``; with ``e' ≤ e`` up to the magnitudes' change over the
+        ball (float64: e is below 1e-9 of the logits) the proof demands
+        ``f_y − f_j − 8(e_y + e_j) − 2ε·K_{y,j} > 0`` for every j ≠ y."""
+        x = self._check_x(x)
+        eps2 = 2.0 * check_eps(eps)
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        label = torch.as_tensor(label).long().to(x.device)
+        valid = label != ABSTAIN  # nothing to prove for a rejected input
+        t = check_labels(torch.where(valid, label, torch.zeros_like(label)), x.shape[0], self.num_classes)
+        out = []
+        with torch.no_grad():
+            for a in range(0, x.shape[0], self.batch_size):
+                f, e = self._forward(x[a:a + self.batch_size], state)
+                assert e is not None
+                tb = t[a:a + self.batch_size]
+                k = state.pairwise[tb].to(f.dtype)
+                m = f.gather(1, tb.view(-1, 1)) - f - 8.0 * (e.gather(1, tb.view(-1, 1)) + e) - eps2 * k
+                m = m.masked_fill(F.one_hot(tb, self.num_classes).bool(), math.inf)
+                out.append((m.min(dim=1).values > 0).cpu())
+        return torch.cat(out) & valid.cpu()
+
     def gloro_logits(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """(B, C+1) logits of the GloRo network at radius ε: ``f`` and the ⊥ logit
         ``max_{j≠ŷ} (f_j + 2(e_ŷ+e_j) + ε·K_{ŷ,j})`` for the predicted class ŷ (argmax = C: rejected)."""
