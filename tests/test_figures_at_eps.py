@@ -361,3 +361,9 @@ def test_sequential_rows_report_no_clean_accuracy(capsys):
     assert s["clean_accuracy"] is None and s["abstain_rate"] is None and "clean_note" in s
     zero = [p for p in s["certified_accuracy"] if p["radius"] == 0.0][0]
     assert zero["accuracy"] is None and "sequential" in zero["source"]
+
+
+def test_interval_chunks_are_small_when_the_bisection_runs(digits_2eps):
+    _, net, meta, _, _ = digits_2eps
+    d = IntervalDefense(net, 10, "crown", input_shape=meta.input_shape)
+    assert d.images_per_chunk((1, 8, 8), full_radius=True) * 4 <= d.images_per_chunk((1, 8, 8), full_radius=False)

@@ -152,7 +152,7 @@ def certify_cmd(
         todo = [i for i in shard_indices(wanted, env.rank, env.world_size) if i not in done]  # this rank's share
         if len(left) < len(wanted) and not as_json and env.is_main:
             err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already certified")
-        per_call = chunk or _chunk_for(guard, info.shape)
+        per_call = chunk or _chunk_for(guard, info.shape, want_radius if defense.lower() == "interval" else None)
         t_run = time.perf_counter()
         with progress_bar(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"certify ({defense})", total=len(todo))
@@ -255,9 +255,11 @@ def _trim(radii: tuple[float, ...], rows: list[dict[str, Any]]) -> list[float]:
     return out
 
 
-def _chunk_for(guard: Any, shape: tuple[int, ...]) -> int:
+def _chunk_for(guard: Any, shape: tuple[int, ...], full_radius: bool | None = None) -> int:
     suggest = getattr(guard, "images_per_chunk", None)
-    return int(suggest(shape)) if callable(suggest) else DEFAULT_CHUNK
+    if not callable(suggest):
+        return DEFAULT_CHUNK
+    return int(suggest(shape) if full_radius is None else suggest(shape, full_radius=full_radius))
 
 
 
