@@ -56,7 +56,7 @@ class LinearDefense(Defense):
         diff = weight[:, None, :] - weight[None, :, :]  # (C, C, d)
         self.lip = diff.norm(p=2 if self.norm is Norm.L2 else 1, dim=2)  # (C, C)
 
-    def certify(self, x: torch.Tensor) -> Certificates:
+    def certify(self, x: torch.Tensor, *, seed=None, indices=None) -> Certificates:
         x = check_images(x)
         with torch.no_grad():
             z = self.model(x)

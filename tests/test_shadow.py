@@ -329,7 +329,7 @@ class ConstantDefense(Defense):
         self.label = label
         self.calls: list[torch.Tensor] = []
 
-    def certify(self, x):
+    def certify(self, x, *, seed=None, indices=None):
         self.calls.append(x.detach().clone())
         b = x.shape[0]
         return Certificates(torch.full((b,), self.label), torch.ones(b), Norm.L2)

@@ -47,9 +47,9 @@ fresh CERTIFY rejects a clean certified input by chance alone (the baseline any 
 _SHRINK = 1e-6  # candidates are pulled to ε·(1 − _SHRINK) before float32 rounding
 
 
-def is_randomized(defense: Any) -> bool:
+def is_randomized(defense: Defense) -> bool:
     """A defense whose CERTIFY draws noise (declared by the protocol's ``randomized``): its verdicts are re-drawn."""
-    return bool(getattr(defense, "randomized", False))
+    return bool(defense.randomized)
 
 
 def attacks_for(defense: Any, attack: str) -> list[str]:
@@ -222,7 +222,7 @@ def attack_spgd(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: flo
     later restarts at random points of the ball. The step is PGD's normalized steepest-ascent
     step rather than the raw gradient of line 5 (the raw gradient's scale is arbitrary).
     """
-    sigma = getattr(defense, "sigma", None)
+    sigma = defense.noise_sigma
     if sigma is None:
         raise InputError("spgd needs a randomized-smoothing defense (with a noise level σ)")
     norm = defense.norm
@@ -265,14 +265,16 @@ def attack_margin(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: f
     def full(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return defense.margin(xs, eps, label[idx])
 
-    pair = _pairwise_margin(defense, eps) if cfg.targeted else None
-    if pair is None:
+    per_class = None
+    if cfg.targeted:
+        with torch.no_grad():  # (B, K) margin against each class (+inf at the label), where the defense has it
+            per_class = defense.rival_margins(x, eps, label)
+    if per_class is None:
         res = pgd(full, x, eps, norm, maximize=False, done_fn=done, check_every=check, **kwargs)
         return shrink_into_ball(x, res.x, eps, norm)
 
     # Targeted restarts: runner-up classes by their (ε-adjusted) clean margin, closest first.
-    with torch.no_grad():
-        per_class = pair(x, label, None)  # (B, K) margin against each class (+inf at the label)
+    pair = _pairwise_margin(defense, eps)
     order = per_class.argsort(dim=1)  # (B, K) closest rival first
     best = x.clone()
     best_val = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
@@ -304,22 +306,14 @@ def attack_margin(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: f
 
 
 def _pairwise_margin(defense: Defense, eps: float):
-    """For a Lipschitz defense: ``m(x, y, j) = f_y − f_j − slack − ε·K_{y,j}`` (B,) for rival ``j``
-    (or the (B, K) table over all j when ``j`` is None); None for other defenses."""
-    if not (hasattr(defense, "_state") and hasattr(defense, "_forward")):
-        return None
-
+    """``m(x, y, j)``: the margin of ``y`` against rival ``j`` (B,), or the (B, K) table when ``j`` is
+    None, from the defense's optional ``rival_margins`` (only called where it has one)."""
     def m(xs: torch.Tensor, y: torch.Tensor, j: torch.Tensor | None) -> torch.Tensor:
-        xs = defense._check_x(xs)  # type: ignore[attr-defined]
-        state = defense._state(tuple(int(s) for s in xs.shape[1:]))  # type: ignore[attr-defined]
-        f, e = defense._forward(xs, state)  # type: ignore[attr-defined]
-        y = y.to(f.device).long()
-        k = state.pairwise[y].to(f.dtype)  # (B, K)
-        slack = (2.0 * (e.gather(1, y.view(-1, 1)) + e)).to(f.dtype)
-        table = f.gather(1, y.view(-1, 1)) - f - slack - eps * k  # (B, K)
+        table = defense.rival_margins(xs, eps, y)
+        assert table is not None
         if j is None:
-            return table.masked_fill(F.one_hot(y, f.shape[1]).bool(), math.inf)
-        return table.gather(1, j.to(f.device).long().view(-1, 1)).squeeze(1)
+            return table
+        return table.gather(1, j.to(table.device).long().view(-1, 1)).squeeze(1)
 
     return m
 

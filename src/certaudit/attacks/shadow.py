@@ -41,7 +41,6 @@ CERTIFY, run afresh on ``x + δ``, returns a wrong label (see :mod:`certaudit.au
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import time
 from dataclasses import dataclass, replace
@@ -197,6 +196,14 @@ class SpoofLoss(Protocol):
     def __call__(self, x_adv: torch.Tensor, target: torch.Tensor, keys: torch.Tensor,
                  step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def settings(self) -> dict[str, Any]:
+        """What determines the loss (for result headers)."""
+        ...
+
+    def max_images(self, sample_shape: tuple[int, ...]) -> int:
+        """How many images the attack may optimize as one group (memory)."""
+        ...
+
 
 class SmoothedCrossEntropy:
     """The paper's spoofing loss for randomized smoothing (Section 3):
@@ -330,20 +337,23 @@ class DefenseMargin:
     """
 
     def __init__(self, defense: Any, radius: float, chunk: int | None = None, **margin_kwargs: Any):
-        if not callable(getattr(defense, "margin", None)):
-            raise InputError(f"{type(defense).__name__} has no margin(x, eps, target) to attack")
+        from certaudit.defenses.base import Defense
+
+        if not isinstance(defense, Defense):
+            raise InputError(f"{type(defense).__name__} is not a certaudit Defense (no margin(x, eps, target) to attack)")
         self.defense = defense
         self.radius = _number("radius", radius)
         self.chunk = None if chunk is None else _integer("chunk", chunk, minimum=1)
         self.margin_kwargs = dict(margin_kwargs)
-        try:
-            params = inspect.signature(defense.margin).parameters
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            params = {}
-        self._takes_generator = "generator" in params
+        self._takes_generator = bool(defense.randomized)  # a Monte-Carlo margin takes a seeded generator
 
     def settings(self) -> dict[str, Any]:
         return {"loss": "margin", "radius": self.radius, **{k: v for k, v in self.margin_kwargs.items()}}
+
+    def max_images(self, sample_shape: tuple[int, ...]) -> int:
+        """Images per group (and the spoof verb's images per chunk): the margin holds no noise copies,
+        so memory is the bound propagation's; 64 images × (K − 1) targets per group."""
+        return 64
 
     def __call__(self, x_adv: torch.Tensor, target: torch.Tensor, keys: torch.Tensor,
                  step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -497,8 +507,7 @@ def shadow_attack(loss: SpoofLoss, x: torch.Tensor, target: torch.Tensor, config
     # Groups of whole images: the attack on one image never depends on the group it lands in.
     per_group = images_per_group
     if per_group is None:
-        fn = getattr(loss, "max_images", None)
-        per_group = int(fn((c, h, w))) if callable(fn) else b_count
+        per_group = min(b_count, int(loss.max_images((c, h, w))))
     per_group = max(1, int(per_group))
     image_cpu = image.cpu()
     order = torch.argsort(image_cpu, stable=True)  # pairs grouped by image

@@ -47,7 +47,7 @@ def monotone_certifier(defense: Any) -> bool:
     """Whether Appendix A's monotonicity holds exactly (the protocol's ``monotone``): Lipschitz
     (Lemma A.5) and IBP bounds yes; CROWN-style bounds adapt their relaxation to ε and need not be;
     randomized smoothing only with high probability."""
-    return bool(getattr(defense, "monotone", False)) and not is_randomized(defense)
+    return bool(defense.monotone) and not is_randomized(defense)
 
 
 def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indices: Sequence[int],

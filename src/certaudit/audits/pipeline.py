@@ -160,10 +160,10 @@ def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source:
         raise InputError("image indices must be distinct")
     if max(wanted) >= len(y) or min(wanted) < 0:
         raise InputError(f"image indices must lie in [0, {len(y)})")
-    guard = build_defense(source.defense, model, meta, _defense_options(source.defense, settings))
+    guard = build_defense(source.defense, model, meta, _defense_options(settings))
     norm = guard.norm.value
     base = {"model_sha256": source.model_sha256, "arch": source.arch, "defense": source.defense.lower(),
-            "settings": _stable_settings(guard), "dataset": source.dataset, "split": source.split,
+            "settings": guard.settings(), "dataset": source.dataset, "split": source.split,
             "device": dev.type, "seed": settings.seed}
     timings: dict[str, dict[str, Any]] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -185,21 +185,11 @@ def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source:
     return summary
 
 
-def _defense_options(defense: str, s: AuditSettings) -> dict[str, Any]:
-    name = defense.lower()
-    if name == "smoothing":
-        opts = {"sigma": s.sigma, "n0": s.n0, "n": s.n, "alpha": s.alpha, "batch_size": s.batch_size, "seed": s.seed}
-    elif name == "interval":
-        opts = {"method": s.method, "eps": s.eps}
-    else:
-        opts = {"eps": s.eps, "batch_size": s.batch_size}
+def _defense_options(s: AuditSettings) -> dict[str, Any]:
+    """Every defense option the audit settings give; each defense takes its own (the registry's rule)."""
+    opts = {"sigma": s.sigma, "n0": s.n0, "n": s.n, "alpha": s.alpha, "batch_size": s.batch_size, "seed": s.seed,
+            "method": s.method, "eps": s.eps}
     return {k: v for k, v in opts.items() if v is not None}
-
-
-def _stable_settings(guard: Any) -> dict[str, Any]:
-    from certaudit.defenses.base import stable_settings
-
-    return stable_settings(guard.settings() if hasattr(guard, "settings") else {})
 
 
 def _open(out: Path, stage: str, config: dict[str, Any], wanted: list[int], env: Any, block: int):
@@ -345,9 +335,9 @@ def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
     from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
     from certaudit.audits.spoofing import is_randomized
 
-    if is_randomized(guard) and hasattr(guard, "sigma"):
+    if is_randomized(guard) and guard.noise_sigma is not None:
         config = ShadowConfig(channels=s.spoof_channels)
-        loss: Any = SmoothedCrossEntropy(model, float(guard.sigma), samples=s.spoof_samples, noise="fixed")
+        loss: Any = SmoothedCrossEntropy(model, float(guard.noise_sigma), samples=s.spoof_samples, noise="fixed")
     else:
         config = ShadowConfig.crown_ibp(channels=s.spoof_channels)
         kwargs = {"n_samples": s.spoof_samples} if is_randomized(guard) else {}
@@ -367,7 +357,7 @@ def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress, env):
     cert_opts = {"n0": s.n0, "n": s.spoof_n or s.n} if randomized else {}
     sel_opts = {"n0": s.n0, "n": s.spoof_select_n} if randomized else {}
     stage_config = {"stage": "spoof", **base, "eps": s.eps, "shadow": config.as_dict(),
-                    "spoof_loss": loss.settings() if hasattr(loss, "settings") else {}, "certify": cert_opts,
+                    "spoof_loss": loss.settings(), "certify": cert_opts,
                     "select": sel_opts, "skip_abstained": randomized, "checks": "eps"}
     writer, blocks = _open(out, "spoof", stage_config, targets, env, s.chunk)
     todo = [i for b in blocks for i in b]
@@ -471,7 +461,8 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
         "config": {"model": source.model, "model_sha256": source.model_sha256, "arch": source.arch,
                    "defense": source.defense.lower(), "dataset": source.dataset, "split": source.split,
                    "indices": _ranges(source.indices), "images": len(source.indices), "norm": norm,
-                   "input_dim": int(input_dim), "defense_settings": _stable_settings(guard),
+                   "input_dim": int(input_dim), "defense_settings": guard.settings(),
+                   "defense_diagnostics": guard.diagnostics(),
                    "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
                    **({"extra": source.extra} if source.extra else {})},
         "seed": settings.seed, "device": _device_info(dev), "versions": _versions(),

@@ -36,7 +36,6 @@ from certaudit.commands._common import (
 )
 from certaudit.errors import InputError
 
-DEFAULT_CHUNK = 256  # images per certify call for defenses without their own suggestion
 
 
 def register(app: typer.Typer) -> None:
@@ -79,7 +78,7 @@ def certify_cmd(
     from certaudit.defenses.base import ABSTAIN
     from certaudit.defenses.sequential import DECISIONS
     from certaudit.data import load_dataset, sha256_file
-    from certaudit.defenses.registry import build_defense
+    from certaudit.defenses.registry import build_defense, defense_class
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_indices
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
@@ -95,31 +94,35 @@ def certify_cmd(
         raise InputError(f"--chunk must be >= 1, got {chunk}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    cls = defense_class(defense)  # its declared capabilities decide which options apply
     eps_v = None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)
-    if sequential and (eps_v is None or defense.lower() != "smoothing"):
-        raise InputError("--sequential needs --defense smoothing and --eps (the radius to decide)")
+    if sequential and (eps_v is None or not cls.sequential_test):
+        raise InputError("--sequential needs a defense with a sequential test (smoothing) and --eps (the radius "
+                         "to decide)")
     radii_v = None if radii is None else _parse_radii(radii)
     if sequential and (radii_v is not None or full_radius or plot is not None):
         raise InputError("--sequential decides certification at --eps only: it gives no radius for --radii, "
                          "--full-radius or --plot")
-    if full_radius and defense.lower() != "interval":
-        raise InputError("--full-radius applies to --defense interval (other defenses always give the radius)")
+    if full_radius and not cls.radius_is_search:
+        raise InputError(f"--full-radius applies to defenses whose radius is a search (interval); {defense} "
+                         "always gives the radius")
+    if method is not None and not cls.methods:
+        raise InputError(f"--method applies to --defense interval only (its bound methods); {defense} has none")
     # the defense's own checks at exactly these radii (ε, 2ε and the table's radii): figures at a radius come
-    # from them; the interval defense's bisection radius is computed only when asked for (or nothing else is)
+    # from them; a radius that costs a search (interval bisection) is computed only when asked for
     check_radii = sorted({r for r in ([eps_v, 2 * eps_v] if eps_v is not None else []) + (radii_v or []) if r > 0})
-    want_radius = defense.lower() != "interval" or full_radius or (eps_v is None and radii_v is None)
+    if sequential:
+        check_radii = [eps_v]  # the sequential test decides one radius
+    want_radius = not sequential and (not cls.radius_is_search or full_radius or (eps_v is None and radii_v is None))
     if plot is not None and not want_radius:
         raise InputError("--plot draws certified accuracy against the radius: add --full-radius (bisection) "
                          "for the interval defense")
     options: dict[str, Any] = {
         "sigma": None if sigma is None else parse_number(sigma, "--sigma"),
         "n0": n0, "n": n, "alpha": parse_number(alpha, "--alpha"), "eps": eps_v, "batch_size": batch_size,
-        "precision": precision, "channels_last": channels_last or None, "seed": seed,
+        "precision": precision, "channels_last": channels_last or None, "seed": seed, "method": method,
+        "sequential": sequential or None,
     }
-    if method is not None:
-        if defense.lower() != "interval":
-            raise InputError("--method applies to --defense interval only")
-        options["method"] = method
     options = {k: v for k, v in options.items() if v is not None}
 
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
@@ -132,16 +135,16 @@ def certify_cmd(
     stop = len(y) if limit is None else min(len(y), skip + limit)
     wanted = list(range(skip, stop))
 
-    settings = guard.settings() if hasattr(guard, "settings") else {k: v for k, v in options.items() if k != "batch_size"}
+    settings = guard.settings()
     if sequential:
         from certaudit.defenses.sequential import SEQ_BLOCK, SEQ_GROWTH
 
         settings = {**settings, "sequential_eps": eps_v, "sequential": f"beta-mixture-block{SEQ_BLOCK}-growth{SEQ_GROWTH}",
                     "rows": "radius-null-decision"}  # rows before carried radius = ε
-    from certaudit.defenses.base import radius_key, stable_settings
+    from certaudit.defenses.base import radius_key
 
     config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
-              "settings": stable_settings(settings), "dataset": info.name, "split": split, "device": dev.type}
+              "settings": settings, "dataset": info.name, "split": split, "device": dev.type}
     if check_radii or not want_radius:  # rows carry checks at these radii (older files without them stay resumable)
         config["checks"] = [radius_key(r) for r in check_radii]
         config["full_radius"] = want_radius
@@ -152,7 +155,7 @@ def certify_cmd(
         todo = [i for i in shard_indices(wanted, env.rank, env.world_size) if i not in done]  # this rank's share
         if len(left) < len(wanted) and not as_json and env.is_main:
             err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already certified")
-        per_call = chunk or _chunk_for(guard, info.shape, want_radius if defense.lower() == "interval" else None)
+        per_call = chunk or guard.images_per_chunk(tuple(info.shape), full_radius=want_radius)
         t_run = time.perf_counter()
         with progress_bar(enabled=bool(todo) and env.is_main) as bar:
             task = bar.add_task(f"certify ({defense})", total=len(todo))
@@ -160,10 +163,9 @@ def certify_cmd(
                 idx = todo[a:a + per_call]
                 xc = x[idx].to(dev)
                 t0 = time.perf_counter()
-                if sequential:
-                    cert = guard.certify_at(xc, eps_v, indices=idx)
-                else:
-                    cert = guard.certify_checks(xc, check_radii, full_radius=want_radius, indices=idx)
+                # one call either way: a sequential defense answers one radius without a radius search
+                # with its sequential test
+                cert = guard.certify_checks(xc, check_radii, full_radius=want_radius, indices=idx)
                 label = cert.label.cpu()  # one transfer per chunk
                 radius = cert.radius.detach().cpu().double()
                 extras = {k: v.detach().cpu() for k, v in cert.extras.items()}
@@ -196,7 +198,7 @@ def certify_cmd(
     selected = set(wanted)
     rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
 
-    norm_name = getattr(getattr(guard, "norm", None), "value", "l2")
+    norm_name = guard.norm.value
     if radii_v is not None:
         grid = list(radii_v)
     elif want_radius and not sequential:
@@ -207,7 +209,8 @@ def certify_cmd(
         grid = sorted(set(grid) | {eps_v} | (set() if sequential else {2 * eps_v}))
     summary = summarize(rows_all, grid, eps_v)
     summary = {"model": str(model), "defense": defense.lower(), "norm": norm_name, "dataset": info.name,
-               "split": split, "range": [skip, stop], "settings": settings, "device": str(dev),
+               "split": split, "range": [skip, stop], "settings": {**settings, **guard.diagnostics()},
+               "device": str(dev),
                "new_images": new_images, "wall_seconds": round(wall, 3), **summary}
     if env.distributed:
         summary["processes"] = env.world_size
@@ -253,15 +256,6 @@ def _trim(radii: tuple[float, ...], rows: list[dict[str, Any]]) -> list[float]:
         if r > top:
             break
     return out
-
-
-def _chunk_for(guard: Any, shape: tuple[int, ...], full_radius: bool | None = None) -> int:
-    suggest = getattr(guard, "images_per_chunk", None)
-    if not callable(suggest):
-        return DEFAULT_CHUNK
-    return int(suggest(shape) if full_radius is None else suggest(shape, full_radius=full_radius))
-
-
 
 
 def _print_summary(s: dict[str, Any]) -> None:

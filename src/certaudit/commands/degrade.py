@@ -108,7 +108,9 @@ def degrade_cmd(
     if skip < 0:
         raise InputError(f"--skip must be >= 0, got {skip}")
     if chunk is None:
-        chunk = 20 if defense.lower() == "smoothing" else 256
+        from certaudit.defenses.registry import defense_class
+
+        chunk = 20 if defense_class(defense).randomized else 256  # a CERTIFY per image and attack: small chunks
     if chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {chunk}")
     _run(model=model, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive, prune=prune,
@@ -140,31 +142,22 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
     net, meta, info = load_model_for_data(model, dataset, dev)
-    if defense == "smoothing":
-        opts = {k: defense_options[k] for k in ("sigma", "n0", "n", "alpha", "batch_size", "seed")}
-    elif defense == "interval":
-        opts = {"method": defense_options.get("method")}
-    else:
-        opts = {"eps": eps}
-    guard = build_defense(defense, net, meta, {k: v for k, v in opts.items() if v is not None})
+    opts = {k: v for k, v in {**defense_options, "eps": eps}.items() if v is not None}  # each defense takes its own
+    guard = build_defense(defense, net, meta, opts)
     names = attacks_for(guard, attack)  # refuses spgd on deterministic defenses early
     if prune and guard.proof_name is None:
-        raise InputError(f"--prune needs a defense that proves non-degradability; {defense}"
-                         f"{' ' + str(getattr(guard, 'method', '')) if defense == 'interval' else ''} has no such proof")
-    # the interval defense's radius is a bisection (11 bound passes per image): only for the --plot curve
-    full_radius = defense != "interval" or plot is not None
+        raise InputError(f"--prune needs a defense that proves non-degradability; {defense} "
+                         f"({', '.join(f'{k}={v}' for k, v in guard.settings().items() if k == 'method') or 'this one'}) "
+                         "has no such proof")
+    # a radius that costs a search (interval bisection: ~11 bound passes per image) only for the --plot curve
+    full_radius = not guard.radius_is_search or plot is not None
     cfg = AttackConfig.from_options(attack_options)
     x, y = load_dataset(info.name, split, data_root)
     if skip >= len(y):
         raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y)} images)")
     stop = len(y) if limit is None else min(len(y), skip + limit)
     wanted = list(range(skip, stop))
-    settings = guard.settings() if hasattr(guard, "settings") else dict(opts)
-    # computed constants (Lipschitz bounds) vary in the last bits with the thread count: keep them
-    # out of the resume hash, which must name the experiment, not its floating-point by-products
-    from certaudit.defenses.base import stable_settings
-
-    settings = stable_settings(settings)
+    settings = guard.settings()  # stable values only: computed constants are diagnostics, not in the hash
     config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,

@@ -87,7 +87,7 @@ def spoof_cmd(
     from certaudit.audits.spoofing import is_randomized, save_grid, spoof_batch, summarize
     from certaudit.data import load_dataset, sha256_file
     from certaudit.defenses.base import ABSTAIN
-    from certaudit.defenses.registry import build_defense
+    from certaudit.defenses.registry import build_defense, defense_class
     from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
@@ -108,7 +108,8 @@ def spoof_cmd(
     if select_n < 1:
         raise InputError(f"--select-n must be >= 1, got {select_n}")
     defense_name = defense.lower()
-    preset_name = (preset or ("smoothing" if defense_name == "smoothing" else "crown-ibp")).lower()
+    cls = defense_class(defense_name)  # its declared capabilities decide defaults and what applies
+    preset_name = (preset or ("smoothing" if cls.randomized else "crown-ibp")).lower()
     if preset_name not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     base = ShadowConfig() if preset_name == "smoothing" else ShadowConfig.crown_ibp()
@@ -123,17 +124,17 @@ def spoof_cmd(
     if color is not None:
         changes["color"] = color.lower()
     config = base.with_(**changes)  # raises InputError on bad values
-    loss_kind = (loss_name or ("ce" if defense_name == "smoothing" else "margin")).lower()
+    loss_kind = (loss_name or ("ce" if cls.randomized else "margin")).lower()
     if loss_kind not in ("ce", "margin", "robust-ce"):
         raise InputError(f"unknown loss {loss_name!r}; choose ce, margin or robust-ce")
-    if loss_kind == "robust-ce" and defense_name != "interval":
+    if loss_kind == "robust-ce" and "ce" not in cls.margin_reductions:
         raise InputError("--loss robust-ce is the interval defense's training loss; use --defense interval")
-    if method is not None and defense_name != "interval":
-        raise InputError("--method applies to --defense interval only")
-    if loss_kind == "ce" and defense_name != "smoothing":
+    if method is not None and not cls.methods:
+        raise InputError(f"--method applies to --defense interval only (its bound methods); {defense_name} has none")
+    if loss_kind == "ce" and not cls.randomized:
         raise InputError("--loss ce is the randomized-smoothing loss; use --loss margin for other defenses")
     eps_v = None if eps is None else parse_number(eps, "--eps", positive=True, allow_zero=False)
-    if loss_kind in ("margin", "robust-ce") and eps_v is None and defense_name != "smoothing":
+    if loss_kind in ("margin", "robust-ce") and eps_v is None and not cls.randomized:
         raise InputError("--loss margin needs --eps: the radius at which the spoofed label should be certified")
     if noise.lower() not in ("fixed", "fresh"):
         raise InputError(f"unknown --noise {noise!r}; choose fixed or fresh")
@@ -154,7 +155,7 @@ def spoof_cmd(
     guard = build_defense(defense_name, net, meta, options)
     randomized = is_randomized(guard)  # noise in CERTIFY: skip abstentions, re-draw to judge
     if loss_kind == "ce":
-        loss: Any = SmoothedCrossEntropy(net, guard.sigma, samples=samples, noise=noise.lower())
+        loss: Any = SmoothedCrossEntropy(net, guard.noise_sigma, samples=samples, noise=noise.lower())
     else:
         kwargs = {"n_samples": samples} if randomized else {}
         if loss_kind == "robust-ce":
@@ -169,8 +170,8 @@ def spoof_cmd(
 
     cert_opts = {"n0": n0, "n": n} if randomized else {}
     sel_opts = {"n0": n0, "n": select_n} if randomized else {}
-    settings = guard.settings() if hasattr(guard, "settings") else {k: v for k, v in options.items() if k != "batch_size"}
-    loss_settings = loss.settings() if hasattr(loss, "settings") else {"loss": loss_kind}
+    settings = guard.settings()
+    loss_settings = loss.settings()
     config_row = {"verb": "spoof", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense_name,
                   "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
                   "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
@@ -256,8 +257,7 @@ def _parse_classes(text: str) -> list[int]:
 
 
 def _auto_chunk(loss: Any, shape: tuple[int, ...]) -> int:
-    fn = getattr(loss, "max_images", None)
-    return max(1, min(256, int(fn(shape)))) if callable(fn) else 64
+    return max(1, min(256, int(loss.max_images(shape))))
 
 
 def _caption(label: int, pred: Any, radius: Any, info: Any, abstain: int) -> str:

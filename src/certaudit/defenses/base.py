@@ -123,6 +123,45 @@ class Defense(ABC):
     norm: Norm
     randomized: bool = False
     monotone: bool = False
+    radius_is_search: bool = False
+    """``certify``'s radius costs a search over radii (interval bisection) while the checks at given
+    radii are cheap: callers skip it (``full_radius=False``) unless a radius is asked for."""
+    noise_sigma: float | None = None
+    """The Gaussian noise level of a randomized-smoothing defense (what SPGD samples with); else None."""
+    methods: tuple[str, ...] = ()
+    """Bound methods the defense can run (option ``method``); empty: it has no such choice."""
+    margin_reductions: tuple[str, ...] = ("min",)
+    """``margin(..., reduction=)`` values beyond the default ``min`` (interval: ``ce``, the robust CE)."""
+    sequential_test: bool = False
+    """It can decide certification at one radius with an anytime-valid sequential test (option
+    ``sequential``; :meth:`certify_checks` with one radius and ``full_radius=False`` then uses it)."""
+
+    @classmethod
+    def from_options(cls, model: torch.nn.Module, meta: Any, options: dict[str, Any]) -> "Defense":
+        """Build from CLI-level ``options`` (the registry passes every option the user gave; a defense
+        takes its own, refuses options that only make sense for it when they conflict, and fills
+        defaults from the checkpoint's ``meta``)."""
+        raise InputError(f"{cls.__name__} cannot be built from options")
+
+    def settings(self) -> dict[str, Any]:
+        """The *stable* settings that determine the defense's answers (result headers and resume
+        hashes): never values computed from the model (see :meth:`diagnostics`)."""
+        return {}
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Values the defense computes from the model (e.g. Lipschitz bounds), for summaries only:
+        their last bits can depend on the thread count, so they never enter a resume hash."""
+        return {}
+
+    def images_per_chunk(self, sample_shape: Sequence[int], *, full_radius: bool = True) -> int:
+        """Images per certify call (and per write of rows) for images of ``sample_shape``."""
+        return 256
+
+    def rival_margins(self, x: torch.Tensor, eps: float, target: torch.Tensor) -> torch.Tensor | None:
+        """Optional capability: a differentiable (B, K) table of the certification margin of
+        ``target`` against each rival class j (+inf at the target), whose minimum is :meth:`margin`;
+        attacks use it to aim at one rival at a time. None where the defense has no such table."""
+        return None
 
     def __init__(self, model: torch.nn.Module, num_classes: int):
         if not isinstance(model, torch.nn.Module):
@@ -141,8 +180,10 @@ class Defense(ABC):
         return torch.device("cpu")
 
     @abstractmethod
-    def certify(self, x: torch.Tensor) -> Certificates:
-        """Label and certified radius for every input of the batch."""
+    def certify(self, x: torch.Tensor, *, seed: int | None = None,
+                indices: Sequence[int] | None = None) -> Certificates:
+        """Label and certified radius for every input of the batch. ``seed`` and ``indices`` (the
+        inputs' data-set indices) key the noise of a :attr:`randomized` defense; others ignore them."""
 
     def accept(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """Algorithm 2.1 (PredictWithDefense): label if certified at ``eps``, else ABSTAIN."""
@@ -162,10 +203,7 @@ class Defense(ABC):
 
         This default suits closed-form radii (``radius >= r`` is the check at r); defenses whose
         radius is a search override it."""
-        kwargs = dict(options)
-        if self.randomized:
-            kwargs.update({k: v for k, v in (("seed", seed), ("indices", indices)) if v is not None})
-        return self.certify(x, **kwargs).with_checks(radii)
+        return self.certify(x, seed=seed, indices=indices, **options).with_checks(radii)
 
     @property
     def proof_name(self) -> str | None:
@@ -178,16 +216,6 @@ class Defense(ABC):
         no such proof (the default; randomized smoothing). Defenses that have one override this and
         :attr:`proof_name` (docs/degradation.md, "The proven upper bound")."""
         return None
-
-
-# Settings a defense *computes* from the model (e.g. Lipschitz bounds, whose last digits depend on the
-# thread count): reported in summaries, but left out of result-file configuration hashes.
-COMPUTED_SETTINGS = ("layers", "penultimate_lipschitz", "max_pairwise")
-
-
-def stable_settings(settings: dict) -> dict:
-    """``settings`` without the computed values of :data:`COMPUTED_SETTINGS` (what a resume must match)."""
-    return {k: v for k, v in settings.items() if k not in COMPUTED_SETTINGS}
 
 
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:

@@ -195,6 +195,7 @@ class SmoothedClassifier(Defense):
 
     norm = Norm.L2
     randomized = True  # certificates draw noise: certify takes seed/indices, a re-check is a re-draw
+    sequential_test = True
 
     def __init__(self, model: nn.Module, num_classes: int, sigma: float, *, batch_size: int | None = None,
                  precision: str = "fp32", channels_last: bool = False, n0: int = 100, n: int = 100_000,
@@ -203,6 +204,7 @@ class SmoothedClassifier(Defense):
         super().__init__(model, num_classes)
         self.sequential = bool(sequential)  # accept() defaults to the sequential test (certify_at)
         self.sigma = _sigma(sigma)
+        self.noise_sigma = self.sigma  # the protocol's name for it (SPGD samples with it)
         self.batch_size = None if batch_size is None else _count("batch_size", batch_size)
         self.precision = parse_precision(precision)
         self.channels_last = bool(channels_last)
@@ -225,6 +227,8 @@ class SmoothedClassifier(Defense):
         σ defaults to the checkpoint's training σ (``meta.sigma``, set by Gaussian-noise training
         or by ``certaudit import --format cohen``).
         """
+        if options.get("method") is not None:
+            raise InputError("--method chooses interval bounds; randomized smoothing has none")
         sigma = options.get("sigma")
         if sigma is None:
             sigma = getattr(meta, "sigma", None)
@@ -642,7 +646,8 @@ class SmoothedClassifier(Defense):
             raise InputError("indices must be integers")
         return [int(i) for i in out]
 
-    def images_per_chunk(self, sample_shape: Sequence[int], n0: int | None = None, n: int | None = None) -> int:
+    def images_per_chunk(self, sample_shape: Sequence[int], n0: int | None = None, n: int | None = None, *,
+                         full_radius: bool = True) -> int:
         """Images per :meth:`certify` call so that the call's one partial batch costs little (≤ ~3%)."""
         per_image = (self.n0 if n0 is None else n0) + (self.n if n is None else n)
         return max(1, min(4096, -(-32 * self.resolve_batch_size(sample_shape) // per_image)))

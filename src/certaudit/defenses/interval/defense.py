@@ -39,6 +39,9 @@ class IntervalDefense(Defense):
     """ℓ∞ certificates from interval / linear-relaxation bounds (see :mod:`.bounds`)."""
 
     norm = Norm.LINF
+    radius_is_search = True  # the radius is a bisection (~11 bound passes); checks at given radii cost one each
+    methods = METHODS
+    margin_reductions = ("min", "ce")
 
     def __init__(self, model: nn.Module, num_classes: int, method: str = "crown", *,
                  input_shape: Sequence[int] | None = None, tol: float = 1e-3, max_radius: float = 1.0,
@@ -68,6 +71,10 @@ class IntervalDefense(Defense):
                              f"got precision {precision!r}")
         if options.get("channels_last"):
             raise InputError("--channels-last does not apply to the interval defense")
+        if options.get("sequential"):
+            raise InputError("--sequential is randomized smoothing's test; the interval defense is deterministic")
+        if options.get("sigma") is not None:
+            raise InputError("--sigma is a randomized-smoothing setting; the interval defense has no noise")
         kwargs: dict[str, Any] = {}
         for key in ("tol", "max_radius", "batch_size", "budget_mb"):
             if options.get(key) is not None:
@@ -81,7 +88,7 @@ class IntervalDefense(Defense):
                 "domain": "[0,1]", "bounds": "sound-float32",
                 "radius": "bisection; figures at a radius from checks at it"}  # rows before had no radius_tol
 
-    def images_per_chunk(self, sample_shape: Sequence[int], full_radius: bool = True) -> int:
+    def images_per_chunk(self, sample_shape: Sequence[int], *, full_radius: bool = True) -> int:
         """Images per certify call (and per write of rows): a few seconds of work on a CPU, so that a
         crash loses little. The bisection costs ~11 bound evaluations per image, the checks 2."""
         per = {"ibp": 256, "crown-ibp": 128, "crown": 64}[self.method]
@@ -167,7 +174,8 @@ class IntervalDefense(Defense):
         """IBP bounds are monotone in the box (Appendix A); CROWN-style ones re-fit their slopes to ε."""
         return self.method == "ibp"
 
-    def certify(self, x: torch.Tensor) -> Certificates:
+    def certify(self, x: torch.Tensor, *, seed: int | None = None,
+                indices: Sequence[int] | None = None) -> Certificates:
         """Prediction and largest certified ℓ∞ radius (bisection on ε, all images in parallel).
 
         The radius is certified (the bound was evaluated at exactly that float32 value) and is

@@ -156,6 +156,10 @@ class LipschitzDefense(Defense):
         ``exact_limit``; ``precision`` must be fp32; smoothing-only settings are ignored."""
         if options.get("sigma") is not None:
             raise InputError("--sigma is a randomized-smoothing setting; the lipschitz defense has no noise")
+        if options.get("method") is not None:
+            raise InputError("--method chooses interval bounds; the lipschitz defense has one bound (its Lipschitz constants)")
+        if options.get("sequential"):
+            raise InputError("--sequential is randomized smoothing's test; the lipschitz defense is deterministic")
         precision = str(options.get("precision", "fp32")).lower()
         if precision not in ("fp32", "float32"):
             raise InputError(f"the lipschitz defense certifies the fp32 model only, got precision {precision!r}")
@@ -166,13 +170,14 @@ class LipschitzDefense(Defense):
                    exact_limit=int(options.get("exact_limit", EXACT_LIMIT)), batch_size=options.get("batch_size"))
 
     def settings(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"eps": self.eps, "norm": "l2", "exact_limit": self.exact_limit,
-                               "arithmetic": "float64", "float_slack": "2*(e_y+e_j), magnitude pass"}
-        if self.input_shape is not None:
-            out.update(self.lipschitz_constants().to_dict())
-        return out
+        return {"eps": self.eps, "norm": "l2", "exact_limit": self.exact_limit,
+                "arithmetic": "float64", "float_slack": "2*(e_y+e_j), magnitude pass"}
 
-    def images_per_chunk(self, sample_shape: Sequence[int]) -> int:
+    def diagnostics(self) -> dict[str, Any]:
+        """The certified per-layer bounds, L and the largest K (computed from the weights)."""
+        return self.lipschitz_constants().to_dict() if self.input_shape is not None else {}
+
+    def images_per_chunk(self, sample_shape: Sequence[int], *, full_radius: bool = True) -> int:
         return self.batch_size
 
     # ------------------------------------------------------------------------------- bounds
@@ -259,7 +264,8 @@ class LipschitzDefense(Defense):
 
     # ----------------------------------------------------------------------- certificates
 
-    def certify(self, x: torch.Tensor) -> Certificates:
+    def certify(self, x: torch.Tensor, *, seed: int | None = None,
+                indices: Sequence[int] | None = None) -> Certificates:
         """Predicted label and certified ℓ2 radius ``min_j (f_y − f_j − 2(e_y+e_j)) / K_{y,j}``;
         ABSTAIN (radius 0) where not even that is positive (float ties)."""
         x = self._check_x(x)
@@ -297,6 +303,18 @@ class LipschitzDefense(Defense):
         rival = f + slack + eps_t.to(f.dtype).view(-1, 1) * k
         rival = rival.masked_fill(F.one_hot(t, self.num_classes).bool(), -math.inf)
         return (f.gather(1, t.view(-1, 1)).squeeze(1) - rival.amax(dim=1)).to(out_dtype)  # rounding keeps the sign
+
+    def rival_margins(self, x: torch.Tensor, eps: float, target: torch.Tensor) -> torch.Tensor:
+        """Differentiable (B, C): ``f_t − f_j − 2(e_t+e_j) − ε·K_{t,j}`` per rival j (+inf at t)."""
+        x = self._check_x(x)
+        t = check_labels(target, x.shape[0], self.num_classes).to(x.device)
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        f, e = self._forward(x, state)
+        assert e is not None
+        k = state.pairwise[t].to(f.dtype)  # (B, C)
+        slack = (2.0 * (e.gather(1, t.view(-1, 1)) + e)).to(f.dtype)
+        table = f.gather(1, t.view(-1, 1)) - f - slack - float(eps) * k
+        return table.masked_fill(F.one_hot(t, self.num_classes).bool(), math.inf)
 
     @property
     def proof_name(self) -> str | None:
