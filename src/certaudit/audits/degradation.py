@@ -465,7 +465,7 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
         need = ("label", "prediction", "radius")
         good = [r for r in rows if all(k in r for k in need)]
         config = (header or {}).get("config") or {}
-        if config.get("defense") == "interval":
+        if _radius_is_search(config.get("defense")):
             # interval rows written before radius_tol existed hold bisection radii: say so, so that no
             # figure at ε is read off them (the tolerance is the run's own setting, 1e-3 by default)
             tol = float((config.get("settings") or {}).get("tol") or 1e-3)
@@ -508,6 +508,13 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
                 row["seconds"] = sec
         rows.append(row)
     return "cohen", rows
+
+
+def _radius_is_search(name: Any) -> bool:
+    """Whether the defense named in a log's header finds its radius by a search (registry capability)."""
+    from certaudit.defenses.registry import DEFENSES, defense_class
+
+    return isinstance(name, str) and name.lower() in DEFENSES and defense_class(name).radius_is_search
 
 
 def _parse_time(text: str) -> float | None:

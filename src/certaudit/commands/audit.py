@@ -83,8 +83,9 @@ def audit_cmd(
         raise InputError(f"--skip must be >= 0, got {skip}")
     if stride < 1:
         raise InputError(f"--stride must be >= 1, got {stride}")
-    if defense.lower() not in ("smoothing", "lipschitz", "interval"):
-        raise InputError(f"unknown defense {defense!r}; choose one of: smoothing, lipschitz, interval")
+    from certaudit.defenses.registry import defense_class
+
+    defense_class(defense)  # an unknown name is refused here, before any loading, with the registry's list
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate

@@ -28,7 +28,7 @@ from certaudit.commands._common import (
 )
 from certaudit.errors import InputError
 
-PRESETS = ("smoothing", "crown-ibp")
+PRESETS = ("smoothing", "crown-ibp")  # ShadowConfig() and ShadowConfig.crown_ibp(), in this order
 
 
 def register(app: typer.Typer) -> None:
@@ -112,7 +112,7 @@ def spoof_cmd(
     preset_name = (preset or ("smoothing" if cls.randomized else "crown-ibp")).lower()
     if preset_name not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    base = ShadowConfig() if preset_name == "smoothing" else ShadowConfig.crown_ibp()
+    base = (ShadowConfig, ShadowConfig.crown_ibp)[PRESETS.index(preset_name)]()
     changes: dict[str, Any] = {"channels": channels, "optimizer": optimizer.lower(),
                                "init": parse_number(init, "--init")}
     if steps is not None:
