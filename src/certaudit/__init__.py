@@ -2,6 +2,8 @@
 
 Public API (everything else is private by default)::
 
+    import certaudit
+    summary = certaudit.audit(model, x, y, defense="smoothing", eps=0.5, sigma=0.25, out="audit-dir")
     from certaudit import load_dataset, load_checkpoint, SmoothedClassifier, ABSTAIN
 """
 
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 # Heavier modules, imported on first use.
 _LAZY = {
+    "audit": "certaudit.api",
     "SmoothedClassifier": "certaudit.defenses.smoothing",
     "LipschitzDefense": "certaudit.defenses.lipschitz",
     "IntervalDefense": "certaudit.defenses.interval",

@@ -23,8 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Verb modules, in the order they appear in --help. A module that is absent is skipped silently
-# only if it is listed in _OPTIONAL (features that land later).
+# Verb modules, in the order they appear in --help. Every one must import: a missing or broken
+# verb is a packaging bug and fails loudly, never a silently shorter --help.
 COMMAND_MODULES = [
     "certaudit.commands.train",
     "certaudit.commands.evaluate",
@@ -40,13 +40,7 @@ COMMAND_MODULES = [
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a verb whose module has not landed yet
-            if exc.name == name:
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 _register_all()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -348,6 +349,56 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def load_factory(spec: str, weights: str | os.PathLike | None, input_shape: Sequence[int], num_classes: int,
+                 dataset: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """The user's own architecture: ``package.module:function`` called with no arguments must return
+    an ``nn.Module`` taking [0, 1] images of ``input_shape`` to ``num_classes`` logits (normalization
+    inside it); its weights come from ``weights`` (safetensors, or a state dict read with
+    ``weights_only=True``), loaded strictly. Importing the module runs the user's code, as running
+    their script would; the weights file never does."""
+    import importlib
+
+    if not _FACTORY.match(str(spec)):
+        raise InputError(f"--model {spec!r} is neither a checkpoint file nor a factory package.module:function")
+    if weights is None:
+        raise InputError(f"--model {spec} is a factory: give its weights with --weights FILE")
+    module_name, attr = str(spec).split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import {module_name!r} for --model {spec} ({_short(exc)}); is it on PYTHONPATH?") from None
+    factory = vars(module).get(attr)
+    if not callable(factory):
+        raise InputError(f"{module_name} has no function {attr!r} (--model {spec})")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    state = read_state_dict(weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{weights}: weights do not match {spec}() ({_short(exc)})") from None
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{weights}: tensor {name!r} contains NaN or infinite values")
+    model = model.to(_device(device)).eval()
+    shape = [int(s) for s in input_shape]
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros((1, *shape), device=_device(device)))
+        except Exception as exc:  # the user's forward: any failure is a mismatch with the data set
+            raise InputError(f"{spec}() cannot take {dataset} images {tuple(shape)} ({_short(exc)})") from None
+    if out.dim() != 2 or int(out.shape[1]) != int(num_classes):
+        raise InputError(f"{spec}() returns shape {tuple(out.shape)} for one {dataset} image; "
+                         f"expected (1, {num_classes}) logits")
+    meta = ModelMeta(arch=str(spec), dataset=dataset, input_shape=shape, num_classes=int(num_classes),
+                     mean=[0.0], std=[1.0], method="imported", training={"source": f"factory {spec}"})
+    return model, meta
 
 
 def _existing(path: str | os.PathLike) -> Path:

@@ -44,6 +44,8 @@ from certaudit.audits.spoofing import spoof_batch
 from certaudit.errors import InputError
 
 STAGES = ("clean", "certify", "degrade", "spoof")
+EXAMPLE_ATTACK_SEED_STRIDE = 7919  # example re-runs of an attack: seed + stride × first index (not the rows' seeds)
+EXAMPLE_RECHECK_SEED_OFFSET = 104729  # and their re-check noise (smoothing), apart from every row's stream
 SUMMARY_VERSION = 1
 
 Progress = Callable[[str, int, int], None]  # (stage, images done in this run, images to do in this run)
@@ -315,8 +317,8 @@ def _keep_degrade_examples(out: Path, guard: Any, x: torch.Tensor, rows: list[di
         idx = [int(r["index"]) for r in group]
         xs = x[idx].to(guard.device)
         label = torch.tensor([int(r["prediction"]) for r in group], dtype=torch.long)
-        cand = run_attack(name, guard, xs, label.to(xs.device), s.eps, cfg, seed=s.seed + 7919 * idx[0])
-        verdict = verify_candidates(guard, xs, cand, label, s.eps, tol=cfg.tol, seed=s.seed + 104729,
+        cand = run_attack(name, guard, xs, label.to(xs.device), s.eps, cfg, seed=s.seed + EXAMPLE_ATTACK_SEED_STRIDE * idx[0])
+        verdict = verify_candidates(guard, xs, cand, label, s.eps, tol=cfg.tol, seed=s.seed + EXAMPLE_RECHECK_SEED_OFFSET,
                                     indices=idx)
         for j, r in enumerate(group):
             if bool(verdict.success[j]):

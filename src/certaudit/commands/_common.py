@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -38,19 +40,40 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def load_model_for_data(model: Any, dataset: str | None, dev: Any) -> tuple[Any, Any, Any]:
-    """Load a checkpoint onto ``dev`` and the data set's description (default: the model's own),
-    refusing a data set whose image shape or class count the model does not take."""
-    from certaudit.data import dataset_info
-    from certaudit.models import load_checkpoint
+MODEL_HELP = ("certaudit checkpoint (.safetensors), or a Python factory package.module:function returning an "
+              "nn.Module that takes [0,1] images (with --weights and --dataset)")
+WEIGHTS_HELP = ("with a factory --model: its weights (safetensors, or a PyTorch state dict read with "
+                "weights_only=True; never unpickled code)")
 
-    net, meta = load_checkpoint(model, dev)
-    info = dataset_info(dataset or meta.dataset)
+
+def load_model_for_data(model: Any, dataset: str | None, dev: Any,
+                        weights: Any = None) -> tuple[Any, Any, Any, str]:
+    """The model on ``dev``, its metadata, the data set's description (default: the model's own) and
+    the SHA-256 that binds result files to these weights; refuses a data set whose image shape or
+    class count the model does not take.
+
+    ``model`` is a certaudit checkpoint, or a factory ``package.module:function`` (the user's own
+    architecture: the module is imported, as running the user's script would) whose weights come from
+    ``weights``; its input shape and classes are the data set's (``dataset`` is then required)."""
+    from certaudit.data import dataset_info, sha256_file
+    from certaudit.models import load_checkpoint, load_factory
+
+    spec = str(model)
+    if weights is not None or (":" in spec and not Path(spec).exists()):
+        if not dataset:
+            raise InputError("a factory --model needs --dataset (it fixes the input shape and the classes)")
+        info = dataset_info(dataset)
+        net, meta = load_factory(spec, weights, info.shape, info.num_classes, info.name, dev)
+        sha = hashlib.sha256(f"{spec}|{sha256_file(weights)}".encode()).hexdigest()
+    else:
+        net, meta = load_checkpoint(model, dev)
+        info = dataset_info(dataset or meta.dataset)
+        sha = sha256_file(model)
     if list(info.shape) != list(meta.input_shape):
         raise InputError(f"model {model} expects inputs {tuple(meta.input_shape)}, data set {info.name} has {info.shape}")
     if info.num_classes != meta.num_classes:
         raise InputError(f"model {model} has {meta.num_classes} classes, data set {info.name} has {info.num_classes}")
-    return net, meta, info
+    return net, meta, info, sha
 
 
 class MemoryRows:

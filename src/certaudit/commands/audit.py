@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import console, err_console, load_model_for_data, parse_number, print_json
+from certaudit.commands._common import MODEL_HELP, WEIGHTS_HELP, console, err_console, load_model_for_data, parse_number, print_json
 from certaudit.errors import InputError
 
 
@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
 
 
 def audit_cmd(
-    model: Path = typer.Option(..., "--model", help="certaudit checkpoint (.safetensors)"),
+    model: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     defense: str = typer.Option(..., "--defense", help="smoothing, lipschitz or interval"),
     eps: str = typer.Option(..., "--eps", help="radius ε of the run-time defense (ℓ2, or ℓ∞ for interval); 2ε is "
                                                "checked too"),
@@ -90,14 +91,14 @@ def audit_cmd(
         raise InputError(f"--out {out} exists and is not a folder")
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta, info = load_model_for_data(model, dataset, dev)
+    net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)
     x, y = load_dataset(info.name, split, data_root)
     if skip >= len(y):
         raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y)} images)")
     wanted = list(range(skip, len(y), stride))
     if limit is not None:
         wanted = wanted[:limit]
-    source = AuditSource(model=str(model), model_sha256=sha256_file(model), defense=defense.lower(),
+    source = AuditSource(model=str(model), model_sha256=model_sha, defense=defense.lower(),
                          dataset=info.name, split=split, indices=wanted, arch=meta.arch)
     summary = run_and_report(out, net, meta, source, x, y, settings, dev, classes=info.classes,
                              quiet=as_json or not env.is_main, env=env)

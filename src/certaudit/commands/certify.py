@@ -26,6 +26,8 @@ from typing import Any, Optional
 import typer
 
 from certaudit.commands._common import (
+    MODEL_HELP,
+    WEIGHTS_HELP,
     MemoryRows,
     console,
     err_console,
@@ -44,7 +46,8 @@ def register(app: typer.Typer) -> None:
 
 
 def certify_cmd(
-    model: Path = typer.Option(..., "--model", help="certaudit checkpoint (.safetensors)"),
+    model: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     defense: str = typer.Option("smoothing", "--defense", help="smoothing, lipschitz or interval"),
     sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing noise σ (default: the model's training σ)"),
     n0: int = typer.Option(100, "--n0", help="smoothing: selection samples per image"),
@@ -127,7 +130,7 @@ def certify_cmd(
 
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta, info = load_model_for_data(model, dataset, dev)
+    net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)
     guard = build_defense(defense, net, meta, options)
     x, y = load_dataset(info.name, split, data_root)
     if skip >= len(y):
@@ -143,7 +146,7 @@ def certify_cmd(
                     "rows": "radius-null-decision"}  # rows before carried radius = ε
     from certaudit.defenses.base import radius_key
 
-    config = {"verb": "certify", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense.lower(),
+    config = {"verb": "certify", "model_sha256": model_sha, "arch": meta.arch, "defense": defense.lower(),
               "settings": settings, "dataset": info.name, "split": split, "device": dev.type}
     if check_radii or not want_radius:  # rows carry checks at these radii (older files without them stay resumable)
         config["checks"] = [radius_key(r) for r in check_radii]

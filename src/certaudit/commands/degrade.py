@@ -27,6 +27,8 @@ from typing import Any, List, Optional
 import typer
 
 from certaudit.commands._common import (
+    MODEL_HELP,
+    WEIGHTS_HELP,
     MemoryRows,
     console,
     err_console,
@@ -47,7 +49,8 @@ def register(app: typer.Typer) -> None:
 
 
 def degrade_cmd(
-    model: Optional[Path] = typer.Option(None, "--model", help="certaudit checkpoint (.safetensors)"),
+    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     defense: str = typer.Option("lipschitz", "--defense", help="smoothing, lipschitz or interval"),
     eps: str = typer.Option(..., "--eps", help="attack radius ε (norm of the defense: ℓ2, or ℓ∞ for interval)"),
     attack: str = typer.Option("all", "--attack", help="pgd (Alg 3.1), pgd-2eps (Alg B.1), spgd (Alg 3.2, smoothing), "
@@ -113,7 +116,7 @@ def degrade_cmd(
         chunk = 20 if defense_class(defense).randomized else 256  # a CERTIFY per image and attack: small chunks
     if chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {chunk}")
-    _run(model=model, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive, prune=prune,
+    _run(model=model, weights=weights, defense=defense.lower(), eps=eps_v, attack=attack.lower(), exhaustive=exhaustive, prune=prune,
          attack_options={"steps": steps, "restarts": restarts,
                          "step_size": None if step_size is None else parse_number(step_size, "--step-size", positive=True,
                                                                                   allow_zero=False),
@@ -125,7 +128,7 @@ def degrade_cmd(
          data_root=data_root, out=out, radii=radii_v, plot=plot, as_json=as_json)
 
 
-def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool, prune: bool,
+def _run(*, model: Path, weights: Path | None, defense: str, eps: float, attack: str, exhaustive: bool, prune: bool,
          attack_options: dict[str, Any],
          defense_options: dict[str, Any], seed: int, device: str, dataset: str | None, split: str, limit: int | None,
          skip: int, chunk: int, data_root: Path | None, out: Path | None, radii: list[float] | None,
@@ -141,7 +144,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
 
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta, info = load_model_for_data(model, dataset, dev)
+    net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)
     opts = {k: v for k, v in {**defense_options, "eps": eps}.items() if v is not None}  # each defense takes its own
     guard = build_defense(defense, net, meta, opts)
     names = attacks_for(guard, attack)  # refuses spgd on deterministic defenses early
@@ -158,7 +161,7 @@ def _run(*, model: Path, defense: str, eps: float, attack: str, exhaustive: bool
     stop = len(y) if limit is None else min(len(y), skip + limit)
     wanted = list(range(skip, stop))
     settings = guard.settings()  # stable values only: computed constants are diagnostics, not in the hash
-    config = {"verb": "degrade", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense,
+    config = {"verb": "degrade", "model_sha256": model_sha, "arch": meta.arch, "defense": defense,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
               "row_format": ROW_FORMAT, "full_radius": full_radius,

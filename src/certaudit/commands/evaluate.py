@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from certaudit.commands._common import console, load_model_for_data, print_json
+from certaudit.commands._common import MODEL_HELP, WEIGHTS_HELP, console, load_model_for_data, print_json
 from certaudit.errors import InputError
 
 
@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 
 
 def evaluate_cmd(
-    model: Path = typer.Option(..., "--model", help="certaudit checkpoint (.safetensors)"),
+    model: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="data set (default: the model's own)"),
     split: str = typer.Option("test", "--split", help="train or test"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first K images only"),
@@ -37,7 +38,7 @@ def evaluate_cmd(
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    net, meta, info = load_model_for_data(model, dataset, dev)
+    net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)
     x, y = load_dataset(info.name, split, data_root)
     if limit is not None:
         x, y = x[:limit], y[:limit]

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import typer
 
 from certaudit.commands._common import (
+    MODEL_HELP,
+    WEIGHTS_HELP,
     MemoryRows,
     console,
     err_console,
@@ -37,7 +39,8 @@ def register(app: typer.Typer) -> None:
 
 
 def spoof_cmd(
-    model: Path = typer.Option(..., "--model", help="certaudit checkpoint (.safetensors)"),
+    model: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     defense: str = typer.Option("smoothing", "--defense", help="smoothing, lipschitz or interval"),
     sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing noise σ (default: the model's training σ)"),
     channels: int = typer.Option(1, "--channels", help="1: one grey δ for all channels (Dissim = 0); 3: a δ per channel"),
@@ -149,7 +152,7 @@ def spoof_cmd(
     options = {k: v for k, v in options.items() if v is not None}
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
-    net, meta, info = load_model_for_data(model, dataset, dev)
+    net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)
     if cand is not None and max(cand) >= info.num_classes:
         raise InputError(f"--targets must lie in [0, {info.num_classes}), got {cand}")
     guard = build_defense(defense_name, net, meta, options)
@@ -172,7 +175,7 @@ def spoof_cmd(
     sel_opts = {"n0": n0, "n": select_n} if randomized else {}
     settings = guard.settings()
     loss_settings = loss.settings()
-    config_row = {"verb": "spoof", "model_sha256": sha256_file(model), "arch": meta.arch, "defense": defense_name,
+    config_row = {"verb": "spoof", "model_sha256": model_sha, "arch": meta.arch, "defense": defense_name,
                   "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
                   "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
                   "checks": "eps" if eps_v is not None else None,

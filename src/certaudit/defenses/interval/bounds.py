@@ -526,21 +526,14 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
         raise InputError(f"unknown lower slope {lower_slope!r}; choose one of: {', '.join(LOWER_SLOPES)}")
     x_lo, x_hi = input_box(x, eps, sound)
     ops = net.body
+    # IBP first, for every method: its intervals seed CROWN (which then tightens them) and its
+    # magnitudes bound the rounding slack even of pure backward bounds
     lo, hi, mag = [x_lo], [x_hi], [None]
-    if not (method == "crown" and pure):
-        for op in ops:
-            l, u, mg = ibp_step(op, lo[-1], hi[-1], sound)
-            lo.append(l)
-            hi.append(u)
-            mag.append(mg)
-    else:  # pure backward bounds still need IBP magnitudes for the slack
-        lo_i, hi_i = [x_lo], [x_hi]
-        for op in ops:
-            l, u, mg = ibp_step(op, lo_i[-1], hi_i[-1], sound)
-            lo_i.append(l)
-            hi_i.append(u)
-            mag.append(mg)
-        lo, hi = lo_i, hi_i
+    for op in ops:
+        l, u, mg = ibp_step(op, lo[-1], hi[-1], sound)
+        lo.append(l)
+        hi.append(u)
+        mag.append(mg)
     spec = Spec.fold(net.last, c)
     plain_last = (lo[-1], hi[-1])  # IBP's own last-layer interval (CROWN tightens copies in st)
     st = State(ops, lo, hi, mag, x_lo, x_hi, sound, lower_slope, {})
