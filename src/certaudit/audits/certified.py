@@ -95,6 +95,47 @@ def certified_mask(rows: Sequence[dict[str, Any]], r: float, *, allow_bisection:
     return ok & (rad >= r), ("radius" if tol == 0 else f"bisection radius (tol {tol:g})")
 
 
+def certification_rows(defense: Any, x: Any, y: Any, indices: Sequence[int], radii: Sequence[float] = (), *,
+                       full_radius: bool = True, device: Any = None) -> list[dict[str, Any]]:
+    """One certification row per image of ``indices`` (the row schema of ``certify`` and of the
+    audit's certify stage): ``index``, ``label``, ``prediction`` (ABSTAIN = -1), ``radius`` (null
+    where not computed), ``correct``, ``seconds``, ``certified_at`` (the defense's own check at
+    exactly each of ``radii``), ``radius_tol`` (bisection radii) and the defense's extras (smoothing:
+    counts, ``p_lower``; the sequential test: ``samples``, ``decision`` by name)."""
+    import time
+
+    import torch
+
+    from certaudit.defenses.sequential import DECISIONS
+
+    idx = [int(i) for i in indices]
+    xc = x[idx] if device is None else x[idx].to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cert = defense.certify_checks(xc, list(radii), full_radius=full_radius, indices=idx)
+    label = cert.label.cpu()  # one transfer per call
+    radius = cert.radius.detach().cpu().double()
+    extras = {k: v.detach().cpu() for k, v in cert.extras.items()}
+    checks = {k: v.detach().cpu() for k, v in cert.checks.items()}
+    seconds = (time.perf_counter() - t0) / max(1, len(idx))
+    rows = []
+    for b, i in enumerate(idx):
+        pred, rad = int(label[b]), float(radius[b])
+        row: dict[str, Any] = {"index": i, "label": int(y[i]), "prediction": pred,
+                               "radius": rad if rad == rad else None,  # null: not computed (checks only)
+                               "correct": pred == int(y[i]), "seconds": round(seconds, 6)}
+        if checks:
+            row["certified_at"] = {k: bool(v[b]) and pred != ABSTAIN for k, v in checks.items()}
+        if cert.radius_tol > 0:
+            row["radius_tol"] = cert.radius_tol
+        for key, val in extras.items():
+            row[key] = val[b].tolist()
+        if "decision" in extras:  # the sequential test's decision, by name
+            row["decision"] = DECISIONS[int(row["decision"])]
+        rows.append(row)
+    return rows
+
+
 def certified_accuracy(rows: Sequence[dict[str, Any]], radius: float) -> float:
     """VRA at ``radius``: fraction of rows whose prediction is correct and certified at ``radius``
     (the rows' checks at exactly that radius, or closed-form radii; see :func:`certified_mask`)."""
@@ -230,5 +271,5 @@ def plot_certified_accuracy(curves: dict[str, Sequence[dict[str, Any]]], path: A
         plt.close(fig)
 
 
-__all__ = ["certified_accuracy", "certified_mask", "radius_tolerance", "rejection_rate", "summarize", "default_radii", "accuracy_curve",
+__all__ = ["certification_rows", "certified_accuracy", "certified_mask", "radius_tolerance", "rejection_rate", "summarize", "default_radii", "accuracy_curve",
            "plot_certified_accuracy", "L2_RADII", "LINF_RADII"]

@@ -66,7 +66,7 @@ def audit_cmd(
     as_json: bool = typer.Option(False, "--json", help="print summary.json's headline as JSON"),
 ) -> None:
     from certaudit.audits.pipeline import AuditSettings, AuditSource
-    from certaudit.data import load_dataset, sha256_file
+    from certaudit.data import load_dataset
     from certaudit.distributed import device_for
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown

@@ -19,7 +19,6 @@ rank certifies its share of the images into ``rows.jsonl.rank{K}``, rank 0 merge
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +27,6 @@ import typer
 from certaudit.commands._common import (
     MODEL_HELP,
     WEIGHTS_HELP,
-    MemoryRows,
     console,
     err_console,
     load_model_for_data,
@@ -77,12 +75,11 @@ def certify_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
 
-    from certaudit.audits.certified import default_radii, summarize
-    from certaudit.defenses.base import ABSTAIN
-    from certaudit.defenses.sequential import DECISIONS
-    from certaudit.data import load_dataset, sha256_file
+    from certaudit.audits.certified import certification_rows, default_radii, summarize
+    from certaudit.audits.runner import run_rows
+    from certaudit.data import load_dataset
     from certaudit.defenses.registry import build_defense, defense_class
-    from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_indices
+    from certaudit.distributed import device_for
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import resolve_device
@@ -151,55 +148,20 @@ def certify_cmd(
     if check_radii or not want_radius:  # rows carry checks at these radii (older files without them stay resumable)
         config["checks"] = [radius_key(r) for r in check_radii]
         config["full_radius"] = want_radius
-    writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
-    with writer:
-        done = writer.done()
-        left = [i for i in wanted if i not in done]
-        todo = [i for i in shard_indices(wanted, env.rank, env.world_size) if i not in done]  # this rank's share
-        if len(left) < len(wanted) and not as_json and env.is_main:
-            err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already certified")
-        per_call = chunk or guard.images_per_chunk(tuple(info.shape), full_radius=want_radius)
-        t_run = time.perf_counter()
-        with progress_bar(enabled=bool(todo) and env.is_main) as bar:
-            task = bar.add_task(f"certify ({defense})", total=len(todo))
-            for a in range(0, len(todo), per_call):
-                idx = todo[a:a + per_call]
-                xc = x[idx].to(dev)
-                t0 = time.perf_counter()
-                # one call either way: a sequential defense answers one radius without a radius search
-                # with its sequential test
-                cert = guard.certify_checks(xc, check_radii, full_radius=want_radius, indices=idx)
-                label = cert.label.cpu()  # one transfer per chunk
-                radius = cert.radius.detach().cpu().double()
-                extras = {k: v.detach().cpu() for k, v in cert.extras.items()}
-                checks = {k: v.detach().cpu() for k, v in cert.checks.items()}
-                seconds = (time.perf_counter() - t0) / len(idx)
-                rows = []
-                for b, i in enumerate(idx):
-                    pred = int(label[b])
-                    rad = float(radius[b])
-                    row = {"index": i, "label": int(y[i]), "prediction": pred,
-                           "radius": rad if rad == rad else None,  # null: not computed (checks only / sequential)
-                           "correct": pred == int(y[i]), "seconds": round(seconds, 6)}
-                    if checks:
-                        row["certified_at"] = {k: bool(v[b]) and pred != ABSTAIN for k, v in checks.items()}
-                    if cert.radius_tol > 0:
-                        row["radius_tol"] = cert.radius_tol
-                    for key, val in extras.items():
-                        row[key] = val[b].tolist()
-                    if sequential:
-                        row["decision"] = DECISIONS[int(row["decision"])] if "decision" in row else None
-                    rows.append(row)
-                writer.write_many(rows)
-                bar.advance(task, len(idx))
-        rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
-        wall = time.perf_counter() - t_run
-    new_images = all_sum(env, len(todo))
+    per_call = chunk or guard.images_per_chunk(tuple(info.shape), full_radius=want_radius)
+    with progress_bar(enabled=env.is_main) as bar:
+        task = bar.add_task(f"certify ({defense})", total=None)
+        # one call per block: a sequential defense answers its one radius with its sequential test
+        run = run_rows(lambda idx: certification_rows(guard, x, y, idx, check_radii, full_radius=want_radius,
+                                                      device=dev),
+                       wanted, out=out, config=config, env=env, block=per_call,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total),
+                       announce=None if as_json or not env.is_main else lambda k: err_console.print(
+                           f"resuming {out}: {k} of {len(wanted)} images already certified"))
     dist_shutdown(env)
     if not env.is_main:
         return
-    selected = set(wanted)
-    rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
+    rows_all, new_images, wall = run.rows, run.new_images, run.wall_seconds
 
     norm_name = guard.norm.value
     if radii_v is not None:

@@ -20,7 +20,6 @@ Examples::
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -29,7 +28,6 @@ import typer
 from certaudit.commands._common import (
     MODEL_HELP,
     WEIGHTS_HELP,
-    MemoryRows,
     console,
     err_console,
     load_model_for_data,
@@ -135,9 +133,10 @@ def _run(*, model: Path, weights: Path | None, defense: str, eps: float, attack:
          plot: Path | None, as_json: bool) -> None:
     from certaudit.attacks.degradation import AttackConfig, attacks_for
     from certaudit.audits.degradation import ROW_FORMAT, degrade_batch, fpr_curve, plot_fpr_curves, summarize_degradation
-    from certaudit.data import load_dataset, sha256_file
+    from certaudit.data import load_dataset
     from certaudit.defenses.registry import build_defense
-    from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
+    from certaudit.audits.runner import run_rows
+    from certaudit.distributed import device_for
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import resolve_device
@@ -166,32 +165,21 @@ def _run(*, model: Path, weights: Path | None, defense: str, eps: float, attack:
               "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": info.name, "split": split,
               "row_format": ROW_FORMAT, "full_radius": full_radius,
               "device": dev.type}
-    writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
-    with writer:
-        done = writer.done()
-        left = [i for i in wanted if i not in done]
-        # attacks are seeded per batch: fixed blocks of the request, dealt to ranks, keep the batches
-        # (hence the rows) the same whatever the number of processes and however often it resumed
-        blocks = shard_blocks(wanted, chunk, env.rank, env.world_size, done)
-        n_todo = sum(len(b) for b in blocks)
-        if len(left) < len(wanted) and not as_json and env.is_main:
-            err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already audited")
-        t_run = time.perf_counter()
-        with progress_bar(enabled=bool(blocks) and env.is_main) as bar:
-            task = bar.add_task(f"degrade ({defense}, {attack})", total=n_todo)
-            for idx in blocks:
-                rows = degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
-                                     exhaustive=exhaustive, prune=prune, full_radius=full_radius, **cfg.as_dict())
-                writer.write_many(rows)
-                bar.advance(task, len(idx))
-        rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
-        wall = time.perf_counter() - t_run
-    new_images = all_sum(env, n_todo)
+    # attacks are seeded per batch: the run loop's fixed blocks keep the batches (hence the rows) the
+    # same whatever the number of processes and however often the run resumed
+    with progress_bar(enabled=env.is_main) as bar:
+        task = bar.add_task(f"degrade ({defense}, {attack})", total=None)
+        run = run_rows(lambda idx: degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
+                                                 exhaustive=exhaustive, prune=prune, full_radius=full_radius,
+                                                 **cfg.as_dict()),
+                       wanted, out=out, config=config, env=env, block=chunk,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total),
+                       announce=None if as_json or not env.is_main else lambda k: err_console.print(
+                           f"resuming {out}: {k} of {len(wanted)} images already audited"))
     dist_shutdown(env)
     if not env.is_main:
         return
-    selected = set(wanted)
-    rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
+    rows_all, new_images, wall = run.rows, run.new_images, run.wall_seconds
 
     summary = summarize_degradation(rows_all, eps, proof=guard.proof_name)
     radius_known = all(r.get("radius") is not None for r in rows_all)

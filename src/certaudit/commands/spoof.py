@@ -11,7 +11,6 @@ resume. Example (the paper's smoothing setting on CIFAR-10)::
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +19,6 @@ import typer
 from certaudit.commands._common import (
     MODEL_HELP,
     WEIGHTS_HELP,
-    MemoryRows,
     console,
     err_console,
     load_model_for_data,
@@ -88,10 +86,11 @@ def spoof_cmd(
 
     from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
     from certaudit.audits.spoofing import is_randomized, save_grid, spoof_batch, summarize
-    from certaudit.data import load_dataset, sha256_file
+    from certaudit.data import load_dataset
     from certaudit.defenses.base import ABSTAIN
     from certaudit.defenses.registry import build_defense, defense_class
-    from certaudit.distributed import ShardedRowWriter, all_sum, device_for, gather_rows, shard_blocks
+    from certaudit.audits.runner import run_rows
+    from certaudit.distributed import device_for
     from certaudit.distributed import init as dist_init
     from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import resolve_device
@@ -180,49 +179,37 @@ def spoof_cmd(
                   "select": sel_opts, "targets": cand, "seed": seed, "eps": eps_v, "skip_abstained": randomized,
                   "checks": "eps" if eps_v is not None else None,
                   "dataset": info.name, "split": split, "device": dev.type}
-    writer: Any = ShardedRowWriter(out, config_row, env) if out is not None else MemoryRows()
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]] = []
-    with writer:
-        done = writer.done()
-        left = [i for i in wanted if i not in done]
-        if len(left) < len(wanted) and not as_json and env.is_main:
-            err_console.print(f"resuming {out}: {len(wanted) - len(left)} of {len(wanted)} images already attacked")
-        shape = tuple(info.shape)
-        per_call = chunk or _auto_chunk(loss, shape)
-        # every draw is keyed by (seed, image index); fixed blocks of the request dealt to ranks also
-        # keep the batches, hence the last floating-point bits, the same for any number of processes
-        blocks = shard_blocks(wanted, per_call, env.rank, env.world_size, done)
-        todo = [i for b in blocks for i in b]
-        n_targets = len(cand) if cand is not None else info.num_classes - 1
-        t_run = time.perf_counter()
-        with progress_bar(enabled=bool(todo) and env.is_main) as bar:
-            task = bar.add_task(f"shadow attack ({defense_name}, {config.channels}-channel)",
-                                total=max(1, len(todo) * n_targets * config.steps))
-            finished = 0
-            for idx in blocks:
-                xc = x_all[idx].to(dev)
-                yc = y_all[idx]
-                result = spoof_batch(guard, loss, xc, yc, config, indices=idx, seed=seed, candidates=cand,
-                                     certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
-                                     on_step=lambda k: bar.advance(task, k), eps=eps_v)
-                writer.write_many(result.rows)
-                finished += len(idx)
-                bar.update(task, completed=finished * n_targets * config.steps)
-                if grid is not None:
-                    for b, row in enumerate(result.rows):
-                        if row["attacked"] and len(shown) < grid_images:
-                            nat_txt = _caption(row["label"], row["natural_prediction"], row["natural_radius"], info, ABSTAIN)
-                            adv_txt = _caption(row["label"], row["spoofed_prediction"], row["spoofed_radius"], info, ABSTAIN)
-                            shown.append((result.natural[b].cpu(), result.delta[b].cpu(), result.x_adv[b].cpu(),
-                                          (nat_txt, adv_txt)))
-        rows_final = writer.finish() if out is not None else gather_rows(env, writer.rows)
-        wall = time.perf_counter() - t_run
-    new_images = all_sum(env, len(todo))
+    per_call = chunk or _auto_chunk(loss, tuple(info.shape))
+    n_targets = len(cand) if cand is not None else info.num_classes - 1
+    steps_per_image = n_targets * config.steps
+
+    def work(idx: list[int]) -> list[dict[str, Any]]:
+        result = spoof_batch(guard, loss, x_all[idx].to(dev), y_all[idx], config, indices=idx, seed=seed,
+                             candidates=cand, certify_options=cert_opts, select_options=sel_opts,
+                             skip_abstained=randomized, on_step=lambda k: bar.advance(task, k), eps=eps_v)
+        if grid is not None:
+            for b, row in enumerate(result.rows):
+                if row["attacked"] and len(shown) < grid_images:
+                    nat_txt = _caption(row["label"], row["natural_prediction"], row["natural_radius"], info, ABSTAIN)
+                    adv_txt = _caption(row["label"], row["spoofed_prediction"], row["spoofed_radius"], info, ABSTAIN)
+                    shown.append((result.natural[b].cpu(), result.delta[b].cpu(), result.x_adv[b].cpu(),
+                                  (nat_txt, adv_txt)))
+        return result.rows
+
+    # every draw is keyed by (seed, image index); the run loop's fixed blocks also keep the batches, hence
+    # the last floating-point bits, the same for any number of processes
+    with progress_bar(enabled=env.is_main) as bar:
+        task = bar.add_task(f"shadow attack ({defense_name}, {config.channels}-channel)", total=None)
+        run = run_rows(work, wanted, out=out, config=config_row, env=env, block=per_call,
+                       progress=lambda done, total: bar.update(task, completed=done * steps_per_image,
+                                                               total=max(1, total * steps_per_image)),
+                       announce=None if as_json or not env.is_main else lambda k: err_console.print(
+                           f"resuming {out}: {k} of {len(wanted)} images already attacked"))
     dist_shutdown(env)
     if not env.is_main:
         return  # the grid shows rank 0's images
-    selected = set(wanted)
-    rows_all = sorted((r for r in rows_final if r.get("index") in selected), key=lambda r: r["index"])
+    rows_all, new_images, wall = run.rows, run.new_images, run.wall_seconds
 
     summary = summarize(rows_all, eps_v)
     summary = {"model": str(model), "defense": defense_name, "dataset": info.name, "split": split,
