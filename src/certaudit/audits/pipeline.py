@@ -143,7 +143,7 @@ def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source:
     the summary (other ranks return ``None``). Rows do not depend on the number of processes.
     """
     from certaudit.defenses.registry import build_defense
-    from certaudit.distributed import DistEnv, all_sum
+    from certaudit.distributed import DistEnv
     from certaudit.results import write_json_atomic
 
     env = env if env is not None else DistEnv(rank=0, world_size=1, local_rank=0)
@@ -170,12 +170,11 @@ def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source:
     timings: dict[str, dict[str, Any]] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     t_all = time.perf_counter()
+    ctx = StageContext(out=out, guard=guard, model=model, x=x, y=y, wanted=wanted, settings=settings, base=base,
+                       device=dev, progress=progress if env.is_main else None, env=env)
     for stage in settings.stages:
-        runner = _STAGE_RUNNERS[stage]
         t0 = time.perf_counter()
-        stage_rows, new = runner(out, guard, model, x, y, wanted, settings, base, dev,
-                                 progress if env.is_main else None, env)
-        new = all_sum(env, new)
+        stage_rows, new = _STAGE_RUNNERS[stage](ctx)  # new: images of this run, all ranks
         rows[stage] = stage_rows
         timings[stage] = {"wall_seconds_this_run": round(time.perf_counter() - t0, 3), "new_images": new,
                           "row_seconds": round(sum(float(r.get("seconds") or 0.0) for r in stage_rows), 3)}
@@ -194,112 +193,84 @@ def _defense_options(s: AuditSettings) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _open(out: Path, stage: str, config: dict[str, Any], wanted: list[int], env: Any, block: int):
-    """The stage's row writer (this rank's shard) and this rank's blocks of unfinished images."""
-    from certaudit.distributed import ShardedRowWriter, shard_blocks
+@dataclass
+class StageContext:
+    """What every stage of one audit shares (built once by :func:`run_audit`)."""
 
-    writer = ShardedRowWriter(out / "rows" / f"{stage}.jsonl", config, env)
-    blocks = shard_blocks(wanted, block, env.rank, env.world_size, writer.done())
-    return writer, blocks
+    out: Path
+    guard: Any  # the Defense
+    model: torch.nn.Module
+    x: torch.Tensor  # the whole split, (N, C, H, W) in [0, 1]
+    y: torch.Tensor  # (N,)
+    wanted: list[int]  # the audited indices
+    settings: AuditSettings
+    base: dict[str, Any]  # the configuration common to every stage's result header
+    device: torch.device
+    progress: Progress | None  # rank 0 only
+    env: Any  # certaudit.distributed.DistEnv
+
+    def run(self, stage: str, config: dict[str, Any], work: Any, block: int,
+            wanted: list[int] | None = None) -> tuple[list[dict[str, Any]], int]:
+        """The shared run loop (:func:`certaudit.audits.runner.run_rows`) on ``rows/<stage>.jsonl``."""
+        from certaudit.audits.runner import run_rows
+
+        progress = self.progress
+        res = run_rows(work, self.wanted if wanted is None else wanted, out=self.out / "rows" / f"{stage}.jsonl",
+                       config=config, env=self.env, block=block,
+                       progress=None if progress is None else lambda done, total: progress(stage, done, total))
+        return res.rows, res.new_images
 
 
-def _finish(writer: Any, wanted: list[int]) -> list[dict[str, Any]]:
-    """Merge the ranks' rows (rank 0); the stage's rows for ``wanted``, by index ([] on other ranks)."""
-    merged = writer.finish()
-    if merged is None:
-        return []
-    keep = set(wanted)
-    return sorted((r for r in merged if r.get("index") in keep), key=lambda r: r["index"])
-
-
-def _tick(progress: Progress | None, stage: str, done: int, total: int) -> None:
-    if progress is not None:
-        progress(stage, done, total)
-
-
-def _stage_clean(out, guard, model, x, y, wanted, s, base, dev, progress, env):
+def _stage_clean(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
     """The undefended model's argmax on every image (clean accuracy of the base classifier)."""
-    writer, blocks = _open(out, "clean", {"stage": "clean", **base}, wanted, env, max(s.chunk, 256))
-    todo = [i for b in blocks for i in b]
-    with writer:
-        _tick(progress, "clean", 0, len(todo))
-        done = 0
-        for idx in blocks:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                pred = model(x[idx].to(dev)).argmax(dim=1).cpu()  # (B,)
-            sec = (time.perf_counter() - t0) / len(idx)
-            writer.write_many([{"index": i, "label": int(y[i]), "prediction": int(pred[b]),
-                                "correct": int(pred[b]) == int(y[i]), "seconds": round(sec, 6)}
-                               for b, i in enumerate(idx)])
-            done += len(idx)
-            _tick(progress, "clean", done, len(todo))
-        return _finish(writer, wanted), len(todo)
+    def work(idx: list[int]) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pred = ctx.model(ctx.x[idx].to(ctx.device)).argmax(dim=1).cpu()  # (B,)
+        sec = (time.perf_counter() - t0) / len(idx)
+        return [{"index": i, "label": int(ctx.y[i]), "prediction": int(pred[b]),
+                 "correct": int(pred[b]) == int(ctx.y[i]), "seconds": round(sec, 6)} for b, i in enumerate(idx)]
+
+    return ctx.run("clean", {"stage": "clean", **ctx.base}, work, max(ctx.settings.chunk, 256))
 
 
-def _stage_certify(out, guard, model, x, y, wanted, s, base, dev, progress, env):
-    """The defense's CERTIFY on every image: label (or ABSTAIN) and certified radius."""
-    from certaudit.defenses.base import ABSTAIN, radius_key
+def _stage_certify(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
+    """The defense's certification of every image: label (or ABSTAIN), certified radius, and the
+    defense's own checks at exactly ε and 2ε (the headline's figures at ε come from these)."""
+    from certaudit.audits.certified import certification_rows
+    from certaudit.defenses.base import radius_key
 
-    checks = [s.eps, 2 * s.eps]  # the headline's figures at ε and 2ε come from the defense's checks at them
-    config = {"stage": "certify", **base, "checks": [radius_key(r) for r in checks]}
-    writer, blocks = _open(out, "certify", config, wanted, env, s.chunk)
-    todo = [i for b in blocks for i in b]
-    with writer:
-        _tick(progress, "certify", 0, len(todo))
-        done = 0
-        for idx in blocks:
-            t0 = time.perf_counter()
-            xc = x[idx].to(dev)
-            with torch.no_grad():
-                cert = guard.certify_checks(xc, checks, full_radius=True, indices=idx)
-            label, radius = cert.label.cpu(), cert.radius.detach().double().cpu()
-            at = {k: v.cpu() for k, v in cert.checks.items()}
-            sec = (time.perf_counter() - t0) / len(idx)
-            rows = []
-            for b, i in enumerate(idx):
-                row = {"index": i, "label": int(y[i]), "prediction": int(label[b]),
-                       "radius": float(radius[b]), "correct": int(label[b]) == int(y[i]),
-                       "certified_at": {k: bool(v[b]) and int(label[b]) != ABSTAIN for k, v in at.items()},
-                       "seconds": round(sec, 6)}
-                if cert.radius_tol > 0:
-                    row["radius_tol"] = cert.radius_tol
-                rows.append(row)
-            writer.write_many(rows)
-            done += len(idx)
-            _tick(progress, "certify", done, len(todo))
-        return _finish(writer, wanted), len(todo)
+    s = ctx.settings
+    checks = [s.eps, 2 * s.eps]
+    config = {"stage": "certify", **ctx.base, "checks": [radius_key(r) for r in checks]}
+    return ctx.run("certify", config, lambda idx: certification_rows(ctx.guard, ctx.x, ctx.y, idx, checks,
+                                                                      full_radius=True, device=ctx.device), s.chunk)
 
 
 def _attack_options(s: AuditSettings) -> dict[str, Any]:
     return {"steps": s.attack_steps, "restarts": s.attack_restarts, "samples": s.attack_samples}
 
 
-def _stage_degrade(out, guard, model, x, y, wanted, s, base, dev, progress, env):
-    """Degradation attacks on the images certified at ε; the 2ε check; a few examples kept."""
+def _stage_degrade(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
+    """Degradation attacks on the images certified at ε; the 2ε check and the proof; a few examples kept."""
     from certaudit.attacks.degradation import AttackConfig, attacks_for
-
-    names = attacks_for(guard, s.attack)
-    cfg = AttackConfig.from_options(_attack_options(s))
     from certaudit.audits.degradation import ROW_FORMAT
 
-    config = {"stage": "degrade", **base, "eps": s.eps, "attack": s.attack, "attacks": names,
+    s, guard = ctx.settings, ctx.guard
+    names = attacks_for(guard, s.attack)
+    cfg = AttackConfig.from_options(_attack_options(s))
+    config = {"stage": "degrade", **ctx.base, "eps": s.eps, "attack": s.attack, "attacks": names,
               "attack_config": cfg.as_dict(), "chunk": s.chunk, "row_format": ROW_FORMAT}
-    writer, blocks = _open(out, "degrade", config, wanted, env, s.chunk)
-    todo = [i for b in blocks for i in b]
-    kept = _count_examples(out, "degrade") if env.is_main else s.examples  # rank 0 keeps the examples
-    with writer:
-        _tick(progress, "degrade", 0, len(todo))
-        done = 0
-        for idx in blocks:
-            rows = degrade_batch(guard, x[idx], y[idx], s.eps, attack=s.attack, seed=s.seed, indices=idx,
-                                 full_radius=False, **cfg.as_dict())
-            if kept < s.examples:
-                kept += _keep_degrade_examples(out, guard, x, rows, s, cfg, s.examples - kept)
-            writer.write_many(rows)
-            done += len(idx)
-            _tick(progress, "degrade", done, len(todo))
-        return _finish(writer, wanted), len(todo)
+    kept = [_count_examples(ctx.out, "degrade") if ctx.env.is_main else s.examples]  # rank 0 keeps the examples
+
+    def work(idx: list[int]) -> list[dict[str, Any]]:
+        rows = degrade_batch(guard, ctx.x[idx], ctx.y[idx], s.eps, attack=s.attack, seed=s.seed, indices=idx,
+                             full_radius=False, **cfg.as_dict())
+        if kept[0] < s.examples:
+            kept[0] += _keep_degrade_examples(ctx.out, guard, ctx.x, rows, s, cfg, s.examples - kept[0])
+        return rows
+
+    return ctx.run("degrade", config, work, s.chunk)
 
 
 def _keep_degrade_examples(out: Path, guard: Any, x: torch.Tensor, rows: list[dict[str, Any]], s: AuditSettings,
@@ -349,43 +320,39 @@ def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
     return config, loss
 
 
-def _stage_spoof(out, guard, model, x, y, wanted, s, base, dev, progress, env):
-    """Untargeted Shadow Attack on the first ``spoof_images`` images; fresh CERTIFY judges success."""
+def _stage_spoof(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
+    """Untargeted Shadow Attack on the first ``spoof_images`` images; a fresh certification judges success."""
     from certaudit.audits.spoofing import is_randomized
 
-    targets = wanted if s.spoof_images is None else wanted[:s.spoof_images]
-    config, loss = _spoof_loss(guard, model, s)
+    s, guard = ctx.settings, ctx.guard
+    targets = ctx.wanted if s.spoof_images is None else ctx.wanted[:s.spoof_images]
+    config, loss = _spoof_loss(guard, ctx.model, s)
     randomized = is_randomized(guard)
     cert_opts = {"n0": s.n0, "n": s.spoof_n or s.n} if randomized else {}
     sel_opts = {"n0": s.n0, "n": s.spoof_select_n} if randomized else {}
-    stage_config = {"stage": "spoof", **base, "eps": s.eps, "shadow": config.as_dict(),
+    stage_config = {"stage": "spoof", **ctx.base, "eps": s.eps, "shadow": config.as_dict(),
                     "spoof_loss": loss.settings(), "certify": cert_opts,
                     "select": sel_opts, "skip_abstained": randomized, "checks": "eps"}
-    writer, blocks = _open(out, "spoof", stage_config, targets, env, s.chunk)
-    todo = [i for b in blocks for i in b]
-    kept = _count_examples(out, "spoof") if env.is_main else s.examples  # rank 0 keeps the examples
-    with writer:
-        _tick(progress, "spoof", 0, len(todo))
-        done = 0
-        for idx in blocks:
-            res = spoof_batch(guard, loss, x[idx].to(dev), y[idx], config, indices=idx, seed=s.seed,
-                              certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
-                              eps=s.eps)
-            if kept < s.examples:
-                pick = [b for b, r in enumerate(res.rows) if r.get("success")][:s.examples - kept]
-                if pick:
-                    meta_rows = [(int(res.rows[b]["index"]), int(res.rows[b]["label"]),
-                                  int(res.rows[b]["spoofed_prediction"]), float(res.rows[b]["spoofed_radius"]),
-                                  float(res.rows[b]["l2"]), f"natural {res.rows[b]['natural_prediction']} "
-                                  f"r={res.rows[b]['natural_radius']:.3f}") for b in pick]
-                    sel = torch.tensor(pick, dtype=torch.long)
-                    _save_examples(out / "images" / f"spoof_{idx[0]:07d}.npz", res.natural[sel].cpu(),
-                                   res.x_adv[sel].cpu(), meta_rows)
-                    kept += len(pick)
-            writer.write_many(res.rows)
-            done += len(idx)
-            _tick(progress, "spoof", done, len(todo))
-        return _finish(writer, targets), len(todo)
+    kept = [_count_examples(ctx.out, "spoof") if ctx.env.is_main else s.examples]  # rank 0 keeps the examples
+
+    def work(idx: list[int]) -> list[dict[str, Any]]:
+        res = spoof_batch(guard, loss, ctx.x[idx].to(ctx.device), ctx.y[idx], config, indices=idx, seed=s.seed,
+                          certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
+                          eps=s.eps)
+        if kept[0] < s.examples:
+            pick = [b for b, r in enumerate(res.rows) if r.get("success")][:s.examples - kept[0]]
+            if pick:
+                meta_rows = [(int(res.rows[b]["index"]), int(res.rows[b]["label"]),
+                              int(res.rows[b]["spoofed_prediction"]), float(res.rows[b]["spoofed_radius"]),
+                              float(res.rows[b]["l2"]), f"natural {res.rows[b]['natural_prediction']} "
+                              f"r={res.rows[b]['natural_radius']:.3f}") for b in pick]
+                sel = torch.tensor(pick, dtype=torch.long)
+                _save_examples(ctx.out / "images" / f"spoof_{idx[0]:07d}.npz", res.natural[sel].cpu(),
+                               res.x_adv[sel].cpu(), meta_rows)
+                kept[0] += len(pick)
+        return res.rows
+
+    return ctx.run("spoof", stage_config, work, s.chunk, wanted=targets)
 
 
 _STAGE_RUNNERS = {"clean": _stage_clean, "certify": _stage_certify, "degrade": _stage_degrade, "spoof": _stage_spoof}
