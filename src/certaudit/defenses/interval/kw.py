@@ -54,7 +54,7 @@ def convert_kw(path: str | os.PathLike, dataset: str | None = None, stage: int =
 def import_kw(raw: dict[str, Any], *, source: str | os.PathLike, dataset: str | None = None,
               sigma: float | None = None, arch: str | None = None, stage: int = 0,
               eps: float | None = None) -> tuple[torch.nn.Sequential, Any]:
-    """Importer with the signature of ``certaudit.commands.import_model.IMPORTERS`` entries."""
+    """Importer with the signature of ``certaudit.importers.IMPORTERS`` entries."""
     from certaudit.data import dataset_info
     from certaudit.models import ModelMeta, build_model
 
