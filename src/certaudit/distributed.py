@@ -96,6 +96,10 @@ def shutdown(env: DistEnv) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # every rank reaches this point before any rank tears gloo down: destroying the group while a
+            # peer is still finishing its last collective aborts that peer ("terminate called without an
+            # active exception", exit -6), seen under load
+            dist.barrier()
             dist.destroy_process_group()
         _OWNED.clear()
 
@@ -208,7 +212,7 @@ def merge_shards(out: str | os.PathLike, config: dict[str, Any], key: str = "ind
     merged: dict[Any, dict[str, Any]] = {}
     sources = ([out] if out.exists() and out.stat().st_size > 0 else []) + shard_files(out)
     for src in sources:
-        header, rows = read_rows(src)
+        header, rows = read_rows(src, key)
         if header.get("config_hash") != want:
             raise InputError(f"{src} holds results of a different configuration (hash {header.get('config_hash')} "
                              f"vs {want}); use another output path or delete it")

@@ -47,7 +47,16 @@ def _json_default(obj: Any) -> Any:
 
 
 class RowWriter:
-    """Resumable writer of JSONL rows (one experiment per file)."""
+    """Resumable writer of JSONL rows (one experiment per file, one writer at a time).
+
+    The file is checked read-only before anything is written: a file that is not a certaudit
+    results file (no header line, not JSON, not UTF-8: a model, a text file) is refused untouched;
+    a header whose configuration no longer matches its own hash (edited by hand) is refused; rows
+    with a key that occurs twice are refused. Only then may a torn last row of *our* file (a crash
+    mid-write) be cut. An exclusive lock (``fcntl.flock`` on ``<path>.lock``, holding the writer's
+    pid) is held for the writer's lifetime: a second writer on the same file is refused, naming the
+    holder. The lock dies with its process (a crashed run leaves no stale lock).
+    """
 
     def __init__(self, path: str | os.PathLike, config: dict[str, Any], key: str = "index"):
         self.path = Path(path)
@@ -56,45 +65,64 @@ class RowWriter:
         self.hash = config_hash(config)
         self._done: set[Any] = set()
         self.rows: list[dict[str, Any]] = []
+        self._fh: Any = None
+        self._lock: Any = None
         if self.path.exists() and self.path.is_dir():
             raise InputError(f"output path {self.path} is a directory; give a .jsonl file")
+        if self.path.exists() and not self.path.is_file():
+            raise InputError(f"output path {self.path} is not a regular file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._resume()
-        else:
-            with open(self.path, "w", encoding="utf-8") as fh:
-                fh.write(_dumps({"kind": "header", "config": config, "config_hash": self.hash}) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._lock = lock_file(self.path)
+        try:
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._resume()
+            else:
+                with open(self.path, "w", encoding="utf-8") as fh:
+                    fh.write(_dumps({"kind": "header", "config": config, "config_hash": self.hash}) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self._fh = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            self._release()
+            raise
 
     def _resume(self) -> None:
         with open(self.path, "rb") as fh:
             data = fh.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # torn final line from a crash: drop it
-            with open(self.path, "r+b") as fh:
-                fh.truncate(end)
-            data = data[:end]
-        lines = data.decode("utf-8", errors="strict").splitlines()
-        if not lines:
-            raise InputError(f"{self.path}: no header line; delete the file or choose another output")
-        try:
-            header = json.loads(lines[0])
-        except json.JSONDecodeError:
-            raise InputError(f"{self.path} is not a certaudit results file; choose another output") from None
-        if not isinstance(header, dict) or header.get("kind") != "header":
-            raise InputError(f"{self.path} is not a certaudit results file; choose another output")
+        # 1. read-only: is this our results file, of this configuration, with one row per key?
+        first_end = data.find(b"\n")
+        if first_end < 0:
+            raise InputError(f"{self.path} is not a certaudit results file (no header line); it was left untouched: "
+                             "choose another output")
+        header = _parse_header(data[:first_end], self.path)
         if header.get("config_hash") != self.hash:
             raise InputError(
                 f"{self.path} holds results of a different configuration (hash {header.get('config_hash')} "
                 f"vs {self.hash}); use another output path or delete it"
             )
-        for i, line in enumerate(lines[1:], start=2):
+        end = data.rfind(b"\n") + 1
+        try:
+            lines = data[first_end + 1:end].decode("utf-8", errors="strict").splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"{self.path}: rows are not UTF-8 text; delete the file to start over") from None
+        rows = []
+        for i, line in enumerate(lines, start=2):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise InputError(f"{self.path}:{i}: corrupt row; delete the file to start over") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{self.path}:{i}: a row must be a JSON object; delete the file to start over")
+            rows.append(row)
+        dup = _duplicates(rows, self.key)
+        if dup:
+            raise InputError(f"{self.path}: {self.key} {dup[0]!r} occurs in more than one row ({len(dup)} duplicates; "
+                             "two runs wrote it at once, or it was edited): delete the duplicate rows or the file")
+        # 2. only now, and only a torn final row of our own file, is cut
+        if end < len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+        for row in rows:
             self.rows.append(row)
             self._done.add(_hashable(row.get(self.key)))
 
@@ -124,8 +152,14 @@ class RowWriter:
         self.rows.extend(rows)
 
     def close(self) -> None:
-        if not self._fh.closed:
+        if self._fh is not None and not self._fh.closed:
             self._fh.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            unlock_file(self._lock)
+            self._lock = None
 
     def __enter__(self) -> "RowWriter":
         return self
@@ -134,34 +168,110 @@ class RowWriter:
         self.close()
 
 
+def _parse_header(line: bytes, path: Path) -> dict[str, Any]:
+    """The header of a results file, or InputError (the file is never modified here)."""
+    try:
+        header = json.loads(line.decode("utf-8", errors="strict"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path} is not a certaudit results file; it was left untouched: choose another output") from None
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        raise InputError(f"{path} is not a certaudit results file; it was left untouched: choose another output")
+    config = header.get("config")
+    if not isinstance(config, dict) or config_hash(config) != header.get("config_hash"):
+        raise InputError(f"{path}: its header's configuration does not match its hash (edited by hand?); "
+                         "refusing to resume it: delete the file or choose another output")
+    return header
+
+
+def _duplicates(rows: list[dict[str, Any]], key: str) -> list[Any]:
+    seen: set[Any] = set()
+    dup = []
+    for r in rows:
+        k = _hashable(r.get(key))
+        if k in seen:
+            dup.append(k)
+        seen.add(k)
+    return dup
+
+
+def lock_file(path: str | os.PathLike) -> Any:
+    """Take the exclusive lock of ``path`` (``<path>.lock``, which then holds this pid); refuse with
+    the holder's pid when another process has it. Returns the open lock file (see :func:`unlock_file`)."""
+    lock = Path(str(path) + ".lock")
+    fh = open(lock, "a+", encoding="utf-8")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise InputError(f"{path} is being written by another certaudit process (pid {holder}); wait for it to "
+                         "finish or stop it, then rerun to resume") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def unlock_file(fh: Any) -> None:
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    except (ImportError, OSError, ValueError):  # pragma: no cover
+        pass
+    fh.close()
+
+
 def _hashable(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-def read_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a results file: (header, complete rows). A torn last line is ignored."""
+def read_rows(path: str | os.PathLike, key: str | None = "index") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a results file: (header, complete rows). A torn last line is ignored; a line that is
+    not a JSON object, non-UTF-8 bytes or (with ``key``) a key that occurs twice are refused."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"results file not found: {p}")
     header: dict[str, Any] | None = None
     rows: list[dict[str, Any]] = []
-    for line in _complete_lines(p):
-        obj = json.loads(line)
+    for lineno, line in enumerate(_complete_lines(p), start=1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if header is None:
+                raise InputError(f"{p} is not a certaudit results file") from None
+            raise InputError(f"{p}:{lineno}: corrupt row (not JSON)") from None
         if header is None:
             if not isinstance(obj, dict) or obj.get("kind") != "header":
                 raise InputError(f"{p} is not a certaudit results file")
             header = obj
+        elif not isinstance(obj, dict):
+            raise InputError(f"{p}:{lineno}: a row must be a JSON object")
         else:
             rows.append(obj)
     if header is None:
         raise InputError(f"{p} is empty")
+    if key is not None:
+        dup = _duplicates(rows, key)
+        if dup:
+            raise InputError(f"{p}: {key} {dup[0]!r} occurs in more than one row ({len(dup)} duplicates)")
     return header, rows
 
 
 def _complete_lines(p: Path) -> Iterator[str]:
     data = p.read_bytes()
     end = data.rfind(b"\n") + 1
-    yield from data[:end].decode("utf-8").splitlines()
+    try:
+        text = data[:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{p} is not a certaudit results file (not UTF-8 text)") from None
+    yield from text.splitlines()
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

@@ -93,7 +93,8 @@ def demo_cmd(
 
         # the smoothing audit is the longest: this process runs it while the workers run the others
         with ProcessPoolExecutor(max_workers=min(n_workers - 1, len(jobs) - 1),
-                                 mp_context=mp.get_context("spawn")) as pool:
+                                 mp_context=mp.get_context("spawn"), initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_demo_audit, job): job["title"] for job in jobs[1:]}
             summaries[jobs[0]["title"]] = run_demo_audit(jobs[0])
             if not as_json:
@@ -113,6 +114,25 @@ def demo_cmd(
     print_headline(results)
     console.print(f"wrote {paths['html']} and {paths['md']} ({wall:.1f} s in all, {n_workers} process(es)); rows and "
                   f"summary.json per audit under {out}/")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the worker dies when the demo process dies (SIGKILL included), so no
+    orphan keeps writing rows next to a rerun. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; then a
+    check that the parent did not die before the call (the signal would never come)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl: rely on the row lock
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def run_demo_audit(job: dict[str, Any], progress: bool = False) -> dict[str, Any]:
