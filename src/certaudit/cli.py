@@ -46,6 +46,11 @@ def _register_all() -> None:
 _register_all()
 
 
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
 def _one_line(message: str) -> str:
     return " ".join(str(message).split()) or "invalid input"
 
@@ -57,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args=args, prog_name="certaudit", standalone_mode=False)
     except Exit as exc:
         return int(exc.exit_code or 0)
-    except Abort:
-        print("certaudit: aborted", file=sys.stderr)
+    except Abort:  # typer's form of Ctrl-C
+        print("certaudit: interrupted; rows written so far are kept: rerun the same command to resume",
+              file=sys.stderr)
         return 130
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":
@@ -69,8 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"certaudit: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave cannot be read or written: disk full, read-only, missing folder
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"certaudit: error: {_one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("certaudit: error: not enough memory for this run; lower --batch-size, --samples or --chunk",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        print("certaudit: error: not enough memory for this run (the allocator refused); lower --batch-size, "
+              "--samples or --chunk", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("certaudit: interrupted", file=sys.stderr)
+        print("certaudit: interrupted; rows written so far are kept: rerun the same command to resume",
+              file=sys.stderr)
         return 130
     return int(result) if isinstance(result, int) else 0
 

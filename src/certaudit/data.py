@@ -140,7 +140,22 @@ def load_dataset(name: str, split: str = "test", root: str | os.PathLike | None 
         root = Path(root).expanduser()
         if not root.exists():
             raise DataNotFoundError(f"data root {root} does not exist")
-    images, labels = _LOADERS[key](split, root, download)
+    try:
+        images, labels = _LOADERS[key](split, root, download)
+    except (InputError, DataNotFoundError):
+        raise
+    except Exception as exc:  # damaged or foreign files: truncated archives, non-JPEG bytes, wrong dtypes
+        import zipfile
+
+        from PIL import UnidentifiedImageError
+
+        known = (zipfile.BadZipFile, UnidentifiedImageError, ValueError, TypeError, KeyError, IndexError,
+                 EOFError, OSError)
+        if not isinstance(exc, known):
+            raise
+        what = f"{getattr(exc, 'filename', None) or ''} ".lstrip()
+        raise DataNotFoundError(f"{key} {split}: {what}the data files are damaged or not in the expected format "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     info = DATASETS[key]
     if images.shape[1:] != info.shape or images.shape[0] != labels.shape[0]:
         raise DataNotFoundError(f"{key} {split}: unexpected array shapes {images.shape} / {labels.shape}")

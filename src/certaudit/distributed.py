@@ -85,7 +85,17 @@ def init(backend: str | None = None, environ: dict[str, str] | None = None) -> D
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        import datetime
+        import os
+
+        seconds = float(os.environ.get("CERTAUDIT_DIST_TIMEOUT", "120"))
+        try:
+            dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(seconds=seconds))
+        except (ValueError, RuntimeError) as exc:  # leftover WORLD_SIZE, no or stale MASTER_ADDR/PORT
+            raise InputError(f"cannot join the torch.distributed group (WORLD_SIZE={env.world_size}, RANK={env.rank}): "
+                             f"{' '.join(str(exc).split())[:300]}; launch with torchrun, or unset WORLD_SIZE/RANK "
+                             f"for one process (rendezvous timeout {seconds:g} s: CERTAUDIT_DIST_TIMEOUT)") from None
         _OWNED.append(True)
     return env
 

@@ -268,7 +268,50 @@ class ModelMeta:
         missing = {"arch", "dataset", "input_shape", "num_classes", "mean", "std"} - set(raw)
         if missing:
             raise CheckpointError(f"checkpoint metadata lacks {', '.join(sorted(missing))}")
+        _check_meta(raw)
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # one image: up to 3×1024×1024
+MAX_CLASSES = 100_000
+
+
+def _check_meta(raw: dict[str, Any]) -> None:
+    """Types and sizes of checkpoint metadata, before anything is built from it (a hostile or broken
+    file must not make ``build_model`` allocate petabytes or fail with a traceback)."""
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint metadata: {field} must be {want}, got {raw.get(field)!r}"[:300])
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    for field in ("arch", "dataset"):
+        if not isinstance(raw[field], str) or not raw[field]:
+            raise bad(field, "a non-empty string")
+    shape = raw["input_shape"]
+    if not isinstance(shape, list) or len(shape) != 3 or not all(is_int(v) and v >= 1 for v in shape):
+        raise bad("input_shape", "a list of three integers >= 1 (C, H, W)")
+    if shape[0] * shape[1] * shape[2] > MAX_INPUT_ELEMENTS:
+        raise bad("input_shape", f"at most {MAX_INPUT_ELEMENTS:,} values per image")
+    if not is_int(raw["num_classes"]) or not (2 <= raw["num_classes"] <= MAX_CLASSES):
+        raise bad("num_classes", f"an integer in [2, {MAX_CLASSES:,}]")
+    for field in ("mean", "std"):
+        v = raw[field]
+        if not isinstance(v, list) or not v or len(v) > shape[0] or not all(is_num(t) for t in v):
+            raise bad(field, "a list of 1 to C finite numbers")
+    if not all(t > 0 for t in raw["std"]):
+        raise bad("std", "a list of numbers > 0")
+    for field in ("method", "norm"):
+        if raw.get(field) is not None and not isinstance(raw[field], str):
+            raise bad(field, "a string")
+    for field in ("sigma", "eps"):
+        if raw.get(field) is not None and not (is_num(raw[field]) and raw[field] > 0):
+            raise bad(field, "a finite number > 0 (or null)")
+    if raw.get("training") is not None and not isinstance(raw["training"], dict):
+        raise bad("training", "an object")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Path:
@@ -340,12 +383,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             return dict(load_file(str(path)))
         except Exception as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file ({_short(exc)})") from None
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: refused to load (only plain tensors and containers are read, never pickled code): {_short(exc)}"
-        ) from None
+        raise CheckpointError(_torch_load_error(path, exc)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
@@ -399,6 +442,23 @@ def load_factory(spec: str, weights: str | os.PathLike | None, input_shape: Sequ
     meta = ModelMeta(arch=str(spec), dataset=dataset, input_shape=shape, num_classes=int(num_classes),
                      mean=[0.0], std=[1.0], method="imported", training={"source": f"factory {spec}"})
     return model, meta
+
+
+def _torch_load_error(path: Path, exc: BaseException) -> str:
+    """What is wrong with a file ``torch.load(weights_only=True)`` refused, in one plain line (without
+    torch's advice to load with ``weights_only=False``, which would run the file's code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    code = re.search(r"(?:Unsupported global|GLOBAL|REDUCE|BUILD|Trying to call reduce)[^\n]*", text)
+    if code:  # the pickle names a class or function to run
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({m.group(1)})" if m else ""
+        return (f"{path}: refused: it needs pickled code{what} to load, and certaudit never runs code from a "
+                "file (save a plain state dict, or safetensors)")
+    if ("Unsupported operand" in text or "zip" in text.lower() or "EOF" in text or "truncated" in text.lower()
+            or isinstance(exc, EOFError)):
+        return f"{path}: refused: it is truncated or not a PyTorch file ({type(exc).__name__})"
+    first = " ".join(text.split(". ")[0].split())[:200]
+    return f"{path} cannot be read as a PyTorch state dict ({type(exc).__name__}: {first})"
 
 
 def _existing(path: str | os.PathLike) -> Path:

@@ -103,6 +103,8 @@ class AttackConfig:
             if isinstance(v, bool) or int(v) != v or int(v) < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
             setattr(cfg, name, int(v))
+        if cfg.samples > 1 << 16:
+            raise InputError(f"samples must be at most {1 << 16:,} noisy copies per step, got {cfg.samples:,}")
         if int(cfg.check_every) < 0:
             raise InputError(f"check_every must be >= 0, got {cfg.check_every!r}")
         if cfg.step_size is not None and not (float(cfg.step_size) > 0 and math.isfinite(float(cfg.step_size))):

@@ -44,6 +44,8 @@ def _arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.
     for i, r in enumerate(rows):
         where = f"row {r.get('index', i)}"
         rad = radius[i]
+        if r.get("radius") is not None and np.isnan(rad):
+            raise InputError(f"{where}: radius is NaN (a missing radius is written null)")
         if np.isinf(rad) or rad < 0:
             raise InputError(f"{where}: radius {r['radius']!r} is not a finite number >= 0")
         tol = r.get("radius_tol")

@@ -352,10 +352,13 @@ def _cert_arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray
                           dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"rows need label, prediction and radius ({exc})") from None
-    bad = np.isinf(radius) | (radius < 0)
+    nan_given = np.array([r.get("radius") is not None for r in rows], dtype=bool) & np.isnan(radius)
+    bad = np.isinf(radius) | (radius < 0) | nan_given
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"row {rows[i].get('index', i)} has radius {radius[i]!r}: radii must be finite and >= 0")
+        shown = "NaN" if np.isnan(radius[i]) else repr(float(radius[i]))
+        raise InputError(f"row {rows[i].get('index', i)} has radius {shown}: radii must be finite numbers >= 0 "
+                         "(a missing radius is written null)")
     return correct, radius
 
 

@@ -76,6 +76,38 @@ def load_model_for_data(model: Any, dataset: str | None, dev: Any,
     return net, meta, info, sha
 
 
+def check_output(path: Any, flag: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or
+    the reverse), something that is not a regular file (``/dev/full``), a parent that is a file or
+    is read-only. Missing parent folders are created."""
+    import os
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise InputError(f"{flag} {p} exists and is not a folder")
+        if not folder and p.is_dir():
+            raise InputError(f"{flag} {p} is a folder; give a file name")
+        if not folder and not p.is_file():
+            raise InputError(f"{flag} {p} is not a regular file")
+        if not os.access(p, os.W_OK):
+            raise InputError(f"{flag} {p} is not writable")
+        return
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"{flag} {p}: {anc} is not a folder")
+    if not os.access(anc, os.W_OK):
+        raise InputError(f"{flag} {p}: the folder {anc} is not writable")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{flag} {p}: cannot create {p.parent} ({exc.strerror})") from None
+
+
 class MemoryRows:
     """Stand-in for a row writer when no --out is given (nothing persists, nothing resumes)."""
 

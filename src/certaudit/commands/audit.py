@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import MODEL_HELP, WEIGHTS_HELP, console, err_console, load_model_for_data, parse_number, print_json
+from certaudit.commands._common import MODEL_HELP, WEIGHTS_HELP, check_output, console, err_console, load_model_for_data, parse_number, print_json
 from certaudit.errors import InputError
 
 
@@ -89,6 +89,7 @@ def audit_cmd(
     defense_class(defense)  # an unknown name is refused here, before any loading, with the registry's list
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
+    check_output(out, "--out", folder=True)
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
     net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)

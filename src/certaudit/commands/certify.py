@@ -25,6 +25,7 @@ from typing import Any, Optional
 import typer
 
 from certaudit.commands._common import (
+    check_output,
     MODEL_HELP,
     WEIGHTS_HELP,
     console,
@@ -125,6 +126,8 @@ def certify_cmd(
     }
     options = {k: v for k, v in options.items() if v is not None}
 
+    check_output(out, "--out")
+    check_output(plot, "--plot")
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
     net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)

@@ -26,6 +26,7 @@ from typing import Any, List, Optional
 import typer
 
 from certaudit.commands._common import (
+    check_output,
     MODEL_HELP,
     WEIGHTS_HELP,
     console,
@@ -95,6 +96,7 @@ def degrade_cmd(
         radii_v = [parse_number(p, "--radii", positive=True, allow_zero=False) for p in radii.replace(" ", "").split(",") if p]
         if not radii_v:
             raise InputError("--radii needs at least one radius")
+    check_output(plot, "--plot")
     if from_log:
         if model is not None:
             raise InputError("give either --model (run attacks) or --from-log (the 2ε check from a log), not both")
@@ -141,6 +143,8 @@ def _run(*, model: Path, weights: Path | None, defense: str, eps: float, attack:
     from certaudit.distributed import shutdown as dist_shutdown
     from certaudit.models import resolve_device
 
+    check_output(out, "--out")
+    check_output(plot, "--plot")
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
     net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import typer
 
 from certaudit.commands._common import (
+    check_output,
     MODEL_HELP,
     WEIGHTS_HELP,
     console,
@@ -28,6 +29,7 @@ from certaudit.commands._common import (
 )
 from certaudit.errors import InputError
 
+MAX_SAMPLES_PER_STEP = 1 << 16  # noisy copies per image and step: more cannot be allocated for any image
 PRESETS = ("smoothing", "crown-ibp")  # ShadowConfig() and ShadowConfig.crown_ibp(), in this order
 
 
@@ -103,8 +105,8 @@ def spoof_cmd(
         raise InputError(f"--skip must be >= 0, got {skip}")
     if stride < 1:
         raise InputError(f"--stride must be >= 1, got {stride}")
-    if samples < 1:
-        raise InputError(f"--samples must be >= 1, got {samples}")
+    if not 1 <= samples <= MAX_SAMPLES_PER_STEP:
+        raise InputError(f"--samples must lie in [1, {MAX_SAMPLES_PER_STEP:,}] (noisy copies per step), got {samples}")
     if grid_images < 1:
         raise InputError(f"--grid-images must be >= 1, got {grid_images}")
     if select_n < 1:
@@ -149,6 +151,8 @@ def spoof_cmd(
     if method is not None:
         options["method"] = method
     options = {k: v for k, v in options.items() if v is not None}
+    check_output(out, "--out")
+    check_output(grid, "--grid")
     env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
     dev = device_for(env, resolve_device(device))
     net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)

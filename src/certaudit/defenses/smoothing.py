@@ -61,6 +61,8 @@ _PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16"
 CPU_BATCH_BUDGET = 6 * 2**20  # bytes of the largest activation across a CPU batch (L2/L3-cache-sized)
 CUDA_MEMORY_FRACTION = 0.5  # of the free device memory used by one forward batch
 MAX_BATCH = 16384
+MAX_EXPLICIT_BATCH = 1 << 20  # a user-given batch above this cannot be a real forward pass
+MAX_SAMPLES = 10**9  # n0 + n per image: 10^9 is ~17 minutes per image at 10^6 samples/s
 
 MARGIN_P_FLOOR = 1e-6  # the soft probability is squeezed into [floor, 1 - floor] before Φ⁻¹
 
@@ -210,6 +212,13 @@ class SmoothedClassifier(Defense):
         self.channels_last = bool(channels_last)
         self.n0 = _count("n0", n0)
         self.n = _count("n", n)
+        if self.n0 + self.n > MAX_SAMPLES:
+            raise InputError(f"n0 + n = {self.n0 + self.n:,} samples per image is beyond what any run finishes "
+                             f"(at 10^6 samples/s: {(self.n0 + self.n) / 1e6 / 86400:.3g} days per image); "
+                             f"the limit is {MAX_SAMPLES:,}")
+        if self.batch_size is not None and self.batch_size > MAX_EXPLICIT_BATCH:
+            raise InputError(f"batch_size {self.batch_size:,} cannot be allocated (the limit is {MAX_EXPLICIT_BATCH:,} "
+                             "samples per forward pass)")
         self.alpha = _alpha(alpha)
         self.seed = None if seed is None else _seed(seed)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
