@@ -59,6 +59,10 @@ def _make_inputs(d: Path) -> None:
     (d / "empty.pth").write_bytes(b"")
     (d / "trunc.pth").write_bytes(Path(GLORO).read_bytes()[:120])
     (d / "bad.csv").write_text('dataset,norm,eps\n"cifar10,l2,0.5\n')
+    import torch
+
+    torch.save({"0.weight": torch.zeros(2, 2, dtype=torch.complex64)}, d / "complex.pth")
+    torch.save({"state_dict": [], "err": 0.5}, d / "emptycascade.pth")
 
 
 CASES = [
@@ -96,6 +100,10 @@ CASES = [
     (["train", "--dataset", "digits", "--epochs", "1", "--eps-warmup", "2", "--out", "{d}/t.safetensors"], "warm-up"),
     (["import", "--format", "cohen", "{d}/empty.pth", "--out", "{d}/x.safetensors"], "is empty"),
     (["import", "--format", "kw", "{d}/trunc.pth", "--out", "{d}/x.safetensors"], "truncated or not a PyTorch file"),
+    (["import", "--format", "kw", "{d}/complex.pth", "--dataset", "fashion-mnist", "--out", "{d}/x.safetensors"],
+     "complex"),
+    (["import", "--format", "kw", "{d}/emptycascade.pth", "--out", "{d}/x.safetensors"], "holds no model"),
+    (["check-detector", "--claims", "{d}/bad.csv"], "line 2"),
 ]
 
 

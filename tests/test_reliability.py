@@ -162,3 +162,21 @@ def test_workers_die_with_their_parent(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_run_loop_projects_the_remaining_time_once(tmp_path, capsys):
+    from certaudit.audits.runner import run_rows
+    from certaudit.commands._common import say_if_long
+    from certaudit.distributed import DistEnv
+
+    calls = []
+    res = run_rows(lambda idx: (time.sleep(0.01), [{"index": i} for i in idx])[1], list(range(10)), out=None,
+                   config={}, env=DistEnv(rank=0, world_size=1, local_rank=0), block=3,
+                   estimate=lambda s, n: calls.append((s, n)))
+    assert [r["index"] for r in res.rows] == list(range(10)) and len(calls) == 1
+    seconds, images = calls[0]
+    assert images == 7 and seconds > 0
+    say_if_long(True)(3600.0 * 3, 7)  # a long run says so, once, on stderr
+    assert "about 3.0 h" in capsys.readouterr().err
+    say_if_long(True)(5.0, 7)
+    assert capsys.readouterr().err == ""

@@ -380,9 +380,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(path)))
+            state = dict(load_file(str(path)))
         except Exception as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file ({_short(exc)})") from None
+        _refuse_complex(state, path)
+        return state
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty")
     try:
@@ -391,7 +393,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(_torch_load_error(path, exc)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    _refuse_complex(obj, path)
     return obj
+
+
+def _refuse_complex(obj: Any, path: Path, where: str = "") -> None:
+    """Complex tensors would be cast to real (the imaginary part silently dropped): refuse them."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_complex():
+            raise CheckpointError(f"{path}: tensor {where or '(top level)'} is complex ({obj.dtype}); certaudit "
+                                  "certifies real-valued networks")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _refuse_complex(v, path, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _refuse_complex(v, path, f"{where}[{i}]")
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")

@@ -57,12 +57,15 @@ class RunResult:
 
 def run_rows(work: Work, wanted: Sequence[int], *, out: str | os.PathLike | None, config: dict[str, Any],
              env: DistEnv, block: int, progress: Callable[[int, int], None] | None = None,
-             announce: Callable[[int], None] | None = None) -> RunResult:
+             announce: Callable[[int], None] | None = None,
+             estimate: Callable[[float, int], None] | None = None) -> RunResult:
     """Run ``work`` over this process's blocks of ``wanted``; write, resume, gather (see the module).
 
     ``progress(done, total)`` is called with this process's images before the first block and after
     every block (``total`` counts only what this run still has to do); ``announce(n)`` once, before
-    any work, when ``n`` > 0 images of ``wanted`` were already written (a resumed run).
+    any work, when ``n`` > 0 images of ``wanted`` were already written (a resumed run);
+    ``estimate(seconds, images)`` once, after the first block, with the projected time of the
+    ``images`` this process still has to do (measured on that block).
     """
     wanted = [int(i) for i in wanted]
     writer: Any = ShardedRowWriter(out, config, env) if out is not None else MemoryRows()
@@ -77,11 +80,14 @@ def run_rows(work: Work, wanted: Sequence[int], *, out: str | os.PathLike | None
             progress(0, total)
         t0 = time.perf_counter()
         finished = 0
-        for idx in blocks:
+        for k, idx in enumerate(blocks):
             writer.write_many(work(idx))
             finished += len(idx)
             if progress is not None:
                 progress(finished, total)
+            if k == 0 and estimate is not None and finished < total:
+                per_image = (time.perf_counter() - t0) / max(1, finished)
+                estimate(per_image * (total - finished), total - finished)
         merged = writer.finish() if out is not None else gather_rows(env, writer.rows)
         wall = time.perf_counter() - t0
     new = all_sum(env, total)

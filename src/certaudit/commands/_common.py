@@ -76,6 +76,21 @@ def load_model_for_data(model: Any, dataset: str | None, dev: Any,
     return net, meta, info, sha
 
 
+LONG_RUN_SECONDS = 600.0
+
+
+def say_if_long(enabled: bool) -> Any:
+    """An ``estimate`` callback for the run loop: one stderr line when the rest of a run is projected
+    to take more than :data:`LONG_RUN_SECONDS` (rerunning resumes, so stopping loses little)."""
+    def estimate(seconds: float, images: int) -> None:
+        if enabled and seconds > LONG_RUN_SECONDS:
+            hours = seconds / 3600
+            when = f"{hours:.1f} h" if hours >= 1 else f"{seconds / 60:.0f} min"
+            err_console.print(f"expected time for the remaining {images} images: about {when} on this machine "
+                              "(Ctrl-C stops; rerunning the same command resumes)")
+    return estimate
+
+
 def check_output(path: Any, flag: str, *, folder: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or
     the reverse), something that is not a regular file (``/dev/full``), a parent that is a file or

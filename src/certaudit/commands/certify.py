@@ -25,6 +25,7 @@ from typing import Any, Optional
 import typer
 
 from certaudit.commands._common import (
+    say_if_long,
     check_output,
     MODEL_HELP,
     WEIGHTS_HELP,
@@ -159,6 +160,7 @@ def certify_cmd(
                                                       device=dev),
                        wanted, out=out, config=config, env=env, block=per_call,
                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                       estimate=say_if_long(env.is_main and not as_json),
                        announce=None if as_json or not env.is_main else lambda k: err_console.print(
                            f"resuming {out}: {k} of {len(wanted)} images already certified"))
     dist_shutdown(env)

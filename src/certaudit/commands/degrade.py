@@ -26,6 +26,7 @@ from typing import Any, List, Optional
 import typer
 
 from certaudit.commands._common import (
+    say_if_long,
     check_output,
     MODEL_HELP,
     WEIGHTS_HELP,
@@ -178,6 +179,7 @@ def _run(*, model: Path, weights: Path | None, defense: str, eps: float, attack:
                                                  **cfg.as_dict()),
                        wanted, out=out, config=config, env=env, block=chunk,
                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                       estimate=say_if_long(env.is_main and not as_json),
                        announce=None if as_json or not env.is_main else lambda k: err_console.print(
                            f"resuming {out}: {k} of {len(wanted)} images already audited"))
     dist_shutdown(env)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import typer
 
 from certaudit.commands._common import (
+    say_if_long,
     check_output,
     MODEL_HELP,
     WEIGHTS_HELP,
@@ -208,6 +209,7 @@ def spoof_cmd(
         run = run_rows(work, wanted, out=out, config=config_row, env=env, block=per_call,
                        progress=lambda done, total: bar.update(task, completed=done * steps_per_image,
                                                                total=max(1, total * steps_per_image)),
+                       estimate=say_if_long(env.is_main and not as_json),
                        announce=None if as_json or not env.is_main else lambda k: err_console.print(
                            f"resuming {out}: {k} of {len(wanted)} images already attacked"))
     dist_shutdown(env)

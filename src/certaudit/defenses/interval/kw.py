@@ -66,6 +66,8 @@ def import_kw(raw: dict[str, Any], *, source: str | os.PathLike, dataset: str | 
     states = raw.get("state_dict") if isinstance(raw.get("state_dict"), (list, tuple)) else None
     if states is not None:
         if not 0 <= int(stage) < len(states):
+            if not states:
+                raise InputError(f"{source}: the cascade holds no model (its state_dict list is empty)")
             raise InputError(f"{source}: stage {stage} does not exist; the cascade has stages 0..{len(states) - 1}")
         state = states[int(stage)]
     else:
