@@ -180,3 +180,23 @@ def test_the_run_loop_projects_the_remaining_time_once(tmp_path, capsys):
     assert "about 3.0 h" in capsys.readouterr().err
     say_if_long(True)(5.0, 7)
     assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_says_where_the_rows_are_and_that_rerunning_resumes(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    model = zoo.model_path("digits_gaussian")
+    proc = subprocess.Popen([sys.executable, "-m", "certaudit", "certify", "--model", str(model), "--defense",
+                             "smoothing", "--n", "5000000", "--limit", "200", "--chunk", "1", "--device", "cpu",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            # a shell may start tests with SIGINT ignored; a user's terminal does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for _ in range(600):  # wait for the first rows
+        if out.exists() and len(out.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    rows = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert rows and len({r["index"] for r in rows}) == len(rows)

@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=args, prog_name="certaudit", standalone_mode=False)
     except Exit as exc:
-        return int(exc.exit_code or 0)
+        code = int(exc.exit_code or 0)
+        if code == 130:  # typer's form of Ctrl-C
+            print("certaudit: interrupted; rows written so far are kept: rerun the same command to resume",
+                  file=sys.stderr)
+        return code
     except Abort:  # typer's form of Ctrl-C
         print("certaudit: interrupted; rows written so far are kept: rerun the same command to resume",
               file=sys.stderr)
@@ -93,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         print("certaudit: interrupted; rows written so far are kept: rerun the same command to resume",
               file=sys.stderr)
         return 130
-    return int(result) if isinstance(result, int) else 0
+    code = int(result) if isinstance(result, int) else 0
+    if code == 130:  # typer returns Ctrl-C as 130 when not in standalone mode
+        print("certaudit: interrupted; rows written so far are kept: rerun the same command to resume",
+              file=sys.stderr)
+    return code
 
 
 def entry() -> None:  # pragma: no cover - console script shim
