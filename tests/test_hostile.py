@@ -1,11 +1,14 @@
 """Bad input through every verb: exit code 2, one line on stderr, no traceback, and every file that
-was there before is byte-identical afterwards (issue 16). Each case runs the CLI in-process on the
-embedded digits data and tiny zoo models; the item-by-item subprocess tests are in test_reliability.py."""
+was there before is byte-identical afterwards (issue 16). Each case runs the CLI in a fresh
+subprocess (`python -m certaudit`) on the embedded digits data and tiny zoo models."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +17,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from certaudit import zoo
-from certaudit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
 
 GAUSS = str(zoo.model_path("digits_gaussian"))
 GLORO = str(zoo.model_path("digits_gloro_eps"))
@@ -104,6 +109,13 @@ CASES = [
      "complex"),
     (["import", "--format", "kw", "{d}/emptycascade.pth", "--out", "{d}/x.safetensors"], "holds no model"),
     (["check-detector", "--claims", "{d}/bad.csv"], "line 2"),
+    # --- a leftover WORLD_SIZE, and a stale rendezvous address (times out with a message, never hangs)
+    (["certify", "--model", GLORO, "--defense", "lipschitz", "--limit", "2"], "MASTER_ADDR",
+     {"WORLD_SIZE": "2", "RANK": "1"}),
+    (["certify", "--model", GLORO, "--defense", "lipschitz", "--limit", "2"], "cannot join",
+     {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29987",
+      "CERTAUDIT_DIST_TIMEOUT": "3"}),
+    (["train", "--dataset", "digits", "--epochs", "1", "--out", "/dev/full"], "not a regular file"),
 ]
 
 
@@ -114,8 +126,10 @@ def inputs(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("argv, needle", CASES, ids=[f"{c[0][0]}-{i}" for i, c in enumerate(CASES)])
-def test_bad_input_is_one_line_exit_2_and_leaves_files_alone(argv, needle, inputs, capsys):
+@pytest.mark.parametrize("argv, needle, extra_env",
+                         [(c[0], c[1], c[2] if len(c) > 2 else {}) for c in CASES],
+                         ids=[f"{c[0][0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_and_leaves_files_alone(argv, needle, extra_env, inputs):
     d = inputs
     argv = [a.replace("{d}", str(d)) for a in argv]
     if any(a.startswith("@") for a in argv):  # a checkpoint with edited metadata
@@ -124,9 +138,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_files_alone(argv, needle, input
         bad = {"abc": "abc", "ten": "ten", "None": None, "123": 123, "huge": [1, 10**7, 10**7]}[value]
         argv[i] = _bad_meta_checkpoint(d, f"bad_{field}_{value}.safetensors", **{field: bad})
     before = _files(d)
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
+    env = dict(ENV, **extra_env)
+    done = subprocess.run([sys.executable, "-m", "certaudit", *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
+    rc, err = done.returncode, done.stderr.strip()
     assert rc == 2, (argv, err)
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert needle in err, (needle, err)

@@ -90,14 +90,64 @@ def init(backend: str | None = None, environ: dict[str, str] | None = None) -> D
 
         seconds = float(os.environ.get("CERTAUDIT_DIST_TIMEOUT", "120"))
         try:
-            dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=datetime.timedelta(seconds=seconds))
+            with _c10d_log_held() as held:  # torch's C++ retry log (stack frames) is kept off the terminal
+                dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                        timeout=datetime.timedelta(seconds=seconds))
+            held.release()  # joined: whatever torch logged goes to stderr after all
         except (ValueError, RuntimeError) as exc:  # leftover WORLD_SIZE, no or stale MASTER_ADDR/PORT
             raise InputError(f"cannot join the torch.distributed group (WORLD_SIZE={env.world_size}, RANK={env.rank}): "
                              f"{' '.join(str(exc).split())[:300]}; launch with torchrun, or unset WORLD_SIZE/RANK "
                              f"for one process (rendezvous timeout {seconds:g} s: CERTAUDIT_DIST_TIMEOUT)") from None
         _OWNED.append(True)
     return env
+
+
+class _Held:
+    def __init__(self, path: str):
+        self.path = path
+
+    def release(self) -> None:
+        import os
+        import sys
+
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+            if data:
+                sys.stderr.flush()
+                os.write(2, data)
+        finally:
+            os.unlink(self.path)
+
+
+class _c10d_log_held:
+    """Redirect the process's fd 2 to a temporary file while entered (C++ logs bypass sys.stderr)."""
+
+    def __enter__(self) -> _Held:
+        import os
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        fd, path = tempfile.mkstemp(prefix="certaudit-c10d-")
+        self._saved = os.dup(2)
+        os.dup2(fd, 2)
+        os.close(fd)
+        self._held = _Held(path)
+        return self._held
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        import os
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if exc_type is not None:  # the caller raises its own one-line message: drop the log
+            try:
+                os.unlink(self._held.path)
+            except OSError:
+                pass
 
 
 def shutdown(env: DistEnv) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import console, parse_number, print_json
+from certaudit.commands._common import check_output, console, parse_number, print_json
 from certaudit.errors import InputError
 from certaudit.importers import IMPORTERS
 
@@ -56,6 +56,7 @@ def import_cmd(
         raise InputError(f"unknown format {fmt!r}; choose one of: {', '.join(IMPORTERS)}")
     if out.exists() and out.is_dir():
         raise InputError(f"--out {out} is a directory; give a file name like model.safetensors")
+    check_output(out, "--out")
     sigma_v = None if sigma is None else parse_number(sigma, "--sigma", positive=True, allow_zero=False)
     extra: dict[str, Any] = {}
     if key == "kw":

@@ -37,8 +37,11 @@ def train_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
+    from certaudit.commands._common import check_output
     from certaudit.data import dataset_info, load_dataset
     from certaudit.models import ModelMeta, build_model, resolve_device, save_checkpoint
+
+    check_output(out, "--out")  # before any training: a run must not end unable to save
     from certaudit.train import TrainConfig, check_config, train
 
     if out.exists() and out.is_dir():
