@@ -154,9 +154,29 @@ def test_a_damaged_cifar_copy_is_one_line(inputs, capsys, tmp_path):
     from certaudit.data import load_dataset
     from certaudit.errors import InputError
 
+    assert zipfile.is_zipfile(inputs / "cifar2" / "test.npz")  # a real npz whose bytes are not JPEG
     for folder in ("cifar", "cifar2"):
         with pytest.raises(InputError, match="damaged|not a JPEG-copy"):
             load_dataset("cifar10", "test", inputs / folder, download=False)
     with pytest.raises(InputError):  # a data root that is a file
         load_dataset("fashion-mnist", "test", inputs / "afile", download=False)
-    assert zipfile.is_zipfile(inputs / "cifar2" / "test.npz")
+    # float offsets and string data in the JPEG copy
+    for name, arrays in (("float_offsets", dict(jpeg=np.zeros(4, np.uint8), offsets=np.array([0.0, 4.0]),
+                                                 labels=np.array([1]))),
+                         ("strings", dict(jpeg=np.array(["abc"]), offsets=np.array([0, 1]), labels=np.array(["x"])))):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.savez(folder / "test.npz", **arrays)
+        with pytest.raises(InputError):
+            load_dataset("cifar10", "test", folder, download=False)
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    from certaudit.data import load_dataset
+    from certaudit.errors import InputError
+
+    blocker = tmp_path / "cache_is_a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("CERTAUDIT_DATA", str(blocker))
+    with pytest.raises(InputError, match="Not a directory"):
+        load_dataset("mnist", "test")  # the cache is made before any download is tried

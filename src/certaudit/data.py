@@ -153,6 +153,9 @@ def load_dataset(name: str, split: str = "test", root: str | os.PathLike | None 
                  EOFError, OSError)
         if not isinstance(exc, known):
             raise
+        if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, zipfile.BadZipFile):
+            raise DataNotFoundError(f"{key} {split}: {exc.filename or ''}: {exc.strerror} (check --data-root and "
+                                    "$CERTAUDIT_DATA)") from None
         what = f"{getattr(exc, 'filename', None) or ''} ".lstrip()
         raise DataNotFoundError(f"{key} {split}: {what}the data files are damaged or not in the expected format "
                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
