@@ -123,25 +123,6 @@ def check_output(path: Any, flag: str, *, folder: bool = False) -> None:
         raise InputError(f"{flag} {p}: cannot create {p.parent} ({exc.strerror})") from None
 
 
-class MemoryRows:
-    """Stand-in for a row writer when no --out is given (nothing persists, nothing resumes)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def done(self) -> set[Any]:
-        return set()
-
-    def write_many(self, rows: list[dict[str, Any]]) -> None:
-        self.rows.extend(rows)
-
-    def __enter__(self) -> "MemoryRows":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def progress_bar(enabled: bool):
     """A transient rich progress bar on stderr (disabled: a no-op with the same interface)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

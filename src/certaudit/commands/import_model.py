@@ -1,23 +1,8 @@
 """``certaudit import``: turn a published checkpoint into a certaudit checkpoint.
 
-Formats (one function each in :data:`certaudit.importers.IMPORTERS`; adding one is adding an entry):
-
-* ``cohen``: the public randomized-smoothing models of Cohen, Rosenfeld & Kolter (2019), files
-  ``models/<dataset>/<arch>/noise_<σ>/checkpoint.pth.tar`` holding ``{"arch", "state_dict", ...}``.
-  Their network is ``Sequential(NormalizeLayer, net)``; the normalize layer keeps its mean and std
-  as plain attributes (so they are not in the state dict; the data set's values are used) and the
-  net may be wrapped in ``DataParallel`` (``module.`` in the keys). ``cifar_resnet20`` and
-  ``cifar_resnet110`` (CIFAR-10) and ``resnet50`` (ImageNet, torchvision parameter names, built
-  here without torchvision) are supported.
-* ``kw``: the ℓ∞-certified models of Wong & Kolter (2018, 2018b) (``locuslab/convex_adversarial``):
-  a plain 2C2F state dict (``fashion_mnist.pth``, MNIST), or a cascade file
-  (``cifar_small_8px.pth``: ``{"state_dict": [three state dicts], "err", ...}``) of which ``--stage``
-  picks one model (stage 0, the default, is an ordinary certified model). The CIFAR models get
-  their input normalization (mean (0.485, 0.456, 0.406), std 0.225) as the model's first layer, so
-  ε stays in pixel space (8/255); see :mod:`certaudit.defenses.interval.kw`.
-
-Files are read by :func:`certaudit.models.read_state_dict`: safetensors, or ``torch.load`` with
-``weights_only=True``. A pickle that needs code to load is refused, never executed.
+The formats (``cohen``: Cohen et al.'s smoothing models; ``kw``: Wong & Kolter's ℓ∞ models and
+cascade stages) and what is read from each are described in :mod:`certaudit.importers`; files are
+read without ever running code from them.
 """
 
 from __future__ import annotations
