@@ -200,3 +200,13 @@ def test_ctrl_c_says_where_the_rows_are_and_that_rerunning_resumes(tmp_path):
     assert "rerun the same command to resume" in err and "Traceback" not in err
     rows = [json.loads(x) for x in out.read_text().splitlines()[1:]]
     assert rows and len({r["index"] for r in rows}) == len(rows)
+
+
+def test_a_corrupt_rank_shard_is_refused_untouched(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert _certify(out, "--limit", "4").returncode == 0
+    shard = tmp_path / "rows.jsonl.rank1"
+    shard.write_text(out.read_text().splitlines()[0] + "\n{corrupt\n")
+    before = (out.read_bytes(), shard.read_bytes())
+    _one_line_exit_2(_certify(out), "corrupt row")
+    assert (out.read_bytes(), shard.read_bytes()) == before
