@@ -1,0 +1,159 @@
+"""The report's figures, drawn with matplotlib (Agg) and returned as base64 PNGs for the self-contained
+HTML page of :mod:`certaudit.report`: certified accuracy against radius, the FPR's 2r check with the
+bounds at ε, natural against spoofed radii, and example grids (natural | perturbation | perturbed)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # the report module imports this one; AuditData is only an annotation here
+    from certaudit.report import AuditData
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _norm_label(norm: str) -> str:
+    return "ℓ∞" if norm == "linf" else "ℓ2"
+
+
+def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
+    from certaudit.audits.certified import accuracy_curve
+
+    have = [a for a in audits if a.rows.get("certify")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for a in have:
+        grid, acc = accuracy_curve(a.rows["certify"])
+        ax.step(grid, acc, where="post", label=a.name)
+    for e in sorted({a.eps for a in have}):
+        ax.axvline(e, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(2 * e, color="grey", linestyle=":", linewidth=1)
+        ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
+        ax.text(2 * e, 1.01, " 2ε", fontsize=8, color="grey", va="bottom")
+    ax.set_xlabel(f"radius r ({_norm_label(have[0].norm)})")
+    ax.set_ylabel("certified accuracy (VRA at r)")
+    ax.set_ylim(0, 1.08)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def figure_fpr(audits: Sequence[AuditData]) -> str | None:
+    """The FPR's 2r check against radius (line) and, at ε, the lower bound by attack and the proven
+    upper bound (markers)."""
+    have = [a for a in audits if a.summary.get("fpr_curve")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, a in enumerate(have):
+        color = f"C{k}"
+        pts = a.summary["fpr_curve"]
+        ax.plot([p["radius"] for p in pts],
+                [np.nan if p.get("fpr_2r_check") is None else p["fpr_2r_check"] for p in pts],
+                color=color, label=f"{a.name}: 2r check")
+        d = a.summary.get("degradation") or {}
+        if d.get("fpr_lower") is not None:
+            ax.plot([a.eps], [d["fpr_lower"]], marker="v", color=color, linestyle="none", markersize=8,
+                    label=f"{a.name}: lower bound at ε (attacks)")
+        if d.get("fpr_upper") is not None:
+            ax.plot([a.eps], [d["fpr_upper"]], marker="^", color=color, linestyle="none", markersize=8,
+                    markerfacecolor="none")
+    for e in sorted({a.eps for a in have}):
+        ax.axvline(e, color="grey", linestyle="--", linewidth=1)
+        ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
+    ax.set_xlabel(f"radius ε of the run-time defense ({_norm_label(have[0].norm)})")
+    ax.set_ylabel("false-positive rate |testA| / |testR|")
+    ax.set_ylim(0, 1.08)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def figure_radius_histograms(audits: Sequence[AuditData]) -> str | None:
+    have = [a for a in audits if a.rows.get("spoof")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(have), figsize=(3.6 * len(have), 3.2), squeeze=False)
+    for ax, a in zip(axes[0], have):
+        r = a.rows["spoof"]
+        nat = [float(x["natural_radius"]) for x in r if int(x["natural_prediction"]) != -1]
+        adv = [float(x["spoofed_radius"]) for x in r if x.get("success")]
+        top = max(nat + adv + [1e-6])
+        bins = np.linspace(0, top * 1.02, 16)
+        ax.hist(nat, bins=bins, alpha=0.6, label=f"natural (n={len(nat)})", color="C0")
+        ax.hist(adv, bins=bins, alpha=0.6, label=f"spoofed, wrong label (n={len(adv)})", color="C3")
+        ax.axvline(a.eps, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(a.name, fontsize=8)
+        ax.set_xlabel(f"certified radius ({_norm_label(a.norm)})")
+        ax.set_ylabel("images")
+        ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _show(ax: Any, img: np.ndarray, title: str, diverging: bool = False) -> None:
+    if diverging:
+        ax.imshow(img, cmap="RdBu_r", vmin=-1, vmax=1)
+    elif img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(np.transpose(img[:3], (1, 2, 0)).clip(0, 1), interpolation="nearest")
+    ax.set_title(title, fontsize=6.5)
+    ax.axis("off")
+
+
+def figure_examples(a: AuditData, kind: str, limit: int = 6, classes: Sequence[str] | None = None) -> str | None:
+    """Grid: one row per example; natural | perturbation (scaled) | perturbed image."""
+    recs = []
+    for chunk in a.examples.get(kind, []):
+        for j in range(len(chunk["index"])):
+            recs.append({k: chunk[k][j] for k in chunk})
+    recs = recs[:limit]
+    if not recs:
+        return None
+    classes = classes or a.summary["config"].get("classes")
+    name = (lambda c: "⊥" if int(c) == -1 else (classes[int(c)] if classes else str(int(c))))
+    plt = _plt()
+    fig, axes = plt.subplots(len(recs), 3, figsize=(4.8, 1.7 * len(recs)), squeeze=False)
+    for row, rec in zip(axes, recs):
+        nat, adv = rec["natural"].astype(np.float32), rec["adv"].astype(np.float32)
+        delta = adv - nat
+        scale = float(np.abs(delta).max()) or 1.0
+        shown = delta.mean(axis=0) / scale  # (H, W), in [-1, 1]
+        if kind == "degrade":
+            _show(row[0], nat, f"#{int(rec['index'])}: {name(rec['prediction'])}, r={float(rec['radius']):.3f}")
+            _show(row[1], shown, f"x'−x (×{1 / scale:.3g})", diverging=True)
+            _show(row[2], adv, f"x': ⊥ (rejected), ‖x'−x‖={float(rec['distance']):.3f}")
+        else:
+            _show(row[0], nat, f"#{int(rec['index'])}: true {name(rec['label'])}")
+            _show(row[1], shown, f"δ (×{1 / scale:.3g})", diverging=True)
+            _show(row[2], adv, f"x+δ: {name(rec['prediction'])}, r={float(rec['radius']):.3f}")
+    fig.tight_layout()
+    return _png(fig)
+
+
+__all__ = ["figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_examples"]
