@@ -24,6 +24,10 @@ def make():
 
 def not_a_module():
     return 42
+
+
+def broken():
+    raise ValueError("bad layer width")
 '''
 
 
@@ -101,6 +105,7 @@ def test_factory_model_with_weights_certifies_like_the_checkpoint(factory_module
     (["--model", "no_such_module_xyz:make", "--weights", "W", "--dataset", "digits"], "cannot import"),
     (["--model", "my_arch:missing", "--weights", "W", "--dataset", "digits"], "no function"),
     (["--model", "my_arch:not_a_module", "--weights", "W", "--dataset", "digits"], "not a torch.nn.Module"),
+    (["--model", "my_arch:broken", "--weights", "W", "--dataset", "digits"], "raised ValueError"),
     (["--model", "my_arch:make", "--weights", "W", "--dataset", "fashion-mnist"], "cannot take"),
     (["--model", "my arch:make", "--weights", "W", "--dataset", "digits"], "factory"),
 ])
@@ -121,3 +126,16 @@ def test_factory_weights_that_do_not_match_are_refused(factory_module, tmp_path,
                "--defense", "lipschitz", "--eps", "0.25", "--limit", "2", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "do not match" in err
+
+
+def test_the_weights_hash_covers_zero_dim_buffers_and_changes_with_the_weights():
+    """ResNets carry 0-dim BatchNorm counters; the audit folder is bound to the weights by this hash."""
+    from certaudit.api import weights_sha256
+    from certaudit.models import build_model
+
+    m = build_model("resnet20", [3, 32, 32], 10, [0.5] * 3, [0.25] * 3)
+    h = weights_sha256(m)
+    assert h == weights_sha256(m) and len(h) == 64
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] += 1.0
+    assert weights_sha256(m) != h

@@ -58,6 +58,15 @@ def test_out_refuses_a_foreign_file_untouched(kind, tmp_path):
     before = target.read_bytes()
     _one_line_exit_2(_certify(out), "not a certaudit results file")
     assert target.read_bytes() == before
+    assert not Path(str(out) + ".lock").exists()  # a refused run leaves nothing next to the user's file
+
+
+def test_a_user_file_named_like_the_lock_is_never_overwritten(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    lock = tmp_path / "rows.jsonl.lock"
+    lock.write_text("my own notes, not a pid\n")
+    _one_line_exit_2(_certify(out), "not a certaudit lock file")
+    assert lock.read_text() == "my own notes, not a pid\n"
 
 
 def test_a_torn_row_of_our_own_file_is_the_only_thing_cut(tmp_path):

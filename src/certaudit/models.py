@@ -435,7 +435,10 @@ def load_factory(spec: str, weights: str | os.PathLike | None, input_shape: Sequ
     factory = vars(module).get(attr)
     if not callable(factory):
         raise InputError(f"{module_name} has no function {attr!r} (--model {spec})")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # the user's own code: say so in one line, with what it raised
+        raise InputError(f"{spec}() raised {type(exc).__name__}: {_short(exc)}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     state = read_state_dict(weights)

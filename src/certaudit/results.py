@@ -83,7 +83,7 @@ class RowWriter:
                     os.fsync(fh.fileno())
             self._fh = open(self.path, "a", encoding="utf-8")
         except BaseException:
-            self._release()
+            self._release(remove=not self.rows and not self._done)  # refused before writing: leave no lock file
             raise
 
     def _resume(self) -> None:
@@ -156,9 +156,9 @@ class RowWriter:
             self._fh.close()
         self._release()
 
-    def _release(self) -> None:
+    def _release(self, remove: bool = False) -> None:
         if self._lock is not None:
-            unlock_file(self._lock)
+            unlock_file(self._lock, remove=remove)
             self._lock = None
 
     def __enter__(self) -> "RowWriter":
@@ -198,7 +198,11 @@ def lock_file(path: str | os.PathLike) -> Any:
     """Take the exclusive lock of ``path`` (``<path>.lock``, which then holds this pid); refuse with
     the holder's pid when another process has it. Returns the open lock file (see :func:`unlock_file`)."""
     lock = Path(str(path) + ".lock")
+    created = not lock.exists()
+    if not created and not lock.is_file():
+        raise InputError(f"{lock} exists and is not a lock file; move it away to write {path}")
     fh = open(lock, "a+", encoding="utf-8")
+    fh.certaudit_lock_path = lock if created else None  # type: ignore[attr-defined]  # ours to remove on refusal
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no lock, as before
@@ -212,13 +216,28 @@ def lock_file(path: str | os.PathLike) -> Any:
         raise InputError(f"{path} is being written by another certaudit process (pid {holder}); wait for it to "
                          "finish or stop it, then rerun to resume") from None
     fh.seek(0)
+    old = fh.read()
+    if old.strip() and not old.strip().isdigit():  # someone else's file of that name: never overwrite it
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+        raise InputError(f"{lock} exists and is not a certaudit lock file (it holds no pid); move it away to write "
+                         f"{path}")
+    fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh
 
 
-def unlock_file(fh: Any) -> None:
+def unlock_file(fh: Any, remove: bool = False) -> None:
+    """Release the lock; with ``remove``, also delete the lock file if this process created it
+    (a refused run leaves nothing behind next to the user's file)."""
+    created = getattr(fh, "certaudit_lock_path", None)
+    if remove and created is not None:
+        try:
+            created.unlink()
+        except OSError:  # pragma: no cover
+            pass
     try:
         import fcntl
 

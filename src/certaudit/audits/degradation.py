@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from certaudit.audits.logs import (  # noqa: F401 (the log readers are re-exported here)
-    COHEN_COLUMNS, cert_arrays, duplicate_indices, read_certification_log, upper_from_log,
+    COHEN_COLUMNS, cert_arrays, read_certification_log, upper_from_log,
 )
 from certaudit.attacks.degradation import (
     AttackConfig, attacks_for, is_randomized, run_attack, verify_candidates,
@@ -428,4 +428,4 @@ def plot_fpr_curves(curves: dict[str, Sequence[dict[str, Any]]], path: Any, *, r
 
 
 __all__ = ["degrade_batch", "summarize_degradation", "fpr_curve", "plot_fpr_curves", "read_certification_log",
-           "upper_from_log", "monotone_certifier", "default_curve_radii", "duplicate_indices", "COHEN_COLUMNS"]
+           "upper_from_log", "monotone_certifier", "default_curve_radii", "COHEN_COLUMNS"]

@@ -52,11 +52,14 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
         header, rows = read_rows(p)
         need = ("label", "prediction", "radius")
         good = [r for r in rows if all(k in r for k in need)]
-        config = (header or {}).get("config") or {}
+        config = (header or {}).get("config")
+        config = config if isinstance(config, dict) else {}
         if _radius_is_search(config.get("defense")):
             # interval rows written before radius_tol existed hold bisection radii: say so, so that no
             # figure at ε is read off them (the tolerance is the run's own setting, 1e-3 by default)
-            tol = float((config.get("settings") or {}).get("tol") or 1e-3)
+            settings = config.get("settings") if isinstance(config.get("settings"), dict) else {}
+            tol = settings.get("tol")
+            tol = float(tol) if isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0 else 1e-3
             for r in good:
                 if r.get("radius") is not None and "radius_tol" not in r:
                     r["radius_tol"] = tol
@@ -65,10 +68,7 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
         if any(r.get("radius") is None and "decision" in r for r in good):
             raise InputError(f"{p}: rows of certify --sequential hold an accept-at-ε decision and no radius; "
                              "the 2ε check needs certified radii (certify without --sequential)")
-        dup = duplicate_indices(good)
-        if dup:
-            raise InputError(f"{p}: image index {dup[0]} occurs in more than one row ({len(dup)} duplicates); "
-                             "a log must hold one row per image")
+        # read_rows has refused duplicate indices already (one row per image)
         return "certaudit", good
     cols = first.strip().split("\t") if "\t" in first else first.split()
     if [c.strip().lower() for c in cols[:5]] != list(COHEN_COLUMNS[:5]):
@@ -150,17 +150,4 @@ def upper_from_log(rows: Sequence[dict[str, Any]], eps: float) -> dict[str, Any]
             "source": why1 if why1 == why2 else f"{why1} / {why2}"}
 
 
-def duplicate_indices(rows: Sequence[dict[str, Any]]) -> list[int]:
-    """Indices that occur in more than one row."""
-    seen: set[int] = set()
-    dup: list[int] = []
-    for r in rows:
-        i = r.get("index")
-        if i in seen:
-            dup.append(int(i))  # type: ignore[arg-type]
-        elif i is not None:
-            seen.add(int(i))
-    return dup
-
-
-__all__ = ["COHEN_COLUMNS", "cert_arrays", "read_certification_log", "upper_from_log", "duplicate_indices"]
+__all__ = ["COHEN_COLUMNS", "cert_arrays", "read_certification_log", "upper_from_log"]

@@ -311,10 +311,7 @@ class LipschitzDefense(Defense):
         state = self._state(tuple(int(s) for s in x.shape[1:]))
         f, e = self._forward(x, state)
         assert e is not None
-        k = state.pairwise[t].to(f.dtype)  # (B, C)
-        slack = (2.0 * (e.gather(1, t.view(-1, 1)) + e)).to(f.dtype)
-        table = f.gather(1, t.view(-1, 1)) - f - slack - float(eps) * k
-        return table.masked_fill(F.one_hot(t, self.num_classes).bool(), math.inf)
+        return _margin_table(f, e, t, state.pairwise, float(eps), slack_times=2.0)
 
     @property
     def proof_name(self) -> str | None:
@@ -341,10 +338,7 @@ class LipschitzDefense(Defense):
             for a in range(0, x.shape[0], self.batch_size):
                 f, e = self._forward(x[a:a + self.batch_size], state)
                 assert e is not None
-                tb = t[a:a + self.batch_size]
-                k = state.pairwise[tb].to(f.dtype)
-                m = f.gather(1, tb.view(-1, 1)) - f - 8.0 * (e.gather(1, tb.view(-1, 1)) + e) - eps2 * k
-                m = m.masked_fill(F.one_hot(tb, self.num_classes).bool(), math.inf)
+                m = _margin_table(f, e, t[a:a + self.batch_size], state.pairwise, eps2, slack_times=8.0)
                 out.append((m.min(dim=1).values > 0).cpu())
         return torch.cat(out) & valid.cpu()
 
@@ -369,6 +363,15 @@ class LipschitzDefense(Defense):
                 raise InputError("no radius: pass eps or build the defense with eps")
             return self.eps
         return check_eps(eps)
+
+
+def _margin_table(f: torch.Tensor, e: torch.Tensor, t: torch.Tensor, pairwise: torch.Tensor, eps: float,
+                  slack_times: float) -> torch.Tensor:
+    """(B, C) ``f_t − f_j − slack_times·(e_t + e_j) − ε·K_{t,j}`` per rival j, +inf at t (differentiable in f)."""
+    k = pairwise[t].to(f.dtype)  # (B, C)
+    slack = (slack_times * (e.gather(1, t.view(-1, 1)) + e)).to(f.dtype)
+    table = f.gather(1, t.view(-1, 1)) - f - slack - eps * k
+    return table.masked_fill(F.one_hot(t, f.shape[1]).bool(), math.inf)
 
 
 def _radius(f: torch.Tensor, e: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, ...]:
