@@ -279,8 +279,8 @@ MAX_CLASSES = 100_000
 def _check_meta(raw: dict[str, Any]) -> None:
     """Types and sizes of checkpoint metadata, before anything is built from it (a hostile or broken
     file must not make ``build_model`` allocate petabytes or fail with a traceback)."""
-    def bad(field: str, want: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint metadata: {field} must be {want}, got {raw.get(field)!r}"[:300])
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint metadata: {key} must be {want}, got {raw.get(key)!r}"[:300])
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -288,9 +288,9 @@ def _check_meta(raw: dict[str, Any]) -> None:
     def is_num(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
-    for field in ("arch", "dataset"):
-        if not isinstance(raw[field], str) or not raw[field]:
-            raise bad(field, "a non-empty string")
+    for key in ("arch", "dataset"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise bad(key, "a non-empty string")
     shape = raw["input_shape"]
     if not isinstance(shape, list) or len(shape) != 3 or not all(is_int(v) and v >= 1 for v in shape):
         raise bad("input_shape", "a list of three integers >= 1 (C, H, W)")
@@ -298,18 +298,18 @@ def _check_meta(raw: dict[str, Any]) -> None:
         raise bad("input_shape", f"at most {MAX_INPUT_ELEMENTS:,} values per image")
     if not is_int(raw["num_classes"]) or not (2 <= raw["num_classes"] <= MAX_CLASSES):
         raise bad("num_classes", f"an integer in [2, {MAX_CLASSES:,}]")
-    for field in ("mean", "std"):
-        v = raw[field]
+    for key in ("mean", "std"):
+        v = raw[key]
         if not isinstance(v, list) or not v or len(v) > shape[0] or not all(is_num(t) for t in v):
-            raise bad(field, "a list of 1 to C finite numbers")
+            raise bad(key, "a list of 1 to C finite numbers")
     if not all(t > 0 for t in raw["std"]):
         raise bad("std", "a list of numbers > 0")
-    for field in ("method", "norm"):
-        if raw.get(field) is not None and not isinstance(raw[field], str):
-            raise bad(field, "a string")
-    for field in ("sigma", "eps"):
-        if raw.get(field) is not None and not (is_num(raw[field]) and raw[field] > 0):
-            raise bad(field, "a finite number > 0 (or null)")
+    for key in ("method", "norm"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise bad(key, "a string")
+    for key in ("sigma", "eps"):
+        if raw.get(key) is not None and not (is_num(raw[key]) and raw[key] > 0):
+            raise bad(key, "a finite number > 0 (or null)")
     if raw.get("training") is not None and not isinstance(raw["training"], dict):
         raise bad("training", "an object")
 
