@@ -16,8 +16,11 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import MODEL_HELP, WEIGHTS_HELP, check_output, console, err_console, load_model_for_data, parse_number, print_json
-from certaudit.errors import InputError
+from certaudit.audits.audit_job import audit_job
+from certaudit.audits.pipeline import AuditSettings
+from certaudit.commands import options as o
+from certaudit.commands._common import console, parse_number, print_json
+from certaudit.report_text import print_headline
 
 
 def register(app: typer.Typer) -> None:
@@ -26,23 +29,14 @@ def register(app: typer.Typer) -> None:
 
 
 def audit_cmd(
-    model: Path = typer.Option(..., "--model", help=MODEL_HELP),
-    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
-    defense: str = typer.Option(..., "--defense", help="smoothing, lipschitz or interval"),
+    model: o.Model, defense: o.Defense, weights: o.Weights = None,
     eps: str = typer.Option(..., "--eps", help="radius ε of the run-time defense (ℓ2, or ℓ∞ for interval); 2ε is "
                                                "checked too"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="data set (default: the model's own)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="audit K images"),
+    dataset: o.Dataset = None, limit: o.Limit = None,
     out: Path = typer.Option(..., "--out", help="output folder; rerun with the same folder to resume"),
-    split: str = typer.Option("test", "--split", help="train or test"),
-    skip: int = typer.Option(0, "--skip", help="start at image J"),
-    stride: int = typer.Option(1, "--stride", help="take every S-th image"),
+    split: o.Split = "test", skip: o.Skip = 0, stride: o.Stride = 1,
     stages: str = typer.Option("clean,certify,degrade,spoof", "--stages", help="comma list of stages to run"),
-    sigma: Optional[str] = typer.Option(None, "--sigma", help="smoothing σ (default: the model's training σ)"),
-    n0: int = typer.Option(100, "--n0", help="smoothing: selection samples of CERTIFY"),
-    n: int = typer.Option(10_000, "--n", help="smoothing: estimation samples of CERTIFY"),
-    alpha: str = typer.Option("0.001", "--alpha", help="smoothing: failure probability of each certificate"),
-    method: Optional[str] = typer.Option(None, "--method", help="interval: ibp, crown-ibp or crown"),
+    sigma: o.Sigma = None, n0: o.N0 = 100, n: o.N = 10_000, alpha: o.Alpha = "0.001", method: o.Method = None,
     attack: str = typer.Option("all", "--attack", help="degradation attacks: pgd, pgd-2eps, spgd, margin, a comma "
                                                        "list, or all"),
     attack_steps: int = typer.Option(50, "--attack-steps", help="PGD steps of the degradation attacks"),
@@ -58,52 +52,20 @@ def audit_cmd(
                                                                   "(default: --n)"),
     spoof_channels: int = typer.Option(1, "--spoof-channels", help="1: one grey δ for all channels; 3: one per channel"),
     chunk: int = typer.Option(64, "--chunk", help="images per batch in every stage"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per forward pass (default: from memory)"),
+    batch_size: o.BatchSize = None,
     examples: int = typer.Option(6, "--examples", help="images per example grid of the report"),
-    seed: int = typer.Option(0, "--seed", help="seed of every random draw (noise, attacks)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the data set files"),
+    seed: o.Seed = 0, device: o.Device = "auto", data_root: o.DataRoot = None,
     as_json: bool = typer.Option(False, "--json", help="print summary.json's headline as JSON"),
 ) -> None:
-    from certaudit.audits.pipeline import AuditSettings, AuditSource
-    from certaudit.data import load_dataset
-    from certaudit.distributed import device_for
-    from certaudit.distributed import init as dist_init
-    from certaudit.distributed import shutdown as dist_shutdown
-    from certaudit.models import resolve_device
-
-    eps_v = parse_number(eps, "--eps", positive=True, allow_zero=False)
-    settings = _settings(AuditSettings, eps_v, seed=seed, chunk=chunk, sigma=sigma, n0=n0, n=n, alpha=alpha,
-                         batch_size=batch_size, method=method, attack=attack, attack_steps=attack_steps,
-                         attack_restarts=attack_restarts, attack_samples=attack_samples, spoof_images=spoof_images,
-                         spoof_steps=spoof_steps, spoof_samples=spoof_samples, spoof_select_n=spoof_select_n,
-                         spoof_n=spoof_n, spoof_channels=spoof_channels, examples=examples, stages=stages)
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}")
-    if skip < 0:
-        raise InputError(f"--skip must be >= 0, got {skip}")
-    if stride < 1:
-        raise InputError(f"--stride must be >= 1, got {stride}")
-    from certaudit.defenses.registry import defense_class
-
-    defense_class(defense)  # an unknown name is refused here, before any loading, with the registry's list
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    check_output(out, "--out", folder=True)
-    env = dist_init()  # rank 0 of 1 unless launched by torchrun / accelerate
-    dev = device_for(env, resolve_device(device))
-    net, meta, info, model_sha = load_model_for_data(model, dataset, dev, weights)
-    x, y = load_dataset(info.name, split, data_root)
-    if skip >= len(y):
-        raise InputError(f"--skip {skip} is past the end of {info.name} {split} ({len(y)} images)")
-    wanted = list(range(skip, len(y), stride))
-    if limit is not None:
-        wanted = wanted[:limit]
-    source = AuditSource(model=str(model), model_sha256=model_sha, defense=defense.lower(),
-                         dataset=info.name, split=split, indices=wanted, arch=meta.arch)
-    summary = run_and_report(out, net, meta, source, x, y, settings, dev, classes=info.classes,
-                             quiet=as_json or not env.is_main, env=env)
-    dist_shutdown(env)
+    settings = _settings(parse_number(eps, "--eps", positive=True, allow_zero=False), seed=seed, chunk=chunk,
+                         sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size, method=method, attack=attack,
+                         attack_steps=attack_steps, attack_restarts=attack_restarts, attack_samples=attack_samples,
+                         spoof_images=spoof_images, spoof_steps=spoof_steps, spoof_samples=spoof_samples,
+                         spoof_select_n=spoof_select_n, spoof_n=spoof_n, spoof_channels=spoof_channels,
+                         examples=examples, stages=stages)
+    summary = audit_job(model, defense=defense, settings=settings, out=out, weights=weights, dataset=dataset,
+                        split=split, limit=limit, skip=skip, stride=stride, device=device, data_root=data_root,
+                        quiet=as_json)
     if summary is None:  # not rank 0: rank 0 merged the rows and writes the report
         return
     if as_json:
@@ -114,9 +76,8 @@ def audit_cmd(
                       f"({summary['timings']['wall_seconds_this_run']:.1f} s this run)")
 
 
-def _settings(cls: Any, eps: float, **kw: Any) -> Any:
+def _settings(eps: float, **kw: Any) -> AuditSettings:
     """AuditSettings from CLI values (numbers parsed, stages split)."""
-    kw = dict(kw)
     if kw.get("sigma") is not None:
         kw["sigma"] = parse_number(kw["sigma"], "--sigma", positive=True, allow_zero=False)
     kw["alpha"] = parse_number(kw["alpha"], "--alpha", positive=True, allow_zero=False)
@@ -124,72 +85,4 @@ def _settings(cls: Any, eps: float, **kw: Any) -> Any:
     kw["attack"] = str(kw["attack"]).lower()
     if kw.get("method") is not None:
         kw["method"] = str(kw["method"]).lower()
-    return cls(eps=eps, **{k: v for k, v in kw.items() if v is not None or k in ("spoof_images",)}).check()
-
-
-def run_and_report(out: Path, net: Any, meta: Any, source: Any, x: Any, y: Any, settings: Any, dev: Any, *,
-                   classes: Any = None, quiet: bool = False, name: str | None = None,
-                   report: bool = True, env: Any = None) -> dict[str, Any] | None:
-    """Run the audit with a progress bar on stderr, then (``report``) write report.html and report.md into ``out``.
-
-    Under several processes (``env``) only rank 0 gets the summary and writes the report; the other
-    ranks return ``None``."""
-    from certaudit.audits.pipeline import run_audit
-    from certaudit.report import write_report
-
-    with _Bar(enabled=not quiet) as bar:
-        summary = run_audit(out, net, meta, source, x, y, settings, device=dev, progress=bar.update,
-                            class_names=classes, env=env)
-    if summary is None:
-        return None
-    if report:
-        write_report(out, names=[name] if name else None,
-                     title=f"certaudit audit: {source.defense} on {source.dataset} ({Path(source.model).name})")
-    return summary
-
-
-class _Bar:
-    """A rich progress bar per stage on stderr (transient), started at the first update: an error
-    raised before any stage runs (bad settings) stays a single line on stderr."""
-
-    def __init__(self, enabled: bool):
-        from certaudit.commands._common import progress_bar
-
-        self.progress = progress_bar(enabled)
-        self.tasks: dict[str, Any] = {}
-        self.started = False
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if not self.started:
-            self.progress.start()
-            self.started = True
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(f"audit: {stage}", total=max(total, 1))
-        self.progress.update(self.tasks[stage], completed=done if total else 1)
-
-    def __enter__(self) -> "_Bar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.started:
-            self.progress.stop()
-
-
-def print_headline(items: list[tuple[str, dict[str, Any]]]) -> None:
-    """The headline table on stdout: one row per figure, one column per audit (fits a terminal)."""
-    from rich.table import Table
-
-    from certaudit.report import HEADLINE_COLUMNS, fmt
-
-    table = Table(title="certaudit: what is the certificate worth?")
-    table.add_column("figure")
-    for name, _ in items:
-        table.add_column(name, justify="right")
-    table.add_row("ε", *[f"{s['headline']['eps']:.4g} ({s['headline']['norm']})" for _, s in items])
-    for key, title, kind in HEADLINE_COLUMNS:
-        table.add_row(title, *[fmt(s["headline"].get(key), kind) for _, s in items])
-    console.print(table)
-    bad = [name for name, s in items if s["headline"].get("lower_subset_upper") is False
-           and (s.get("degradation") or {}).get("invariant", {}).get("bug")]
-    if bad:
-        err_console.print(f"[bold red]bug:[/bold red] degraded inputs certified at 2ε on a monotone certifier: {bad}")
+    return AuditSettings(eps=eps, **{k: v for k, v in kw.items() if v is not None or k in ("spoof_images",)}).check()

@@ -16,13 +16,21 @@ with the same ``--out`` resumes (and, when everything is done, only rewrites the
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from certaudit.commands._common import console, print_json
+from certaudit import zoo
+from certaudit.audits.audit_job import die_with_parent, run_demo_audit
+from certaudit.commands._common import console, err_console, parse_number, print_json
+from certaudit.models import resolve_device
+from certaudit.report import write_report
+from certaudit.report_text import print_headline
 from certaudit.errors import InputError
 
 # (folder, zoo model, defense, display name, settings beyond the shared ones)
@@ -54,14 +62,6 @@ def demo_cmd(
                                                      "one, and one thread is robust to a busy machine)"),
     as_json: bool = typer.Option(False, "--json", help="print the headline figures as JSON"),
 ) -> None:
-    import os
-
-    from certaudit import zoo
-    from certaudit.commands._common import err_console, parse_number
-    from certaudit.commands.audit import print_headline
-    from certaudit.models import resolve_device
-    from certaudit.report import write_report
-
     t0 = time.perf_counter()
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
@@ -88,9 +88,6 @@ def demo_cmd(
         for job in jobs:
             summaries[job["title"]] = run_demo_audit(job, progress=not as_json)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         # the smoothing audit is the longest: this process runs it while the workers run the others
         with ProcessPoolExecutor(max_workers=min(n_workers - 1, len(jobs) - 1),
                                  mp_context=mp.get_context("spawn"), initializer=die_with_parent,
@@ -114,48 +111,3 @@ def demo_cmd(
     print_headline(results)
     console.print(f"wrote {paths['html']} and {paths['md']} ({wall:.1f} s in all, {n_workers} process(es)); rows and "
                   f"summary.json per audit under {out}/")
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: the worker dies when the demo process dies (SIGKILL included), so no
-    orphan keeps writing rows next to a rerun. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; then a
-    check that the parent did not die before the call (the signal would never come)."""
-    import ctypes
-    import os
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - no libc prctl: rely on the row lock
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def run_demo_audit(job: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    """One audit of the demo (a module-level function, so a worker process can run it)."""
-    import torch
-
-    from certaudit import zoo
-    from certaudit.audits.pipeline import AuditSettings, AuditSource
-    from certaudit.commands.audit import run_and_report
-    from certaudit.data import dataset_info, sha256_file
-    from certaudit.models import load_checkpoint
-
-    torch.set_num_threads(int(job["threads"]))
-    man = zoo.manifest()
-    info = dataset_info(man["dataset"])
-    x, y = zoo.load_data()
-    path = zoo.model_path(job["model_name"])
-    dev = torch.device(job["device"])
-    net, meta = load_checkpoint(path, dev)
-    settings = AuditSettings(eps=job["eps"], seed=job["seed"], chunk=200, attack_steps=job["attack_steps"],
-                             spoof_steps=job["spoof_steps"], examples=4, **job["extra"]).check()
-    source = AuditSource(model=f"zoo:{job['model_name']}", model_sha256=sha256_file(path), defense=job["defense"],
-                         dataset=info.name, split="test", indices=list(range(job["limit"])), arch=meta.arch,
-                         extra={"data": f"certaudit/zoo/{man['data']['file']}", "zoo_model": job["model_name"]})
-    return run_and_report(Path(job["out"]), net, meta, source, x, y, settings, dev, classes=info.classes,
-                          quiet=not progress, name=job["title"], report=False)
