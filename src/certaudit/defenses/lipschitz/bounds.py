@@ -36,6 +36,11 @@ a certificate. Two certified bounds are computed here, both in float64, and the 
 Rounding: every ``γ`` uses ``SAFETY·n·u`` (u = 2⁻⁵³) with ``SAFETY = 4`` to cover blocked/FMA
 LAPACK variants, and the Gram iteration's result is inflated by ``1 + 1e-9`` (its float64 error is
 below ``4·SAFETY·(m+n)·√d·u``, used when it exceeds 1e-9; derivation in ``docs/lipschitz.md``).
+
+Layout. This module holds the convolution bounds (circulant embedding, Lanczos + banded Cholesky,
+and :func:`conv_bound` choosing between them); the rounding constants, Gram iteration, the batched
+Cholesky certificate and the ``Linear`` / ``Normalize`` bounds are in :mod:`.dense`; the convolution
+operator, its geometry and power iteration in :mod:`.conv`. All of them are re-exported here.
 """
 
 from __future__ import annotations
@@ -46,186 +51,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+from scipy.linalg import LinAlgError, cholesky_banded
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from certaudit.errors import InputError
+from certaudit.defenses.lipschitz.conv import ConvGeometry, ConvOperator, full_kernel, power_iteration
+from certaudit.defenses.lipschitz.dense import (
+    DENSE_LIMIT, GRAM_INFLATION, SAFETY, U32, U64, abs_schur_sq, gamma, gram_bound, linear_bound, normalize_bound,
+    psd_batch_bound,
+)
 
-U64 = 2.0 ** -53
-"""Unit roundoff of float64."""
-U32 = 2.0 ** -24
-"""Unit roundoff of float32."""
-SAFETY = 4.0
-"""Multiplier on every rounding constant γ_n (blocked algorithms, FMA, library variants)."""
-GRAM_INFLATION = 1e-9
-"""Smallest relative inflation of Gram-iteration results for their float64 rounding (the size-dependent
-term ``4·SAFETY·(m+n)·√min(m,n)·u`` is used when larger)."""
 EXACT_LIMIT = 2 ** 24
 """Largest banded Gram matrix (entries, float64: 128 MiB) assembled for the Cholesky certificate."""
-DENSE_LIMIT = 4096
-"""Largest side of a dense (Linear) Gram matrix certified by Cholesky; Gram iteration beyond."""
 POWER_CHECK_ITERS = 200
 """Power-iteration steps of the lower estimate reported next to a circulant-only bound."""
 
 
-def gamma(n: int, u: float = U64) -> float:
-    """``γ_n = n·u/(1 − n·u)`` with the :data:`SAFETY` factor (Higham's rounding constant)."""
-    nu = SAFETY * max(1, int(n)) * u
-    if nu >= 0.5:
-        raise InputError(f"layer too large for a rounding-error bound (n = {n})")
-    return nu / (1.0 - nu)
-
-
-# ----------------------------------------------------------------------------- Gram iteration
-
-def gram_bound(mats: torch.Tensor, tol: float = 1e-6, max_iter: int = 40) -> float:
-    """Certified upper bound on ``max_b ‖mats[b]‖₂`` by Gram iteration (Delattre et al. 2023).
-
-    ``mats`` is a (B, m, n) real or complex batch. With ``G₁ = AᴴA`` (or ``AAᴴ``, the smaller) and
-    ``H_t = G₁^{2^t}`` (by repeated squaring, rescaled to stay finite), ``σ_max(A)² = λ_max(G₁) ≤
-    ‖H_t‖_F^{1/2^t}`` for every ``t``: a bound that tightens quadratically. It stops once the bound
-    is within ``tol`` (relative, on σ) of a lower bound (a column norm of ``H_t``) for the maximum over
-    the batch, or after ``max_iter`` squarings; the result is a valid upper bound either way.
-    """
-    a = mats.detach().to(torch.complex128 if mats.is_complex() else torch.float64)
-    if a.dim() == 2:
-        a = a.unsqueeze(0)
-    if a.numel() == 0:
-        return 0.0
-    m, n = a.shape[-2], a.shape[-1]
-    g = a.mH @ a if n <= m else a @ a.mH  # (B, d, d) Hermitian PSD
-    logs = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
-    best = math.inf
-    for t in range(max_iter + 1):
-        fro = torch.linalg.matrix_norm(g, ord="fro").real  # (B,)
-        zero = fro <= 0
-        fro = torch.where(zero, torch.ones_like(fro), fro)
-        g = g / fro.to(g.dtype).view(-1, 1, 1)
-        logs = torch.where(zero, torch.full_like(logs, -math.inf), logs + torch.log(fro))
-        scale = float(2 ** t)
-        upper = logs / scale  # log λ_max(G₁) bound, per matrix
-        col = torch.linalg.vector_norm(g, dim=-2).amax(dim=-1).real.clamp_min(1e-300)  # max column norm
-        lower = (logs + torch.log(col)) / scale
-        top_upper = float(upper.max())
-        best = min(best, top_upper)
-        if top_upper == -math.inf:
-            return 0.0
-        if best - float(lower.max()) <= 2.0 * math.log1p(tol):
-            break
-        g = g.mH @ g
-        logs = 2.0 * logs
-    # rounding: each product's error is γ·‖H‖_F² ≤ γ·√d·‖H²‖_F (relative), and the 2^t-th roots
-    # shrink the later ones geometrically (docs/lipschitz.md); floor at GRAM_INFLATION
-    infl = max(GRAM_INFLATION, 4.0 * SAFETY * (m + n) * math.sqrt(min(m, n)) * U64)
-    return math.exp(0.5 * best) * (1.0 + infl)
-
-
-# ------------------------------------------------------------------------- convolution geometry
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    return (t[0], t[0]) if len(t) == 1 else (t[0], t[1])
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Shapes and hyper-parameters of a zero-padded ``Conv2d`` on a fixed input size."""
-
-    in_shape: tuple[int, int, int]  # (C_in, H, W)
-    out_shape: tuple[int, int, int]  # (C_out, H', W')
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    pad_lo: tuple[int, int]  # top, left
-    pad_hi: tuple[int, int]  # bottom, right
-    dilation: tuple[int, int]
-    groups: int
-
-    @property
-    def effective_kernel(self) -> tuple[int, int]:
-        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel))  # type: ignore[return-value]
-
-    def undilated(self) -> "ConvGeometry":
-        """The same operator with the kernel of :func:`full_kernel` (no dilation, one group)."""
-        return ConvGeometry(self.in_shape, self.out_shape, self.effective_kernel, self.stride, self.pad_lo,
-                            self.pad_hi, (1, 1), 1)
-
-    @classmethod
-    def of(cls, conv: nn.Conv2d, in_shape: tuple[int, int, int]) -> "ConvGeometry":
-        """Geometry of ``conv`` on inputs of shape ``in_shape``; refuses non-zero padding modes."""
-        if conv.padding_mode != "zeros":
-            raise InputError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported (only zero padding)")
-        c, h, w = (int(s) for s in in_shape)
-        if c != conv.in_channels:
-            raise InputError(f"Conv2d expects {conv.in_channels} input channels, the network gives it {c}")
-        k = _pair(conv.kernel_size)
-        s = _pair(conv.stride)
-        d = _pair(conv.dilation)
-        keff = tuple(di * (ki - 1) + 1 for di, ki in zip(d, k))
-        if isinstance(conv.padding, str):
-            if conv.padding == "valid":
-                lo, hi = (0, 0), (0, 0)
-            else:  # "same", as torch pads: the extra pixel of an even total goes to the end
-                tot = tuple(ke - 1 for ke in keff)
-                lo = tuple(t // 2 for t in tot)
-                hi = tuple(t - t // 2 for t in tot)
-        else:
-            lo = hi = _pair(conv.padding)
-        oh = (h + lo[0] + hi[0] - keff[0]) // s[0] + 1
-        ow = (w + lo[1] + hi[1] - keff[1]) // s[1] + 1
-        if oh < 1 or ow < 1:
-            raise InputError(f"Conv2d input {tuple(in_shape)} is smaller than its kernel")
-        return cls((c, h, w), (conv.out_channels, oh, ow), k, s, tuple(lo), tuple(hi), d, int(conv.groups))  # type: ignore[arg-type]
-
-
-class ConvOperator:
-    """The linear part of a zero-padded ``Conv2d`` as a map R^{C×H×W} → R^{C'×H'×W'}, with its
-    exact adjoint (``conv_transpose2d`` with the ``output_padding`` that restores the padded size,
-    then a crop: the adjoint of zero padding)."""
-
-    def __init__(self, weight: torch.Tensor, geom: ConvGeometry):
-        self.weight = weight
-        self.geom = geom
-        g = geom
-        hp = g.in_shape[1] + g.pad_lo[0] + g.pad_hi[0]
-        wp = g.in_shape[2] + g.pad_lo[1] + g.pad_hi[1]
-        ke = g.effective_kernel
-        self._out_pad = (hp - ((g.out_shape[1] - 1) * g.stride[0] + ke[0]),
-                         wp - ((g.out_shape[2] - 1) * g.stride[1] + ke[1]))
-        self._pad = (g.pad_lo[1], g.pad_hi[1], g.pad_lo[0], g.pad_hi[0])
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.geom
-        xp = F.pad(x, self._pad) if any(self._pad) else x
-        return F.conv2d(xp, self.weight, None, g.stride, 0, g.dilation, g.groups)  # (B, C', H', W')
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        g = self.geom
-        z = F.conv_transpose2d(y, self.weight, None, g.stride, 0, self._out_pad, g.groups, g.dilation)
-        return z[:, :, g.pad_lo[0]:g.pad_lo[0] + g.in_shape[1], g.pad_lo[1]:g.pad_lo[1] + g.in_shape[2]]
-
-    def dense(self) -> torch.Tensor:
-        """The (out_dim, in_dim) matrix (small layers only: tests and benchmarks)."""
-        c, h, w = self.geom.in_shape
-        n = c * h * w
-        eye = torch.eye(n, dtype=self.weight.dtype, device=self.weight.device).view(n, c, h, w)
-        return self.apply(eye).reshape(n, -1).T
-
-
-def full_kernel(weight: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """(C_out, C_in, kh', kw'): groups expanded to a block-diagonal kernel, dilation to zeros."""
-    co, cig, kh, kw = weight.shape
-    g = geom.groups
-    ci = cig * g
-    dh, dw = geom.dilation
-    ke = geom.effective_kernel
-    out = weight.new_zeros(co, ci, ke[0], ke[1])
-    per = co // g
-    for i in range(g):
-        out[i * per:(i + 1) * per, i * cig:(i + 1) * cig, ::dh, ::dw] = weight[i * per:(i + 1) * per]
-    return out
-
+# ------------------------------------------------------------------ circulant embedding (FFT)
 
 def _grid(n_in: int, lo: int, keff: int, s: int, n_out: int) -> int:
     """Smallest circular grid length (a multiple of the stride) on which the zero-padded
@@ -254,31 +95,6 @@ def polyphase_symbols(weight: torch.Tensor, geom: ConvGeometry, grid: tuple[int,
             ker[:, :, ra, rb, qa % mh, qb % mw] += w[:, :, a, b]
     sym = torch.fft.fft2(ker)  # (Co, Ci, sh, sw, Mh, Mw)
     return sym.permute(4, 5, 0, 1, 2, 3).reshape(mh * mw, co, ci * sh * sw).contiguous()
-
-
-def psd_batch_bound(gmat: torch.Tensor, err: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Certified bounds on ``λ_max`` of a batch of Hermitian PSD matrices (B, d, d): ``eigvalsh``
-    estimates ``θ``, then a successful Cholesky of ``θ(1+δ)I − G`` proves ``λ_max ≤ θ(1+δ) + α·tr``
-    (module docstring); ``err`` (B,) bounds ``‖Ĝ − G‖₂`` from forming ``G``. Returns (B,) float64."""
-    b, d, _ = gmat.shape
-    theta = torch.linalg.eigvalsh(gmat)[..., -1].real.to(torch.float64)  # (B,)
-    diag = gmat.diagonal(dim1=-2, dim2=-1).real.to(torch.float64)  # (B, d)
-    alpha = gamma(d + 1) / (1.0 - gamma(d + 1))
-    out = torch.full((b,), math.inf, dtype=torch.float64, device=gmat.device)
-    todo = torch.ones(b, dtype=torch.bool, device=gmat.device)
-    eye = torch.eye(d, dtype=gmat.dtype, device=gmat.device)
-    for delta in (1e-9, 1e-7, 1e-5, 1e-3, 1e-1):
-        idx = todo.nonzero().flatten()
-        if idx.numel() == 0:
-            break
-        mu = torch.maximum(theta[idx], diag[idx].amax(-1)).clamp_min(1e-300) * (1.0 + delta)  # (b',)
-        _, info = torch.linalg.cholesky_ex(mu.to(gmat.dtype).view(-1, 1, 1) * eye - gmat[idx])
-        ok = info == 0
-        trace_b = d * mu - diag[idx].sum(-1)
-        out[idx[ok]] = (mu * (1.0 + SAFETY * U64) + alpha * trace_b)[ok]
-        todo[idx[ok]] = False
-    err_t = torch.as_tensor(err, dtype=torch.float64, device=gmat.device)
-    return out + err_t
 
 
 def conv_circulant_bound(weight: torch.Tensor, geom: ConvGeometry, extra_grids: int = 2,
@@ -317,15 +133,8 @@ def conv_circulant_bound(weight: torch.Tensor, geom: ConvGeometry, extra_grids: 
 
 # ------------------------------------------------------------- Lanczos + Cholesky certificates
 
-def _abs_schur_sq(rows_abs_max: float, cols_abs_max: float) -> float:
-    """Schur's test: ‖|A|‖₂² ≤ (max row sum of |A|)·(max column sum of |A|)."""
-    return float(rows_abs_max) * float(cols_abs_max)
-
-
 def _lanczos_top(matvec: Callable[[np.ndarray], np.ndarray], n: int, seed: int = 0) -> float:
     """λ_max of a symmetric PSD operator by ARPACK's Lanczos (an estimate, certified later)."""
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
-
     v0 = np.random.RandomState(seed).standard_normal(n)
     op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
     try:
@@ -341,8 +150,6 @@ def _lanczos_top(matvec: Callable[[np.ndarray], np.ndarray], n: int, seed: int =
 def _certify_banded(ab: np.ndarray, theta: float, err_gram: float) -> float | None:
     """Smallest ``μ = θ(1+δ)`` whose banded Cholesky of ``μI − M`` succeeds, turned into a proven
     bound on ``λ_max`` (see the module docstring); ``None`` if no δ ≤ 1e-2 works."""
-    from scipy.linalg import LinAlgError, cholesky_banded
-
     n = ab.shape[1]
     alpha = gamma(n + 1) / (1.0 - gamma(n + 1))
     diag_max = float(ab[0].max()) if n else 0.0
@@ -457,7 +264,7 @@ def conv_exact_bound(weight: torch.Tensor, geom: ConvGeometry, limit: int = EXAC
     # rounding of the assembled Gram matrix: one dot product of length K per entry
     wa = full_kernel(w64, geom).abs()  # (Co, Ci, kh', kw')
     k_len = (wa.shape[1] * wa.shape[2] * wa.shape[3]) if not side.gram_input else (wa.shape[0] * wa.shape[2] * wa.shape[3])
-    abs_sq = _abs_schur_sq(wa.sum(dim=(1, 2, 3)).max(), wa.sum(dim=(0, 2, 3)).max())
+    abs_sq = abs_schur_sq(wa.sum(dim=(1, 2, 3)).max(), wa.sum(dim=(0, 2, 3)).max())
     err_gram = gamma(k_len + 1) * abs_sq
     lam = _certify_banded(ab, theta, err_gram)
     if lam is None:
@@ -483,54 +290,8 @@ def conv_bound(weight: torch.Tensor, geom: ConvGeometry, limit: int = EXACT_LIMI
     return circ, dict(info, lower_estimate=lower, max_gap=circ / lower - 1.0 if lower > 0 else math.inf)
 
 
-def linear_bound(weight: torch.Tensor, dense_limit: int = DENSE_LIMIT) -> tuple[float, dict]:
-    """Certified bound on ‖W‖₂: dense Gram (smaller side) + eigvalsh estimate + Cholesky
-    certificate; Gram iteration when the Gram matrix would be larger than ``dense_limit``."""
-    w = weight.detach().to(torch.float64).cpu()
-    out_f, in_f = w.shape
-    if min(out_f, in_f) > dense_limit:
-        return gram_bound(w), {"method": "gram"}
-    gmat = w @ w.T if out_f <= in_f else w.T @ w
-    d = gmat.shape[0]
-    k_len = max(out_f, in_f)
-    wa = w.abs()
-    abs_sq = min(_abs_schur_sq(wa.sum(1).max(), wa.sum(0).max()), float((w * w).sum()))
-    err_gram = gamma(k_len) * abs_sq
-    theta = float(torch.linalg.eigvalsh(gmat)[-1])
-    alpha = gamma(d + 1) / (1.0 - gamma(d + 1))
-    eye = torch.eye(d, dtype=torch.float64)
-    diag_max = float(gmat.diagonal().max())
-    for delta in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
-        mu = max(theta, diag_max) * (1.0 + delta) + 1e-300
-        _, info = torch.linalg.cholesky_ex(mu * eye - gmat)
-        if int(info) == 0:
-            trace_b = d * mu - float(gmat.diagonal().sum())
-            lam = mu * (1.0 + SAFETY * U64) + alpha * trace_b + err_gram
-            return math.sqrt(lam), {"method": "eigvalsh-cholesky", "estimate": math.sqrt(max(theta, 0.0))}
-    return gram_bound(w), {"method": "gram"}
-
-
-def normalize_bound(std: torch.Tensor) -> tuple[float, dict]:
-    """``(x − mean)/std`` per channel is diagonal: its norm is exactly ``max 1/std``."""
-    s = std.detach().to(torch.float64).cpu().flatten()
-    return float((1.0 / s).max()) * (1.0 + SAFETY * U64), {"method": "exact"}
-
-
-# --------------------------------------------------------------------- power iteration (estimate)
-
-def power_iteration(apply: Callable[[torch.Tensor], torch.Tensor], adjoint: Callable[[torch.Tensor], torch.Tensor],
-                    v: torch.Tensor, iters: int) -> tuple[float, torch.Tensor]:
-    """``iters`` steps of ``v ← AᵀA v / ‖·‖``; returns ``‖A v‖`` (a *lower* bound) and ``v``."""
-    with torch.no_grad():
-        v = v / v.norm().clamp_min(1e-30)
-        for _ in range(int(iters)):
-            v = adjoint(apply(v))
-            v = v / v.norm().clamp_min(1e-30)
-        return float(apply(v).norm()), v
-
-
 __all__ = [
     "ConvGeometry", "ConvOperator", "gram_bound", "psd_batch_bound", "conv_circulant_bound", "conv_exact_bound", "conv_bound",
     "linear_bound", "normalize_bound", "power_iteration", "polyphase_symbols", "full_kernel", "banded_gram",
-    "EXACT_LIMIT", "DENSE_LIMIT", "SAFETY", "U32", "U64", "gamma",
+    "EXACT_LIMIT", "DENSE_LIMIT", "SAFETY", "U32", "U64", "gamma", "GRAM_INFLATION", "POWER_CHECK_ITERS",
 ]

@@ -1,0 +1,133 @@
+"""Interval bound propagation (IBP, Gowal et al. 2018) and the float32 rounding helpers it shares.
+
+* the rounding constants (``U32``, ``EXTRA``, ``SLACK_FACTOR``, ``TINY``) and Higham's ``γ_n``;
+* :func:`down32` / :func:`up32` (outward rounding of float64 results) and :func:`input_box`
+  (the clipped ℓ∞ box, rounded outward when sound);
+* :func:`ibp_step` (one op in centre/radius form, widened for rounding) and :class:`Spec` (the
+  specification folded into the last linear layer, with its interval bound).
+
+The floating-point analysis is described in :mod:`certaudit.defenses.interval.bounds`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from certaudit.defenses.interval.ops import Affine, Dense, Op, ReLU, Reshape
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+EXTRA = 8  # a few more roundings per step (bias, subtraction, constants of Normalize / BatchNorm)
+SLACK_FACTOR = 1.001  # the slack is itself computed in float32
+TINY = 1e-30  # absolute slack per step (underflow)
+
+
+def gamma(n: int) -> float:
+    """Higham's γ_n = n·u/(1 − n·u): |fl(Σ of n products) − Σ| ≤ γ_n·Σ|products|, any order."""
+    nu = n * U32
+    return nu / (1 - nu)
+
+
+def rel_ibp(op: Affine) -> float:
+    """Interval widening per unit of magnitude: our centre and radius (γ_fan_in), the model's own
+    forward pass (γ_fan_in), and the few roundings of mid/rad/constants."""
+    return 2 * gamma(op.fan_in) + EXTRA * U32
+
+
+def down32(v: torch.Tensor) -> torch.Tensor:
+    """float64 -> the largest float32 not above it."""
+    f = v.float()
+    return torch.where(f.double() > v, torch.nextafter(f, torch.full_like(f, -math.inf)), f)
+
+
+def up32(v: torch.Tensor) -> torch.Tensor:
+    f = v.float()
+    return torch.where(f.double() < v, torch.nextafter(f, torch.full_like(f, math.inf)), f)
+
+
+def input_box(x: torch.Tensor, eps: float | torch.Tensor, sound: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[max(x − ε, 0), min(x + ε, 1)]``, rounded outward when ``sound``; ε a float or (B,)."""
+    if isinstance(eps, torch.Tensor):
+        e = eps.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.dim() - 1)))
+    else:
+        e = float(eps)
+    if not sound:
+        e32 = e.to(x.dtype) if isinstance(e, torch.Tensor) else e
+        return (x - e32).clamp(0.0, 1.0), (x + e32).clamp(0.0, 1.0)
+    with torch.no_grad():
+        xd = x.detach().double()
+        lo = (xd - e).to(x.dtype)
+        hi = (xd + e).to(x.dtype)
+        lo = torch.nextafter(lo, torch.full_like(lo, -math.inf)).clamp(0.0, 1.0)
+        hi = torch.nextafter(hi, torch.full_like(hi, math.inf)).clamp(0.0, 1.0)
+    if x.requires_grad:  # the value stays the rounded one; the gradient is that of clamp(x ± ε)
+        shift = x - x.detach()  # exactly zero, carries d/dx
+        lo = lo + shift * (lo > 0).to(x.dtype)
+        hi = hi + shift * (hi < 1).to(x.dtype)
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------------- IBP
+
+def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool):
+    """One affine layer in centre/radius form; returns (lower, upper, magnitude bound or None)."""
+    mid = (u + l) / 2
+    if sound:
+        rad = torch.maximum(u - mid, mid - l) * (1 + 4 * U32)
+        zmax = torch.maximum(l.abs(), u.abs())
+        n = rad.shape[0]
+        both = op.forward_abs(torch.cat([rad, zmax]))
+        r, mag = both[:n], both[n:]
+        ab = op.abs_bias()
+        if ab is not None:
+            mag = mag + ab
+        c = op.forward(mid)
+        s = rel_ibp(op) * mag + TINY
+        return c - r - s, c + r + s, mag.detach()
+    rad = (u - l) / 2
+    c, r = op.forward(mid), op.forward_abs(rad)
+    return c - r, c + r, None
+
+
+def ibp_step(op: Op, l: torch.Tensor, u: torch.Tensor, sound: bool):
+    if isinstance(op, ReLU):
+        return l.clamp(min=0), u.clamp(min=0), None
+    if isinstance(op, Reshape):
+        return op.forward(l), op.forward(u), None
+    return ibp_affine(op, l, u, sound)
+
+
+@dataclass
+class Spec:
+    """The specification folded into the last linear layer, per image: ``C W`` and ``C b``."""
+
+    weight: torch.Tensor  # (B, S, n)
+    bias: torch.Tensor  # (B, S)
+    abs_weight: torch.Tensor  # (B, S, n): |C| |W|, for magnitudes
+    abs_bias: torch.Tensor  # (B, S)
+    rel: float
+
+    @classmethod
+    def fold(cls, last: Dense, c: torch.Tensor) -> "Spec":
+        w, b = last.weight, last.bias
+        if b is None:
+            b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        ca = c.abs()
+        return cls(weight=c @ w, bias=c @ b, abs_weight=ca @ w.abs(), abs_bias=ca @ b.abs(),
+                   rel=2 * gamma(last.fan_in) + gamma(w.shape[0]) + EXTRA * U32)
+
+    def ibp(self, l: torch.Tensor, u: torch.Tensor, sound: bool) -> torch.Tensor:
+        """Lower bound of the specification from the interval of the last layer's input (B, n)."""
+        mid = (u + l) / 2
+        rad = (u - l) / 2
+        if sound:
+            rad = torch.maximum(u - mid, mid - l) * (1 + 4 * U32)
+        c = torch.einsum("bsn,bn->bs", self.weight, mid) + self.bias
+        r = torch.einsum("bsn,bn->bs", self.weight.abs(), rad)
+        if not sound:
+            return c - r
+        zmax = torch.maximum(l.abs(), u.abs())
+        mag = torch.einsum("bsn,bn->bs", self.abs_weight, zmax) + self.abs_bias
+        return (c - r).double() - (self.rel * mag.detach().double() + TINY)
