@@ -22,10 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from certaudit.audits.pipeline import STAGES, expand_ranges, load_examples
 from certaudit.errors import InputError
 from certaudit.report_figures import (  # noqa: F401 (re-exported)
     figure_certified_accuracy, figure_examples, figure_fpr, figure_radius_histograms,
 )
+from certaudit.results import read_rows
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("headline", "Headline figures"),
@@ -88,9 +90,6 @@ class AuditData:
 
 def load_audit(folder: str | os.PathLike, name: str | None = None) -> AuditData:
     """Read ``summary.json``, the stage rows of the audited images and the example images."""
-    from certaudit.audits.pipeline import STAGES, expand_ranges, load_examples
-    from certaudit.results import read_rows
-
     folder = Path(folder)
     path = folder / "summary.json"
     if not path.is_file():
@@ -279,82 +278,132 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
 
 
 def render_html(audits: Sequence[AuditData], title: str = "certaudit report") -> str:
+    """The self-contained page: every section of :data:`SECTIONS`, in order, figures inlined."""
     if not audits:
         raise InputError("no audits to report")
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    first = audits[0].summary
-    parts.append(f'<p class="note">{len(audits)} audit(s) of {html.escape(str(first["config"]["dataset"]))} '
-                 f'({html.escape(str(first["config"]["split"]))} split); certaudit {html.escape(str(first["versions"]["certaudit"]))}, '
-                 f'torch {html.escape(str(first["versions"]["torch"]))}, device {html.escape(str(first["device"]["type"]))}.</p>')
-    parts.append('<nav><ul>' + "".join(f'<li><a href="#{sid}">{html.escape(t)}</a></li>' for sid, t in SECTIONS)
-                 + "</ul></nav>")
-    sec = dict(SECTIONS)
+    parts = _html_head(audits, title)
+    parts += _headline_section(audits)
+    parts += _figure_sections(audits)
+    parts += _example_sections(audits)
+    parts += _coverage_section(audits)
+    parts += _meanings_section()
+    parts += _configuration_section(audits)
+    return "\n".join(parts)
 
-    parts.append(f'<section id="headline"><h2>{sec["headline"]}</h2>')
+
+_TITLES = dict(SECTIONS)
+
+
+def _open_section(sid: str) -> str:
+    return f'<section id="{sid}"><h2>{_TITLES[sid]}</h2>'
+
+
+def _html_head(audits: Sequence[AuditData], title: str) -> list[str]:
+    """Document head, title, what was audited, and the table of contents."""
+    first = audits[0].summary
+    return [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+            f'<p class="note">{len(audits)} audit(s) of {html.escape(str(first["config"]["dataset"]))} '
+            f'({html.escape(str(first["config"]["split"]))} split); certaudit {html.escape(str(first["versions"]["certaudit"]))}, '
+            f'torch {html.escape(str(first["versions"]["torch"]))}, device {html.escape(str(first["device"]["type"]))}.</p>',
+            '<nav><ul>' + "".join(f'<li><a href="#{sid}">{html.escape(t)}</a></li>' for sid, t in SECTIONS)
+            + "</ul></nav>"]
+
+
+def _headline_section(audits: Sequence[AuditData]) -> list[str]:
+    """The headline table, then each audit's detail tables."""
     header, body = headline_rows(audits)
-    parts.append('<div class="wide">' + _table_html(header, body) + "</div>")
+    parts = [_open_section("headline"), '<div class="wide">' + _table_html(header, body) + "</div>"]
     for a in audits:
         parts.append(f"<h3>{html.escape(a.name)}</h3>")
         for cap, h, b in _detail_tables(a):
             parts.append(f'<p class="note">{html.escape(cap)}</p>' + _table_html(h, b))
     parts.append("</section>")
+    return parts
 
-    parts.append(f'<section id="certified-accuracy"><h2>{sec["certified-accuracy"]}</h2>')
-    parts.append(_img(figure_certified_accuracy(audits), "certified accuracy against radius",
-                      "Fraction of images certified with the correct label at radius ≥ r. Dashed: ε; dotted: 2ε."))
-    parts.append("</section>")
 
-    parts.append(f'<section id="fpr"><h2>{sec["fpr"]}</h2>')
-    parts.append(_img(figure_fpr(audits), "false-positive rate against radius",
-                      "Line: the 2r check of the false-positive rate if the defense were run at radius r (correctly "
-                      "certified images not certified at 2r; the paper's Figs. 2–3, a heuristic for non-monotone "
-                      "checks). Filled ▼: lower bound at ε, found by the degradation attacks; open ▲: proven upper "
-                      "bound at ε (the defense's proof of non-degradability; absent where it has none)."))
-    parts.append("</section>")
+def _figure_sections(audits: Sequence[AuditData]) -> list[str]:
+    """Certified accuracy, the FPR against radius, and natural against spoofed radii."""
+    return [
+        _open_section("certified-accuracy"),
+        _img(figure_certified_accuracy(audits), "certified accuracy against radius",
+             "Fraction of images certified with the correct label at radius ≥ r. Dashed: ε; dotted: 2ε."),
+        "</section>",
+        _open_section("fpr"),
+        _img(figure_fpr(audits), "false-positive rate against radius",
+             "Line: the 2r check of the false-positive rate if the defense were run at radius r (correctly "
+             "certified images not certified at 2r; the paper's Figs. 2–3, a heuristic for non-monotone "
+             "checks). Filled ▼: lower bound at ε, found by the degradation attacks; open ▲: proven upper "
+             "bound at ε (the defense's proof of non-degradability; absent where it has none)."),
+        "</section>",
+        _open_section("spoofed-radii"),
+        _img(figure_radius_histograms(audits), "natural vs spoofed radius histograms",
+             "Certified radii of the natural images (not abstained) and of the Shadow Attack images whose "
+             "fresh certificate names a wrong label. Dashed: ε."),
+        "</section>",
+    ]
 
-    parts.append(f'<section id="spoofed-radii"><h2>{sec["spoofed-radii"]}</h2>')
-    parts.append(_img(figure_radius_histograms(audits), "natural vs spoofed radius histograms",
-                      "Certified radii of the natural images (not abstained) and of the Shadow Attack images whose "
-                      "fresh certificate names a wrong label. Dashed: ε."))
-    parts.append("</section>")
 
-    for sid, kind, what in (("degradation-examples", "degrade",
-                             "Each row: a correctly certified image x, the perturbation x'−x (scaled, red +, blue −) and "
-                             "x' within ε of x, which the defense rejects (re-found for display and re-checked)."),
-                            ("spoofing-examples", "spoof",
-                             "Each row: a natural image, the Shadow Attack perturbation δ (scaled) and x+δ with its "
-                             "certified wrong label and radius.")):
-        parts.append(f'<section id="{sid}"><h2>{sec[sid]}</h2>')
+_EXAMPLE_SECTIONS = (
+    ("degradation-examples", "degrade",
+     "Each row: a correctly certified image x, the perturbation x'−x (scaled, red +, blue −) and "
+     "x' within ε of x, which the defense rejects (re-found for display and re-checked)."),
+    ("spoofing-examples", "spoof",
+     "Each row: a natural image, the Shadow Attack perturbation δ (scaled) and x+δ with its "
+     "certified wrong label and radius."),
+)
+
+
+def _example_sections(audits: Sequence[AuditData]) -> list[str]:
+    """The example grids of degradation and spoofing, one per audit."""
+    parts = []
+    for sid, kind, what in _EXAMPLE_SECTIONS:
+        parts.append(_open_section(sid))
         for a in audits:
             parts.append(f"<h3>{html.escape(a.name)}</h3>")
             parts.append(_img(figure_examples(a, kind), f"{kind} examples of {a.name}", what))
         parts.append("</section>")
+    return parts
 
-    parts.append(f'<section id="coverage"><h2>{sec["coverage"]}</h2><ul>')
+
+_CERTIFICATE_LIMITS = (
+    "<li>The certificate is <b>pointwise</b>: it is a statement about one input x and the ball around it, "
+    "not a uniform guarantee over the data distribution or over a region. Points x' near a certified x "
+    "need not be certified themselves (that is what a degradation attack exploits: x' is within ε of x, "
+    "yet the run-time defense rejects it).</li>"
+    "<li>It says the <b>label is constant</b> on the ball, not that the label is <b>correct</b>: an "
+    "input far from any natural image can be certified with a large radius for a wrong label (the "
+    "spoofed certificates of the Shadow Attack).</li>"
+    "<li>For randomized smoothing every certificate is <b>probabilistic</b>: it holds except with "
+    "probability α (per image) over the Monte-Carlo noise, and it certifies the smoothed classifier, "
+    "not the base network.</li>"
+    "<li>Only the threat model's norm ball is covered: rotations, colour shifts, blur or any semantic "
+    "change of large ℓp size are not (the Shadow Attack's perturbations are smooth but large).</li></ul>"
+)
+
+
+def _coverage_section(audits: Sequence[AuditData]) -> list[str]:
+    """What each audit's certificate covers, then what no certificate covers."""
+    parts = [_open_section("coverage") + "<ul>"]
     for a in audits:
         for line in coverage_text(a):
             parts.append(f"<li>{html.escape(line)}</li>")
-    parts.append("<li>The certificate is <b>pointwise</b>: it is a statement about one input x and the ball around it, "
-                 "not a uniform guarantee over the data distribution or over a region. Points x' near a certified x "
-                 "need not be certified themselves (that is what a degradation attack exploits: x' is within ε of x, "
-                 "yet the run-time defense rejects it).</li>"
-                 "<li>It says the <b>label is constant</b> on the ball, not that the label is <b>correct</b>: an "
-                 "input far from any natural image can be certified with a large radius for a wrong label (the "
-                 "spoofed certificates of the Shadow Attack).</li>"
-                 "<li>For randomized smoothing every certificate is <b>probabilistic</b>: it holds except with "
-                 "probability α (per image) over the Monte-Carlo noise, and it certifies the smoothed classifier, "
-                 "not the base network.</li>"
-                 "<li>Only the threat model's norm ball is covered: rotations, colour shifts, blur or any semantic "
-                 "change of large ℓp size are not (the Shadow Attack's perturbations are smooth but large).</li></ul>")
-    parts.append("</section>")
+    parts += [_CERTIFICATE_LIMITS, "</section>"]
+    return parts
 
-    parts.append(f'<section id="figures"><h2>{sec["figures"]}</h2><dl>')
+
+def _meanings_section() -> list[str]:
+    """What every figure means, and the papers they come from."""
+    parts = [_open_section("figures") + "<dl>"]
     for term, meaning in FIGURE_MEANINGS:
         parts.append(f"<dt>{html.escape(term)}</dt><dd>{html.escape(meaning)}</dd>")
     parts.append("</dl><h3>Papers</h3><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in PAPERS) + "</ul></section>")
+    return parts
 
-    parts.append(f'<section id="configuration"><h2>{sec["configuration"]}</h2>')
+
+def _configuration_section(audits: Sequence[AuditData]) -> list[str]:
+    """Each audit's configuration, seed, device, versions and timings, as JSON; closes the page."""
+    parts = [_open_section("configuration")]
     for a in audits:
         s = a.summary
         cfg = {k: v for k, v in s["config"].items() if k not in ("classes",)}
@@ -362,7 +411,7 @@ def render_html(audits: Sequence[AuditData], title: str = "certaudit report") ->
                  "timings": s.get("timings")}
         parts.append(f"<h3>{html.escape(a.name)}</h3><pre>{html.escape(json.dumps(block, indent=1))}</pre>")
     parts.append("</section></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 # --------------------------------------------------------------------------------- Markdown

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -107,18 +107,11 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
 
     check_radii = [] if eps is None else [float(eps)]
     nat = certify_images(defense, x, seed=seed, indices=idx, radii=check_radii, **cert_opts)
-    nat_label, nat_radius = nat.label.cpu().tolist(), nat.radius.detach().cpu().double().tolist()
-    attack = [not (skip_abstained and nat_label[b] == ABSTAIN) for b in range(b_count)]
-    rows = [_natural_row(idx[b], int(y[b]), nat_label[b], nat_radius[b], nat, b) for b in range(b_count)]
-    for b, row in enumerate(rows):
-        if eps is not None:
-            row["natural_certified_eps"] = _check_at(nat, eps, b)
-        if nat.radius_tol > 0:
-            row["radius_tol"] = nat.radius_tol
+    rows = _natural_rows(nat, y, idx, eps)
     delta_best = torch.zeros_like(x)
     x_best = x.detach().clone()
 
-    todo = [b for b in range(b_count) if attack[b]]
+    todo = [b for b in range(b_count) if not (skip_abstained and rows[b]["natural_prediction"] == ABSTAIN)]
     if todo:
         sub = torch.tensor(todo, dtype=torch.long)
         xs, ys = x[sub.to(x.device)], y[sub]
@@ -126,52 +119,87 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
         res = shadow_attack(loss, xs, target.to(x.device), config, image=image.to(x.device),
                             indices=[idx[b] for b in todo], seed=seed, images_per_group=images_per_group,
                             on_step=on_step)
-        # Selection: a CERTIFY of every candidate (fresh noise per pair), the largest wrong-label radius wins.
-        pair_ids = [idx[todo[i]] * num_classes + t for i, t in zip(image.tolist(), target.tolist())]
-        sel = certify_images(defense, res.x_adv, seed=mix_seed(seed, ROLE_SELECT), indices=pair_ids, **sel_opts)
-        best = _select(image.tolist(), target.tolist(), ys.tolist(), sel.label.cpu().tolist(),
-                       sel.radius.detach().cpu().double().tolist(), res.objective.cpu().tolist(), len(todo))
-        chosen = torch.tensor(best, dtype=torch.long, device=x.device)  # (A,) pair per attacked image
-        x_adv = res.x_adv[chosen]  # (A, C, H, W)
+        pairs = _Pairs(image.tolist(), target.tolist(), ys.tolist(), res.loss.cpu().tolist(),
+                       res.objective.cpu().tolist())
+        sel, best = _select_candidates(defense, res.x_adv, pairs, [idx[b] for b in todo], num_classes, seed, sel_opts)
+        x_adv = res.x_adv[torch.tensor(best, dtype=torch.long, device=x.device)]  # (A, C, H, W)
         # The judge: a fresh CERTIFY of the chosen images (new noise for randomized defenses).
         final = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_FINAL), indices=[idx[b] for b in todo],
                                radii=check_radii, **cert_opts)
-        f_label, f_radius = final.label.cpu().tolist(), final.radius.detach().cpu().double().tolist()
         applied = x_adv - xs  # (A, C, H, W) the perturbation as certified, after clipping
-        l2 = applied.flatten(1).norm(dim=1).cpu().tolist()
-        linf = applied.flatten(1).abs().amax(dim=1).cpu().tolist()
-        tv = tv_penalty(applied).cpu().tolist()
-        color = color_penalty(applied, "mean_abs").cpu().tolist()
-        dissim = dissim_penalty(applied).cpu().tolist()
-        s_label, s_radius = sel.label.cpu().tolist(), sel.radius.detach().cpu().double().tolist()
-        spoof_loss, objective = res.loss.cpu().tolist(), res.objective.cpu().tolist()
-        n_success = _count_per_image(image.tolist(), target.tolist(), ys.tolist(), s_label, s_radius, len(todo))
-        n_cand = np.bincount(np.asarray(image.tolist(), dtype=np.int64), minlength=len(todo)).tolist()
-        for a, b in enumerate(todo):
-            p = best[a]
-            label = int(y[b])
-            # a spoof is a wrong label *with a certificate*: deterministic defenses (interval) return the
-            # prediction with radius 0 where nothing is certified, which is not a spoofed certificate
-            success = f_label[a] not in (label, ABSTAIN) and f_radius[a] > 0
-            rows[b].update({
-                "attacked": True, "target": int(target[p]), "spoofed_prediction": int(f_label[a]),
-                "spoofed_radius": float(f_radius[a]), "success": bool(success),
-                "selection_prediction": int(s_label[p]), "selection_radius": float(s_radius[p]),
-                "candidates": int(n_cand[a]), "selection_successes": int(n_success[a]),
-                "spoof_loss": _finite(spoof_loss[p]), "objective": _finite(objective[p]),
-                "l2": float(l2[a]), "linf": float(linf[a]), "tv": float(tv[a]), "color": float(color[a]),
-                "dissim": float(dissim[a]),
-            })
-            if eps is not None:
-                rows[b]["spoofed_certified_eps"] = _check_at(final, eps, b=a)
-            for key, val in final.extras.items():
-                rows[b]["spoofed_" + key] = _jsonable(val[a])
+        _fill_attacked_rows(rows, todo, pairs, best, sel, final, applied, eps)
         delta_best[sub.to(x.device)] = applied
         x_best[sub.to(x.device)] = x_adv
     seconds = (time.perf_counter() - t0) / max(1, b_count)
     for r in rows:
         r["seconds"] = round(seconds, 6)
     return SpoofOutcome(rows=rows, natural=x.detach(), delta=delta_best, x_adv=x_best)
+
+
+class _Pairs(NamedTuple):
+    """The (image, wrong class) pairs of one Shadow Attack, as lists indexed by the pair."""
+
+    image: list[int]  # position of the pair's image among the attacked ones
+    target: list[int]
+    y: list[int]  # true label of each attacked image (indexed by image, not by pair)
+    loss: list[float]
+    objective: list[float]
+
+
+def _select_candidates(defense: Any, x_adv: torch.Tensor, pairs: _Pairs, indices: list[int], num_classes: int,
+                       seed: int, options: dict[str, Any]) -> tuple[Certificates, list[int]]:
+    """Selection: a CERTIFY of every candidate (fresh noise per pair); per image the largest
+    wrong-label radius wins. Returns the selection certificates and the chosen pair per image."""
+    pair_ids = [indices[i] * num_classes + t for i, t in zip(pairs.image, pairs.target)]
+    sel = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_SELECT), indices=pair_ids, **options)
+    best = _select(pairs.image, pairs.target, pairs.y, sel.label.cpu().tolist(),
+                   sel.radius.detach().cpu().double().tolist(), pairs.objective, len(indices))
+    return sel, best
+
+
+def _fill_attacked_rows(rows: list[dict[str, Any]], todo: list[int], pairs: _Pairs, best: list[int],
+                        sel: Certificates, final: Certificates, applied: torch.Tensor, eps: float | None) -> None:
+    """Write the judged spoof, the selection and the applied perturbation into the rows of ``todo``."""
+    f_label, f_radius = final.label.cpu().tolist(), final.radius.detach().cpu().double().tolist()
+    l2 = applied.flatten(1).norm(dim=1).cpu().tolist()
+    linf = applied.flatten(1).abs().amax(dim=1).cpu().tolist()
+    tv = tv_penalty(applied).cpu().tolist()
+    color = color_penalty(applied, "mean_abs").cpu().tolist()
+    dissim = dissim_penalty(applied).cpu().tolist()
+    s_label, s_radius = sel.label.cpu().tolist(), sel.radius.detach().cpu().double().tolist()
+    n_success = _count_per_image(pairs.image, pairs.target, pairs.y, s_label, s_radius, len(todo))
+    n_cand = np.bincount(np.asarray(pairs.image, dtype=np.int64), minlength=len(todo)).tolist()
+    for a, b in enumerate(todo):
+        p = best[a]
+        label = int(rows[b]["label"])
+        # a spoof is a wrong label *with a certificate*: deterministic defenses (interval) return the
+        # prediction with radius 0 where nothing is certified, which is not a spoofed certificate
+        success = f_label[a] not in (label, ABSTAIN) and f_radius[a] > 0
+        rows[b].update({
+            "attacked": True, "target": int(pairs.target[p]), "spoofed_prediction": int(f_label[a]),
+            "spoofed_radius": float(f_radius[a]), "success": bool(success),
+            "selection_prediction": int(s_label[p]), "selection_radius": float(s_radius[p]),
+            "candidates": int(n_cand[a]), "selection_successes": int(n_success[a]),
+            "spoof_loss": _finite(pairs.loss[p]), "objective": _finite(pairs.objective[p]),
+            "l2": float(l2[a]), "linf": float(linf[a]), "tv": float(tv[a]), "color": float(color[a]),
+            "dissim": float(dissim[a]),
+        })
+        if eps is not None:
+            rows[b]["spoofed_certified_eps"] = _check_at(final, eps, b=a)
+        for key, val in final.extras.items():
+            rows[b]["spoofed_" + key] = _jsonable(val[a])
+
+
+def _natural_rows(nat: Certificates, y: torch.Tensor, idx: list[int], eps: float | None) -> list[dict[str, Any]]:
+    """One row per image from the natural CERTIFY (the spoofing fields unset)."""
+    nat_label, nat_radius = nat.label.cpu().tolist(), nat.radius.detach().cpu().double().tolist()
+    rows = [_natural_row(idx[b], int(y[b]), nat_label[b], nat_radius[b], nat, b) for b in range(len(idx))]
+    for b, row in enumerate(rows):
+        if eps is not None:
+            row["natural_certified_eps"] = _check_at(nat, eps, b)
+        if nat.radius_tol > 0:
+            row["radius_tol"] = nat.radius_tol
+    return rows
 
 
 def _natural_row(index: int, label: int, pred: int, radius: float, cert: Certificates, b: int) -> dict[str, Any]:
@@ -316,6 +344,8 @@ def save_grid(path: str | Path, natural: torch.Tensor, delta: torch.Tensor, x_ad
     δ is shown as ``0.5 + δ / (2·max|δ|)`` per image (grey = no change); ``captions[i]`` =
     (text under the natural image, text under x + δ).
     """
+    # Imported here on purpose: the Agg backend is chosen only when a grid is drawn, before pyplot
+    # loads, so importing this module leaves the backend of an interactive session alone.
     import matplotlib
 
     matplotlib.use("Agg")

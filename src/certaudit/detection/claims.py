@@ -7,11 +7,11 @@ import math
 import re
 from dataclasses import dataclass
 from enum import Enum
-from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from certaudit import validate
 from certaudit.defenses.base import ABSTAIN, Norm
 from certaudit.errors import InputError
 
@@ -55,29 +55,12 @@ def parse_norm_name(value: Any) -> Norm:
     return Norm.parse(_NORM_SPELLINGS.get(key, key))
 
 
-def _number(value: Any, name: str) -> float:
-    """A finite number; strings may be fractions like ``8/255``."""
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        v = float(value)
-    else:
-        s = str(value).strip()
-        try:
-            v = float(Fraction(s)) if "/" in s else float(s)
-        except (ValueError, ZeroDivisionError):
-            raise InputError(f"{name} must be a number like 0.5 or 8/255, got {value!r}") from None
-    if math.isnan(v) or math.isinf(v):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return v
-
-
 def _probability(value: Any, name: str) -> float:
     """A fraction in [0, 1]; a string ending in ``%`` is a percentage (``75%`` -> 0.75)."""
     if isinstance(value, str) and value.strip().endswith("%"):
-        v = _number(value.strip()[:-1], name) / 100.0
+        v = validate.number(value.strip()[:-1], name) / 100.0
     else:
-        v = _number(value, name)
+        v = validate.number(value, name)
     if not 0.0 <= v <= 1.0:
         raise InputError(f"{name} must be a fraction in [0, 1] (write 75% for a percentage), got {value!r}")
     return v
@@ -85,9 +68,7 @@ def _probability(value: Any, name: str) -> float:
 
 def _radius(value: Any, name: str = "eps") -> tuple[float, str]:
     """A radius > 0 and the text to show for it (fractions like ``8/255`` keep their form)."""
-    v = _number(value, name)
-    if not v > 0:
-        raise InputError(f"{name} must be > 0, got {value!r}")
+    v = validate.positive(value, name)
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
     else:
@@ -391,7 +372,7 @@ def check_claim(claim: DetectorClaim, table: ReferenceTable | None = None, *, ex
                 f"{_pct(ref.robust_accuracy)}) is not exceeded, which says nothing about eps/2")
         return Verdict(claim, None, None, None, None, text)
     if rows:
-        radii = ", ".join(sorted({x.eps_text for x in rows}, key=lambda s: _number(s, "eps")))
+        radii = ", ".join(sorted({x.eps_text for x in rows}, key=lambda s: validate.number(s, "eps")))
         text = f"no reference at {where} (the table has {claim.dataset} {claim.norm.value} rows only at {radii})"
     else:
         text = f"no reference for {claim.dataset} {claim.norm.value} in the table ({table.source})"
