@@ -24,14 +24,3 @@ def require(cond: bool, message: str) -> None:
     """Raise :class:`InputError` with ``message`` unless ``cond`` holds (never ``assert``)."""
     if not cond:
         raise InputError(message)
-
-
-def positive(name: str, value: float) -> float:
-    """Check that a scalar is a finite number > 0 and return it as float."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
-    return v

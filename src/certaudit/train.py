@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certaudit.errors import InputError, positive
+from certaudit.errors import InputError
+from certaudit.validate import positive
 
 
 @dataclass
@@ -133,7 +134,7 @@ def check_config(config: TrainConfig) -> Method:
         raise InputError(f"epochs must be >= 1, got {config.epochs}")
     if int(config.batch_size) < 1:
         raise InputError(f"batch size must be >= 1, got {config.batch_size}")
-    positive("learning rate", config.lr)
+    positive(config.lr, "learning rate")
     if config.weight_decay < 0 or not math.isfinite(config.weight_decay):
         raise InputError(f"weight decay must be >= 0, got {config.weight_decay}")
     if config.optimizer not in ("adamw", "sgd"):
@@ -146,7 +147,7 @@ def check_config(config: TrainConfig) -> Method:
         value = getattr(config, need)
         if value is None:
             raise InputError(f"training method {method.name!r} needs --{need}")
-        positive(need, value)
+        positive(value, need)
     if not 0.0 <= config.eps_warmup <= 1.0:
         raise InputError(f"eps warm-up must be a fraction in [0, 1], got {config.eps_warmup}")
     return method

@@ -32,7 +32,8 @@ from certaudit.defenses.interval.bounds import (
     METHODS, Network, compile_network, down32, margin_bounds, no_tf32, parse_method,
 )
 from certaudit.defenses.interval.ops import check_supported
-from certaudit.errors import InputError, positive
+from certaudit.errors import InputError
+from certaudit.validate import positive
 
 
 class IntervalDefense(Defense):
@@ -49,14 +50,14 @@ class IntervalDefense(Defense):
         super().__init__(model, num_classes)
         check_supported(model)
         self.method = parse_method(method)
-        self.tol = positive("tol", tol)
-        self.max_radius = positive("max_radius", max_radius)
+        self.tol = positive(tol, "tol")
+        self.max_radius = positive(max_radius, "max_radius")
         if self.tol >= self.max_radius:
             raise InputError(f"tol ({tol}) must be smaller than max_radius ({max_radius})")
         if int(batch_size) < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
-        self.budget_mb = None if budget_mb is None else positive("budget_mb", budget_mb)
+        self.budget_mb = None if budget_mb is None else positive(budget_mb, "budget_mb")
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
 
     @classmethod
