@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from certaudit import validate
 from certaudit.defenses.base import Norm
 from certaudit.errors import InputError
 
@@ -280,6 +281,33 @@ def pgd(
     remaining examples when it is spent. ``eps`` may be a (B,) tensor of per-example radii.
     """
     norm = Norm.parse(norm)
+    steps, restarts, check_every, budget = _check_search(x, lower, upper, steps, restarts, check_every, budget,
+                                                         schedule)
+    x = x.detach()
+    e_all = _eps_tensor(eps, x)  # (B,)
+    base = _base_step_size(step_size)
+    if x_init is not None:
+        if not isinstance(x_init, torch.Tensor) or x_init.shape != x.shape:
+            raise InputError(f"x_init must be a tensor of shape {tuple(x.shape)}")
+        x_init = project(x_init.detach().to(x), x, e_all, norm, lower, upper)
+    if generator is None:
+        generator = make_generator(seed, x.device)
+    start = x if x_init is None else x_init
+    search = _Search(loss_fn, done_fn, x, e_all, norm, lower, upper, steps, base, schedule, check_every, budget,
+                     sign=1.0 if maximize else -1.0, start=start)
+    active = torch.arange(x.shape[0], device=x.device)
+    for r in range(restarts):
+        if active.shape[0] == 0 or search.out_of_budget():
+            break
+        fresh = r > 0 or random_start
+        cur = random_in_ball(x[active], e_all[active], norm, generator, lower, upper) if fresh else start[active]
+        active = search.run_restart(active, cur, fresh)
+    return search.result()
+
+
+def _check_search(x: torch.Tensor, lower: float, upper: float, steps: int, restarts: int, check_every: int,
+                  budget: int | None, schedule: str) -> tuple[int, int, int, int | None]:
+    """Check the batch and the search settings of :func:`pgd`; returns the counts as ints."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise InputError("x must be a floating-point torch.Tensor")
     if x.dim() < 1 or x.shape[0] == 0:
@@ -290,92 +318,107 @@ def pgd(
         raise InputError(f"lower must be < upper, got [{lower}, {upper}]")
     if float(x.min()) < lower or float(x.max()) > upper:
         raise InputError(f"x must lie in [{lower}, {upper}]")
-    steps = _nonneg_int(steps, "steps")
-    restarts = _nonneg_int(restarts, "restarts")
-    check_every = _nonneg_int(check_every, "check_every")
+    steps = validate.integer(steps, "steps", low=0)
+    restarts = validate.integer(restarts, "restarts", low=0)
+    check_every = validate.integer(check_every, "check_every", low=0)
     if restarts < 1 or check_every < 1:
         raise InputError("restarts and check_every must be >= 1")
     if budget is not None:
-        budget = _nonneg_int(budget, "budget")
+        budget = validate.integer(budget, "budget", low=0)
         if budget < 1:
             raise InputError("budget must be >= 1 evaluation")
     if schedule not in SCHEDULES:
         raise InputError(f"unknown step-size schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    x = x.detach()
-    e_all = _eps_tensor(eps, x)  # (B,)
-    base = None
-    if step_size is not None:
-        base = float(step_size)
-        if not base > 0 or math.isinf(base):
-            raise InputError(f"step_size must be a finite number > 0, got {step_size!r}")
-    if x_init is not None:
-        if not isinstance(x_init, torch.Tensor) or x_init.shape != x.shape:
-            raise InputError(f"x_init must be a tensor of shape {tuple(x.shape)}")
-        x_init = project(x_init.detach().to(x), x, e_all, norm, lower, upper)
-    if generator is None:
-        generator = make_generator(seed, x.device)
-    sign = 1.0 if maximize else -1.0
+    return steps, restarts, check_every, budget
 
-    B = x.shape[0]
-    start = x if x_init is None else x_init
-    best_x = start.clone()
-    best_val = torch.full((B,), -math.inf, dtype=x.dtype, device=x.device)
-    success = torch.zeros(B, dtype=torch.bool, device=x.device)
-    evals = torch.zeros(B, dtype=torch.long, device=x.device)
-    active = torch.arange(B, device=x.device)
-    spent = 0  # evaluations so far of every example still active (they move in lockstep)
 
-    def out_of_budget() -> bool:
-        return budget is not None and spent >= budget
+def _base_step_size(step_size: float | None) -> float | None:
+    """The user's constant step size, checked (None: the ε-relative default of :func:`pgd`)."""
+    if step_size is None:
+        return None
+    base = float(step_size)
+    if not base > 0 or math.isinf(base):
+        raise InputError(f"step_size must be a finite number > 0, got {step_size!r}")
+    return base
 
-    for r in range(restarts):
-        if active.shape[0] == 0 or out_of_budget():
-            break
-        idx = active
-        xa, ea = x[idx], e_all[idx]
-        fresh = r > 0 or random_start
-        cur = random_in_ball(xa, ea, norm, generator, lower, upper) if fresh else start[idx]
-        for t in range(steps + 1):
-            if out_of_budget():
+
+class _Search:
+    """The bookkeeping of one :func:`pgd` call across restarts: the best point and loss per example,
+    which examples ``done_fn`` accepted, and the evaluations spent.
+
+    Examples still being searched move in lockstep, so one counter ``spent`` is the evaluations of
+    every active example; an accepted example's count is frozen at acceptance.
+    """
+
+    def __init__(self, loss_fn: LossFn, done_fn: DoneFn | None, x: torch.Tensor, e_all: torch.Tensor, norm: Norm,
+                 lower: float, upper: float, steps: int, base: float | None, schedule: str, check_every: int,
+                 budget: int | None, *, sign: float, start: torch.Tensor):
+        self.loss_fn, self.done_fn, self.sign = loss_fn, done_fn, sign
+        self.x, self.e_all, self.norm, self.lower, self.upper = x, e_all, norm, lower, upper
+        self.steps, self.base, self.schedule = steps, base, schedule
+        self.check_every, self.budget = check_every, budget
+        b = x.shape[0]
+        self.best_x = start.clone()
+        self.best_val = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
+        self.success = torch.zeros(b, dtype=torch.bool, device=x.device)
+        self.evals = torch.zeros(b, dtype=torch.long, device=x.device)
+        self.spent = 0  # evaluations so far of every example still active
+
+    def out_of_budget(self) -> bool:
+        return self.budget is not None and self.spent >= self.budget
+
+    def run_restart(self, idx: torch.Tensor, cur: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """``steps`` steps from ``cur`` for the examples ``idx``; returns those still not accepted."""
+        xa, ea = self.x[idx], self.e_all[idx]
+        for t in range(self.steps + 1):
+            if self.out_of_budget():
                 break
-            need_grad = t < steps
-            val, grad = _loss_and_grad(loss_fn, cur, idx, sign, need_grad)
-            spent += 1
-            better = val > best_val[idx]
-            best_val[idx] = torch.where(better, val, best_val[idx])
-            best_x[idx] = torch.where(_per_example(better, cur), cur, best_x[idx])
-            check = done_fn is not None and (t == steps or (t > 0 and t % check_every == 0) or (t == 0 and fresh))
-            if check and not out_of_budget():
-                ok = done_fn(cur.detach(), idx)
-                spent += 1
-                if not isinstance(ok, torch.Tensor) or ok.shape != (idx.shape[0],):
-                    raise InputError(f"done_fn must return a ({idx.shape[0]},) boolean tensor")
-                ok = ok.to(device=x.device, dtype=torch.bool)
-                hit = idx[ok]
-                best_x[hit] = cur[ok]
-                best_val[hit] = val[ok]
-                success[hit] = True
-                evals[hit] = spent
-                keep = ~ok
+            need_grad = t < self.steps
+            val, grad = _loss_and_grad(self.loss_fn, cur, idx, self.sign, need_grad)
+            self.spent += 1
+            self._keep_best(idx, cur, val)
+            if self._check_due(t, fresh) and not self.out_of_budget():
+                keep = self._accept(idx, cur, val)
                 idx, cur, xa, ea = idx[keep], cur[keep], xa[keep], ea[keep]
                 if grad is not None:
                     grad = grad[keep]
                 if idx.shape[0] == 0:
                     break
             if need_grad:
-                alpha = ea * (2.5 / steps) if base is None else torch.full_like(ea, base)
-                alpha = alpha * (step_size_at(schedule, 1.0, t, steps))
-                cur = project(cur + _per_example(alpha, cur) * ascent_direction(grad, norm), xa, ea, norm, lower, upper)
-        active = idx
-    evals[~success] = spent
-    return PGDResult(x=best_x, loss=sign * best_val, success=success, evals=evals)
+                cur = self._step(cur, grad, xa, ea, t)
+        return idx
 
+    def _keep_best(self, idx: torch.Tensor, cur: torch.Tensor, val: torch.Tensor) -> None:
+        better = val > self.best_val[idx]
+        self.best_val[idx] = torch.where(better, val, self.best_val[idx])
+        self.best_x[idx] = torch.where(_per_example(better, cur), cur, self.best_x[idx])
 
-def _nonneg_int(value: int, name: str) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be an integer, got {value!r}") from None
-    if v != value or v < 0:
-        raise InputError(f"{name} must be a non-negative integer, got {value!r}")
-    return v
+    def _check_due(self, t: int, fresh: bool) -> bool:
+        """Whether ``done_fn`` is asked at iterate ``t``: every ``check_every``-th, the last, a random start."""
+        return self.done_fn is not None and (t == self.steps or (t > 0 and t % self.check_every == 0)
+                                             or (t == 0 and fresh))
+
+    def _accept(self, idx: torch.Tensor, cur: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        """Ask ``done_fn``, freeze the accepted examples at ``cur``; returns the mask of the others."""
+        ok = self.done_fn(cur.detach(), idx)
+        self.spent += 1
+        if not isinstance(ok, torch.Tensor) or ok.shape != (idx.shape[0],):
+            raise InputError(f"done_fn must return a ({idx.shape[0]},) boolean tensor")
+        ok = ok.to(device=self.x.device, dtype=torch.bool)
+        hit = idx[ok]
+        self.best_x[hit] = cur[ok]
+        self.best_val[hit] = val[ok]
+        self.success[hit] = True
+        self.evals[hit] = self.spent
+        return ~ok
+
+    def _step(self, cur: torch.Tensor, grad: torch.Tensor, xa: torch.Tensor, ea: torch.Tensor, t: int) -> torch.Tensor:
+        """One projected steepest-ascent step of step size ``α_t``."""
+        alpha = ea * (2.5 / self.steps) if self.base is None else torch.full_like(ea, self.base)
+        alpha = alpha * (step_size_at(self.schedule, 1.0, t, self.steps))
+        step = _per_example(alpha, cur) * ascent_direction(grad, self.norm)
+        return project(cur + step, xa, ea, self.norm, self.lower, self.upper)
+
+    def result(self) -> PGDResult:
+        self.evals[~self.success] = self.spent
+        return PGDResult(x=self.best_x, loss=self.sign * self.best_val, success=self.success, evals=self.evals)
