@@ -11,7 +11,6 @@ A defense answers, for a batch of inputs ``x`` in ``[0,1]^d`` (float32, NCHW):
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from certaudit import validate
 from certaudit.errors import InputError
 
 ABSTAIN: int = -1
@@ -237,14 +237,8 @@ def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 
 
 def check_eps(eps: float, name: str = "eps") -> float:
-    """A radius must be a finite number > 0."""
-    try:
-        v = float(eps)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {eps!r}") from None
-    if not (v > 0) or math.isinf(v):
-        raise InputError(f"{name} must be a finite number > 0, got {eps!r}")
-    return v
+    """A radius must be a finite number > 0 (:func:`certaudit.validate.eps`)."""
+    return validate.eps(eps, name)
 
 
 def check_labels(y: torch.Tensor, batch: int, num_classes: int, name: str = "target") -> torch.Tensor:

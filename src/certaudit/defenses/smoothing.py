@@ -18,7 +18,9 @@ ball of radius ``σ·Φ⁻¹(p_A)`` around ``x`` (Theorem 1 of the paper with ``
 Batching design (see ``docs/smoothing.md``): the noisy copies of *many* images are packed into
 one forward batch; the predicted labels are counted on the device with one ``scatter_add_`` into a
 (streams × images × classes) table; the table crosses to the host once per call. No Python loop
-touches individual samples, and no host synchronisation happens inside the sampling loop.
+touches individual samples, and no host synchronisation happens inside the sampling loop. That
+engine (batch sizing, precision, the counting loops) is :mod:`certaudit.defenses.smoothing_engine`;
+this module holds the statistics of the protocol on top of it.
 
 Reproducibility: the noise of image ``i`` is drawn in blocks of :func:`noise_block` samples (a
 function of the image shape only), each made of :data:`NOISE_LANES` lanes drawn from generators
@@ -29,88 +31,34 @@ sizes, which can flip an exact tie of the logits).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import norm as std_normal
 from torch import nn
 
+from certaudit import validate
+from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_images, check_labels, radius_key
+from certaudit.defenses.sequential import CERTIFIED, SEQ_BLOCK, SequentialTest, threshold
+from certaudit.defenses.smoothing_engine import (  # noqa: F401 (re-exported: part of this module's API)
+    CPU_BATCH_BUDGET, CUDA_MEMORY_FRACTION, MAX_BATCH, PRECISIONS, SamplingEngine, parse_precision,
+)
 from certaudit.defenses.smoothing_noise import (  # noqa: F401 (re-exported: part of this module's API)
     NOISE_BLOCK_BYTES, NOISE_BLOCK_MAX, NOISE_BLOCK_MIN, NOISE_LANES, NOISE_SCHEME, STREAM_ESTIMATION, STREAM_PREDICT,
     STREAM_SELECTION, STREAM_SEQUENTIAL, binomial_test_half, block_seed, clopper_pearson_lower, lane_bounds,
     noise_block, noise_pool,
 )
-from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_images, check_labels, radius_key
 from certaudit.errors import InputError
 
-PRECISIONS = ("fp32", "bf16")
-_PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
-
-CPU_BATCH_BUDGET = 6 * 2**20  # bytes of the largest activation across a CPU batch (L2/L3-cache-sized)
-CUDA_MEMORY_FRACTION = 0.5  # of the free device memory used by one forward batch
-MAX_BATCH = 16384
 MAX_EXPLICIT_BATCH = 1 << 20  # a user-given batch above this cannot be a real forward pass
 MAX_SAMPLES = 10**9  # n0 + n per image: 10^9 is ~17 minutes per image at 10^6 samples/s
 
 MARGIN_P_FLOOR = 1e-6  # the soft probability is squeezed into [floor, 1 - floor] before Φ⁻¹
 
-def _count(name: str, value: Any) -> int:
-    """A sample count: an integer >= 1 (bools and non-integral floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)):
-        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
-        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-    if int(value) < 1:
-        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
-
-def _alpha(value: Any) -> float:
-    try:
-        a = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"alpha must be a number in (0, 1), got {value!r}") from None
-    if not (0.0 < a < 1.0):
-        raise InputError(f"alpha must lie strictly between 0 and 1, got {value!r}")
-    return a
-
-
-def _sigma(value: Any) -> float:
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"sigma must be a number > 0, got {value!r}") from None
-    if not (s > 0) or math.isinf(s):
-        raise InputError(f"sigma must be a finite number > 0, got {value!r}")
-    return s
-
-
-def _seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"seed must be an integer, got {value!r}")
-    return int(value)
-
-
-def _eps(value: Any) -> float:
-    try:
-        e = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"eps must be a single number >= 0 (one ε for the whole batch), got {value!r}") from None
-    if not (e >= 0) or math.isinf(e):
-        raise InputError(f"eps must be a finite number >= 0, got {value!r}")
-    return e
-
-
-def parse_precision(value: str) -> str:
-    key = _PRECISION_ALIASES.get(str(value).strip().lower())
-    if key is None:
-        raise InputError(f"unknown precision {value!r}; choose one of: {', '.join(PRECISIONS)}")
-    return key
-
-
-class SmoothedClassifier(Defense):
+class SmoothedClassifier(SamplingEngine, Defense):
     """The ℓ2 randomized-smoothing defense around a base classifier (Cohen et al. 2019).
 
     ``model`` maps images in [0, 1] (NCHW) to ``num_classes`` logits; it is put in eval mode. The
@@ -136,13 +84,13 @@ class SmoothedClassifier(Defense):
                  sequential: bool = False):
         super().__init__(model, num_classes)
         self.sequential = bool(sequential)  # accept() defaults to the sequential test (certify_at)
-        self.sigma = _sigma(sigma)
+        self.sigma = validate.positive(sigma, "sigma")
         self.noise_sigma = self.sigma  # the protocol's name for it (SPGD samples with it)
-        self.batch_size = None if batch_size is None else _count("batch_size", batch_size)
+        self.batch_size = None if batch_size is None else validate.count(batch_size, "batch_size")
         self.precision = parse_precision(precision)
         self.channels_last = bool(channels_last)
-        self.n0 = _count("n0", n0)
-        self.n = _count("n", n)
+        self.n0 = validate.count(n0, "n0")
+        self.n = validate.count(n, "n")
         if self.n0 + self.n > MAX_SAMPLES:
             raise InputError(f"n0 + n = {self.n0 + self.n:,} samples per image is beyond what any run finishes "
                              f"(at 10^6 samples/s: {(self.n0 + self.n) / 1e6 / 86400:.3g} days per image); "
@@ -150,8 +98,8 @@ class SmoothedClassifier(Defense):
         if self.batch_size is not None and self.batch_size > MAX_EXPLICIT_BATCH:
             raise InputError(f"batch_size {self.batch_size:,} cannot be allocated (the limit is {MAX_EXPLICIT_BATCH:,} "
                              "samples per forward pass)")
-        self.alpha = _alpha(alpha)
-        self.seed = None if seed is None else _seed(seed)
+        self.alpha = validate.probability(alpha, "alpha")
+        self.seed = None if seed is None else validate.seed(seed)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.model.eval()
         if self.channels_last:
@@ -201,11 +149,9 @@ class SmoothedClassifier(Defense):
         (B, K) from the ``n0`` selection samples, ``counts`` (B, K) from the ``n`` estimation samples
         and ``p_lower`` (B,). Noise: see :meth:`sample_counts` (``seed``/``generator``/``indices``).
         """
-        from scipy.stats import norm
-
-        n0 = self.n0 if n0 is None else _count("n0", n0)
-        n = self.n if n is None else _count("n", n)
-        alpha = self.alpha if alpha is None else _alpha(alpha)
+        n0 = self.n0 if n0 is None else validate.count(n0, "n0")
+        n = self.n if n is None else validate.count(n, "n")
+        alpha = self.alpha if alpha is None else validate.probability(alpha, "alpha")
         x = self._check_x(x)
         base = self._base_seed(seed, generator)
         idx = self._indices(indices, x.shape[0])
@@ -215,7 +161,7 @@ class SmoothedClassifier(Defense):
         n_a = counts.gather(1, c_hat[:, None]).squeeze(1)  # (B,)
         p_lower = clopper_pearson_lower(n_a.numpy(), n, alpha)  # (B,) float64
         certified = p_lower >= 0.5
-        radius = np.where(certified, self.sigma * norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
+        radius = np.where(certified, self.sigma * std_normal.ppf(np.where(certified, p_lower, 0.5)), 0.0)
         label = torch.where(torch.from_numpy(certified), c_hat, torch.full_like(c_hat, ABSTAIN))
         return Certificates(label=label, radius=torch.from_numpy(radius), norm=Norm.L2,
                             extras={"counts_selection": counts0, "counts": counts,
@@ -269,12 +215,10 @@ class SmoothedClassifier(Defense):
         :data:`certaudit.defenses.sequential.DECISIONS` and ``log_evidence`` (B,) float64.
         Forward batches are kept full: an image that is decided frees its slots for the next one.
         """
-        from certaudit.defenses.sequential import CERTIFIED, SEQ_BLOCK, SequentialTest, threshold
-
-        n0 = self.n0 if n0 is None else _count("n0", n0)
-        n = self.n if n is None else _count("n", n)
-        alpha = self.alpha if alpha is None else _alpha(alpha)
-        eps_f = _eps(eps)
+        n0 = self.n0 if n0 is None else validate.count(n0, "n0")
+        n = self.n if n is None else validate.count(n, "n")
+        alpha = self.alpha if alpha is None else validate.probability(alpha, "alpha")
+        eps_f = validate.number(eps, "eps", low=0.0)  # 0 is allowed here
         x = self._check_x(x)
         base = self._base_seed(seed, generator)
         idx = self._indices(indices, x.shape[0])
@@ -300,8 +244,8 @@ class SmoothedClassifier(Defense):
 
         A returned class differs from the smoothed classifier's with probability at most α.
         """
-        n = self.n if n is None else _count("n", n)
-        alpha = self.alpha if alpha is None else _alpha(alpha)
+        n = self.n if n is None else validate.count(n, "n")
+        alpha = self.alpha if alpha is None else validate.probability(alpha, "alpha")
         x = self._check_x(x)
         base = self._base_seed(seed, generator)
         counts = self._sample(x, [n], [STREAM_PREDICT], base, self._indices(indices, x.shape[0]))[0]  # (B, K)
@@ -322,7 +266,7 @@ class SmoothedClassifier(Defense):
         ``generator`` (or to the instance's seed, or to one drawn from torch's global generator);
         ``indices`` defaults to ``0..B-1``.
         """
-        num = _count("num", num)
+        num = validate.count(num, "num")
         x = self._check_x(x)
         base = self._base_seed(seed, generator)
         return self._sample(x, [num], [int(stream)], base, self._indices(indices, x.shape[0]))[0]
@@ -339,13 +283,8 @@ class SmoothedClassifier(Defense):
         Runs under the instance's precision; one forward pass of B·n_samples copies with gradients.
         """
         x = self._check_x(x)
-        n_samples = _count("n_samples", n_samples)
-        try:
-            eps_f = float(eps)
-        except (TypeError, ValueError):
-            raise InputError(f"eps must be a number >= 0, got {eps!r}") from None
-        if not (eps_f >= 0) or math.isinf(eps_f):
-            raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
+        n_samples = validate.count(n_samples, "n_samples")
+        eps_f = validate.number(eps, "eps", low=0.0)  # 0 is allowed here
         b = x.shape[0]
         target = check_labels(target, b, self.num_classes).to(x.device)
         gen_dev = generator.device if generator is not None else x.device
@@ -362,200 +301,6 @@ class SmoothedClassifier(Defense):
         p = MARGIN_P_FLOOR + (1.0 - 2.0 * MARGIN_P_FLOOR) * p
         return (self.sigma * torch.special.ndtri(p) - eps_f).to(x.dtype)
 
-    # ------------------------------------------------------------------------------ batching core
-
-    def resolve_batch_size(self, sample_shape: Sequence[int]) -> int:
-        """Samples per forward pass: the user's choice, else estimated from memory.
-
-        CUDA: a probe forward of 256 samples measures the peak memory per sample; the batch takes
-        :data:`CUDA_MEMORY_FRACTION` of the free memory. CPU: the batch whose largest layer output
-        fills :data:`CPU_BATCH_BUDGET` (cache-sized batches run fastest on CPU). The result is capped
-        at :data:`MAX_BATCH` and rounded down to a multiple of the noise block when it is larger (so
-        whole blocks fill batches exactly), else to a power of two (a divisor of the block).
-        """
-        if self.batch_size is not None:
-            return self.batch_size
-        dev = self.device
-        key = (dev.type, dev.index, tuple(sample_shape), self.precision, self.channels_last)
-        if key not in self._auto_batch:
-            if dev.type == "cuda":
-                per_sample = self._probe_cuda_bytes(tuple(sample_shape))
-                free, _ = torch.cuda.mem_get_info(dev)
-                free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-                raw = int(CUDA_MEMORY_FRACTION * free / max(per_sample, 1))
-            else:
-                raw = int(CPU_BATCH_BUDGET / max(self._probe_largest_activation(tuple(sample_shape)), 1))
-            self._auto_batch[key] = _round_batch(raw, noise_block(sample_shape))
-        return self._auto_batch[key]
-
-    def _sample(self, x: torch.Tensor, nums: list[int], streams: list[int], base_seed: int,
-                indices: list[int]) -> torch.Tensor:
-        """Counts (P, B, K) int64 on the CPU for P streams of ``nums[p]`` samples per image.
-
-        The samples form one sequence, image by image and, within an image, stream by stream.
-        Whole noise blocks are written into a buffer, and next to them, in a parallel index buffer,
-        the flat offset ``(slot·B + image)·K`` of their count row; before a block that would
-        overflow ``batch`` samples the buffer is classified (so forward passes never exceed
-        ``batch``, and with block-aligned batch sizes they are full except near the ends of images);
-        a block larger than ``batch`` is classified in slices of ``batch``. Each forward pass ends
-        in one ``scatter_add_`` of ``offset + label`` into the device table.
-        """
-        dev = self.device
-        x = x.detach().to(dev, torch.float32)  # (B, C, H, W), the only host-to-device copy
-        b_count, shape, k = x.shape[0], tuple(x.shape[1:]), self.num_classes
-        batch = self.resolve_batch_size(shape)
-        block = noise_block(shape)
-        cap = max(batch, min(block, max(nums)))
-        gen = torch.Generator(device=dev)
-        pool = noise_pool() if dev.type == "cpu" and torch.get_num_threads() > 1 else None
-        sigma = self.sigma
-
-        def draw(part: torch.Tensor, seed: int) -> None:  # one lane, in a worker thread on CPU
-            with torch.inference_mode():
-                part.normal_(0.0, sigma, generator=torch.Generator().manual_seed(seed))
-
-        with torch.inference_mode():
-            buf = torch.empty((cap, *shape), device=dev)  # (cap, C, H, W) noisy images waiting
-            offsets = torch.empty(cap, dtype=torch.long, device=dev)  # (cap,) flat count-row offsets
-            table = torch.zeros(len(nums) * b_count * k, dtype=torch.long, device=dev)  # flat (P, B, K)
-            ones = torch.ones(batch, dtype=torch.long, device=dev)
-            fill = 0  # samples waiting in buf
-
-            def flush() -> None:  # classify buf[:fill] in forward passes of at most `batch`
-                for lo in range(0, fill, batch):
-                    hi = min(fill, lo + batch)
-                    labels = self._labels(buf[lo:hi])  # (S,)
-                    table.scatter_add_(0, offsets[lo:hi] + labels, ones[: hi - lo])
-
-            for b in range(b_count):  # loop over noise blocks, never over samples
-                xb = x[b]  # (C, H, W)
-                for slot, (num, stream) in enumerate(zip(nums, streams)):
-                    row = (slot * b_count + b) * k
-                    for j in range(-(-num // block)):
-                        m = min(block, num - j * block)
-                        if fill and fill + m > batch:
-                            flush()
-                            fill = 0
-                        lanes = [(buf[fill + a:fill + e], block_seed(base_seed, indices[b], stream, j, lane))
-                                 for lane, (a, e) in enumerate(lane_bounds(m))]
-                        if pool is not None:  # CPU: torch's normal_ is single-threaded; fill lanes in parallel
-                            list(pool.map(lambda t: draw(*t), lanes))
-                        else:
-                            for part, seed in lanes:
-                                part.normal_(0.0, sigma, generator=gen.manual_seed(seed))
-                        buf[fill:fill + m].add_(xb)
-                        offsets[fill:fill + m] = row
-                        fill += m
-                        if fill >= batch:
-                            flush()
-                            fill = 0
-            if fill:
-                flush()
-            out = table.view(len(nums), b_count, k).cpu()  # the one device-to-host transfer
-        return out
-
-    def _sample_sequential(self, x: torch.Tensor, c_hat: torch.Tensor, test: Any, base_seed: int,
-                           indices: list[int], block: int) -> tuple[torch.Tensor, Any]:
-        """Run :func:`~certaudit.defenses.sequential.run_sequential` on the base classifier.
-
-        Block ``j`` of image ``b`` is ``normal_(0, σ)`` of shape (m, C, H, W) from a generator seeded
-        by ``block_seed(seed, indices[b], STREAM_SEQUENTIAL, j)`` (``m`` = ``block``, less in the
-        last block of the budget), written in place into one reused buffer, plus ``x[b]``. Counts
-        (B, K) accumulate on the device; one small transfer (successes per block) per forward batch
-        feeds the stopping decisions. Returns (counts (B, K) int64 on the CPU, SequentialResult).
-        """
-        from certaudit.defenses.sequential import run_sequential
-
-        dev = self.device
-        x = x.detach().to(dev, torch.float32)  # (B, C, H, W)
-        b_count, shape, k = x.shape[0], tuple(x.shape[1:]), self.num_classes
-        batch = self.resolve_batch_size(shape)  # samples per forward pass
-        cap = max(block, batch // block * block)  # samples per draw call: whole blocks
-        gen = torch.Generator(device=dev)
-        pool = noise_pool() if dev.type == "cpu" and torch.get_num_threads() > 1 else None
-        sigma = self.sigma
-        c_dev = c_hat.to(dev)
-
-        def fill(part: torch.Tensor, seed: int, xb: torch.Tensor, g: torch.Generator | None = None) -> None:
-            with torch.inference_mode():  # noise in place, then the image: no second buffer
-                part.normal_(0.0, sigma, generator=(g or torch.Generator()).manual_seed(seed)).add_(xb)
-
-        with torch.inference_mode():
-            buf = torch.empty((cap, *shape), device=dev)  # (cap, C, H, W), reused by every draw
-            table = torch.zeros(b_count * k, dtype=torch.long, device=dev)  # flat (B, K)
-
-            def draw(items: np.ndarray, blocks: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-                ends = np.cumsum(sizes)
-                starts = ends - sizes
-                parts = [(buf[a:e], block_seed(base_seed, indices[i], STREAM_SEQUENTIAL, j), x[i])
-                         for a, e, i, j in zip(starts.tolist(), ends.tolist(), items.tolist(), blocks.tolist())]
-                if pool is not None:  # CPU: normal_ is single-threaded; fill blocks in parallel
-                    list(pool.map(lambda p: fill(*p), parts))
-                else:
-                    for part, sd, xb in parts:
-                        fill(part, sd, xb, gen)
-                total = int(ends[-1])
-                owner = torch.from_numpy(np.repeat(items, sizes)).to(dev)  # (S,) image of each sample
-                req = torch.from_numpy(np.repeat(np.arange(items.size), sizes)).to(dev)  # (S,) request of each sample
-                noisy = buf[:total]  # (S, C, H, W)
-                labels = torch.cat([self._labels(noisy[lo:lo + batch]) for lo in range(0, total, batch)])  # (S,)
-                table.scatter_add_(0, owner * k + labels, torch.ones_like(labels))
-                hits = torch.zeros(items.size, dtype=torch.long, device=dev)
-                hits.scatter_add_(0, req, (labels == c_dev[owner]).long())
-                return hits.cpu().numpy()  # the one transfer per forward batch
-
-            result = run_sequential(test, b_count, draw, cap)
-            counts = table.view(b_count, k).cpu()
-        return counts, result
-
-    def _labels(self, batch: torch.Tensor) -> torch.Tensor:
-        """Base-classifier labels (S,) of a batch of noisy images, under the chosen precision/layout."""
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._autocast(batch.device):
-            logits = self.model(batch)
-        self._check_logits(logits)
-        return logits.argmax(dim=1)
-
-    def _check_logits(self, logits: torch.Tensor) -> None:
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise InputError(f"the model returns logits of shape {tuple(logits.shape)}, expected (batch, {self.num_classes})")
-
-    def _autocast(self, device: torch.device):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _probe_cuda_bytes(self, shape: tuple[int, ...]) -> float:
-        """Peak CUDA memory per sample of a forward pass (input, noise buffer and activations)."""
-        dev = self.device
-        probe = 256
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        with torch.inference_mode():
-            self._labels(torch.zeros((probe, *shape), device=dev))
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - before
-        return peak / probe + 4.0 * math.prod(shape) * 2  # + the noise buffer and its copy
-
-    def _probe_largest_activation(self, shape: tuple[int, ...]) -> float:
-        """Bytes of the largest layer output for one sample (forward hooks on the leaf modules)."""
-        largest = [4.0 * math.prod(shape)]
-
-        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor):
-                largest[0] = max(largest[0], float(out[0].numel() * out.element_size()))
-
-        handles = [m.register_forward_hook(hook) for m in self.model.modules() if not list(m.children())]
-        try:
-            with torch.inference_mode():
-                self._labels(torch.zeros((1, *shape), device=self.device))
-        finally:
-            for h in handles:
-                h.remove()
-        return 3.0 * largest[0]  # input, output and one more live tensor per layer
-
     # ------------------------------------------------------------------------------ checks, seeds
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
@@ -566,7 +311,7 @@ class SmoothedClassifier(Defense):
 
     def _base_seed(self, seed: int | None, generator: torch.Generator | None) -> int:
         if seed is not None:
-            return _seed(seed)
+            return validate.seed(seed)
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -591,13 +336,6 @@ class SmoothedClassifier(Defense):
         """Images per :meth:`certify` call so that the call's one partial batch costs little (≤ ~3%)."""
         per_image = (self.n0 if n0 is None else n0) + (self.n if n is None else n)
         return max(1, min(4096, -(-32 * self.resolve_batch_size(sample_shape) // per_image)))
-
-
-def _round_batch(raw: int, block: int) -> int:
-    raw = max(1, min(int(raw), MAX_BATCH))
-    if raw >= block:
-        return raw // block * block
-    return 1 << (raw.bit_length() - 1)
 
 
 __all__ = [
