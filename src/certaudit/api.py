@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from certaudit.defenses.base import check_eps, check_images, check_labels
+from certaudit.defenses.registry import defense_class
 from certaudit.errors import InputError
+from certaudit.models import ModelMeta
+from certaudit.report import write_report
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -50,8 +53,6 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Sequence[int], *,
     summary (also in ``out/summary.json``).
     """
     from certaudit.audits.pipeline import AuditSettings, AuditSource, run_audit
-    from certaudit.defenses.registry import defense_class
-    from certaudit.models import ModelMeta
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -86,8 +87,6 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Sequence[int], *,
     config = AuditSettings(eps=eps, sigma=sigma, method=method, **settings)
     summary = run_audit(out, model, meta, source, x, y, config, device=dev, class_names=class_names)
     if report and summary is not None:
-        from certaudit.report import write_report
-
         write_report(out)
     return summary  # type: ignore[return-value]
 

@@ -26,12 +26,14 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from certaudit.errors import DataNotFoundError, InputError
 
@@ -145,10 +147,6 @@ def load_dataset(name: str, split: str = "test", root: str | os.PathLike | None 
     except (InputError, DataNotFoundError):
         raise
     except Exception as exc:  # damaged or foreign files: truncated archives, non-JPEG bytes, wrong dtypes
-        import zipfile
-
-        from PIL import UnidentifiedImageError
-
         known = (zipfile.BadZipFile, UnidentifiedImageError, ValueError, TypeError, KeyError, IndexError,
                  EOFError, OSError)
         if not isinstance(exc, known):
@@ -392,7 +390,6 @@ def _read_cifar_tar(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
 
 def read_cifar_jpeg(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The JPEG copy format: ``jpeg`` (all files concatenated), ``offsets`` (n+1), ``labels``."""
-    from PIL import Image
 
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -432,7 +429,6 @@ def _load_imagenet(split: str, root: Path | None, download: bool) -> tuple[torch
     downloaded without an account: point ``root`` at the images to audit (all are loaded into
     memory, so a subset such as every 100th validation image, as in Cohen et al.).
     """
-    from PIL import Image
 
     if root is None:
         raise DataNotFoundError("imagenet needs --data-root DIR holding <split>/<class>/*.JPEG (or <class>/*.JPEG); "

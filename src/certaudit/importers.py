@@ -26,7 +26,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from certaudit.data import dataset_info
+from certaudit.defenses.interval.kw import import_kw as _import
 from certaudit.errors import CheckpointError, InputError
+from certaudit.models import ModelMeta, build_model
 
 COHEN_ARCHS = {"cifar_resnet20": "resnet20", "cifar_resnet110": "resnet110", "resnet50": "resnet50"}
 _COHEN_UNSUPPORTED: dict[str, str] = {}
@@ -37,10 +42,6 @@ _COHEN_UNSUPPORTED: dict[str, str] = {}
 def import_cohen(raw: dict[str, Any], *, source: Path, dataset: str | None, sigma: float | None,
                  arch: str | None) -> tuple[Any, Any]:
     """Cohen et al.'s ``{"arch", "state_dict"}`` -> (model, ModelMeta) with the training σ recorded."""
-    import torch
-
-    from certaudit.data import dataset_info
-    from certaudit.models import ModelMeta, build_model
 
     state = raw.get("state_dict", raw) if isinstance(raw.get("state_dict", None), dict) else raw
     name = arch or raw.get("arch")
@@ -152,7 +153,6 @@ def _few(what: str, keys: list[str]) -> str:
 def import_kw(raw: dict[str, Any], *, source: Path, dataset: str | None, sigma: float | None, arch: str | None,
               stage: int = 0, eps: float | None = None) -> tuple[Any, Any]:
     """Wong & Kolter's state dicts (and cascade stages): see :func:`certaudit.defenses.interval.kw.import_kw`."""
-    from certaudit.defenses.interval.kw import import_kw as _import
 
     return _import(raw, source=source, dataset=dataset, sigma=sigma, arch=arch, stage=stage, eps=eps)
 

@@ -13,11 +13,14 @@ degradation paper *rejects* a clean input at ε when the prediction is ABSTAIN o
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from certaudit.defenses.base import ABSTAIN, radius_key
+from certaudit.defenses.sequential import DECISIONS
 from certaudit.errors import InputError
 
 L2_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
@@ -104,11 +107,6 @@ def certification_rows(defense: Any, x: Any, y: Any, indices: Sequence[int], rad
     where not computed), ``correct``, ``seconds``, ``certified_at`` (the defense's own check at
     exactly each of ``radii``), ``radius_tol`` (bisection radii) and the defense's extras (smoothing:
     counts, ``p_lower``; the sequential test: ``samples``, ``decision`` by name)."""
-    import time
-
-    import torch
-
-    from certaudit.defenses.sequential import DECISIONS
 
     idx = [int(i) for i in indices]
     xc = x[idx] if device is None else x[idx].to(device)

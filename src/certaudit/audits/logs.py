@@ -9,8 +9,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from certaudit.audits.certified import certified_mask
 from certaudit.defenses.base import ABSTAIN, check_eps
+from certaudit.defenses.registry import DEFENSES, defense_class
 from certaudit.errors import InputError
+from certaudit.results import read_rows
+
 
 def cert_arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """correct (certified label = label) and radius (NaN where a row carries none)."""
@@ -47,8 +51,6 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
     text = p.read_text(encoding="utf-8", errors="replace")
     first = text.lstrip().split("\n", 1)[0]
     if first.startswith("{"):
-        from certaudit.results import read_rows
-
         header, rows = read_rows(p)
         need = ("label", "prediction", "radius")
         good = [r for r in rows if all(k in r for k in need)]
@@ -100,7 +102,6 @@ def read_certification_log(path: str | Path) -> tuple[str, list[dict[str, Any]]]
 
 def _radius_is_search(name: Any) -> bool:
     """Whether the defense named in a log's header finds its radius by a search (registry capability)."""
-    from certaudit.defenses.registry import DEFENSES, defense_class
 
     return isinstance(name, str) and name.lower() in DEFENSES and defense_class(name).radius_is_search
 
@@ -129,7 +130,6 @@ def upper_from_log(rows: Sequence[dict[str, Any]], eps: float) -> dict[str, Any]
     (the figure at ε must come from the check at ε). A log does not say whether its certifier is
     monotone, so this is the 2ε check, not a proven bound (see ``degrade --model`` for the proof).
     """
-    from certaudit.audits.certified import certified_mask
 
     eps = check_eps(eps)
     correct, _ = cert_arrays(rows)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +38,24 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from certaudit.audits.degradation import degrade_batch
-from certaudit.audits.summary import STAGES, SUMMARY_SCHEMA, build_summary, coverage, expand_ranges  # noqa: F401 (re-exported)
-from certaudit.audits.spoofing import spoof_batch
+from certaudit.attacks.degradation import AttackConfig, attacks_for, run_attack, verify_candidates
+from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
+from certaudit.audits.certified import certification_rows
+from certaudit.audits.degradation import ROW_FORMAT, degrade_batch
+from certaudit.audits.runner import run_rows
+from certaudit.audits.spoofing import is_randomized, spoof_batch
+from certaudit.audits.summary import (  # noqa: F401 (re-exported)
+    STAGES,
+    SUMMARY_SCHEMA,
+    build_summary,
+    coverage,
+    expand_ranges,
+)
+from certaudit.defenses.base import radius_key
+from certaudit.defenses.registry import build_defense
+from certaudit.distributed import DistEnv
 from certaudit.errors import InputError
+from certaudit.results import write_json_atomic
 
 EXAMPLE_ATTACK_SEED_STRIDE = 7919  # example re-runs of an attack: seed + stride × first index (not the rows' seeds)
 EXAMPLE_RECHECK_SEED_OFFSET = 104729  # and their re-check noise (smoothing), apart from every row's stream
@@ -141,9 +154,6 @@ def run_audit(out: str | os.PathLike, model: torch.nn.Module, meta: Any, source:
     shard per rank, merged by rank 0 after each stage; rank 0 alone keeps example images and writes
     the summary (other ranks return ``None``). Rows do not depend on the number of processes.
     """
-    from certaudit.defenses.registry import build_defense
-    from certaudit.distributed import DistEnv
-    from certaudit.results import write_json_atomic
 
     env = env if env is not None else DistEnv(rank=0, world_size=1, local_rank=0)
 
@@ -211,7 +221,6 @@ class StageContext:
     def run(self, stage: str, config: dict[str, Any], work: Any, block: int,
             wanted: list[int] | None = None) -> tuple[list[dict[str, Any]], int]:
         """The shared run loop (:func:`certaudit.audits.runner.run_rows`) on ``rows/<stage>.jsonl``."""
-        from certaudit.audits.runner import run_rows
 
         progress = self.progress
         res = run_rows(work, self.wanted if wanted is None else wanted, out=self.out / "rows" / f"{stage}.jsonl",
@@ -236,8 +245,6 @@ def _stage_clean(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
 def _stage_certify(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
     """The defense's certification of every image: label (or ABSTAIN), certified radius, and the
     defense's own checks at exactly ε and 2ε (the headline's figures at ε come from these)."""
-    from certaudit.audits.certified import certification_rows
-    from certaudit.defenses.base import radius_key
 
     s = ctx.settings
     checks = [s.eps, 2 * s.eps]
@@ -252,8 +259,6 @@ def _attack_options(s: AuditSettings) -> dict[str, Any]:
 
 def _stage_degrade(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
     """Degradation attacks on the images certified at ε; the 2ε check and the proof; a few examples kept."""
-    from certaudit.attacks.degradation import AttackConfig, attacks_for
-    from certaudit.audits.degradation import ROW_FORMAT
 
     s, guard = ctx.settings, ctx.guard
     names = attacks_for(guard, s.attack)
@@ -276,7 +281,6 @@ def _keep_degrade_examples(out: Path, guard: Any, x: torch.Tensor, rows: list[di
                            cfg: Any, room: int) -> int:
     """Re-find x' for up to ``room`` degraded images of a chunk (grouped by the attack that found
     them) and save those that pass the check again to ``images/degrade_<first index>.npz``."""
-    from certaudit.attacks.degradation import run_attack, verify_candidates
 
     picked = [r for r in rows if r.get("degraded_by")][:room]
     if not picked:
@@ -304,9 +308,6 @@ def _keep_degrade_examples(out: Path, guard: Any, x: torch.Tensor, rows: list[di
 
 
 def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
-    from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
-    from certaudit.audits.spoofing import is_randomized
-
     if is_randomized(guard) and guard.noise_sigma is not None:
         config = ShadowConfig(channels=s.spoof_channels)
         loss: Any = SmoothedCrossEntropy(model, float(guard.noise_sigma), samples=s.spoof_samples, noise="fixed")
@@ -321,7 +322,6 @@ def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
 
 def _stage_spoof(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
     """Untargeted Shadow Attack on the first ``spoof_images`` images; a fresh certification judges success."""
-    from certaudit.audits.spoofing import is_randomized
 
     s, guard = ctx.settings, ctx.guard
     targets = ctx.wanted if s.spoof_images is None else ctx.wanted[:s.spoof_images]

@@ -15,6 +15,15 @@ from rich import box
 from rich.table import Table
 
 from certaudit.commands._common import console, parse_number, print_json
+from certaudit.detection import (
+    ClaimKind,
+    DetectorClaim,
+    check_claims,
+    load_claims,
+    load_example_claims,
+    load_reference,
+    summarize,
+)
 from certaudit.errors import InputError
 
 _HELP = (
@@ -28,8 +37,6 @@ _HELP = (
 
 
 def _claim_from_flags(dataset, norm, eps, robust_accuracy, fpr, fnr, clean_error, defense, certified):
-    from certaudit.detection import ClaimKind, DetectorClaim
-
     missing = [name for name, v in (("--dataset", dataset), ("--norm", norm), ("--eps", eps)) if v is None]
     if missing:
         raise InputError(f"give --claims FILE, --example NAME, or a claim with {', '.join(missing)}")
@@ -61,8 +68,6 @@ def _fmt_pct(v: float | None) -> str:
 
 
 def _print_table(verdicts, reference_source: str) -> None:
-    from certaudit.detection import summarize
-
     table = Table(title="Detector claims vs best known robust classification at eps/2 (Tramèr, Thm. 4)",
                   box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, padding=(0, 1, 0, 0), pad_edge=False)
     table.add_column("Defense", min_width=12, overflow="fold")
@@ -139,7 +144,6 @@ def check_detector(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print a JSON list, one object per claim.")] = False,
 ) -> int:
-    from certaudit.detection import check_claims, load_claims, load_example_claims, load_reference
 
     flags = (dataset, norm, eps, robust_accuracy, fpr, fnr, clean_error, defense)
     single = any(v is not None for v in flags) or certified

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from certaudit.commands._common import MODEL_HELP, WEIGHTS_HELP, console, load_model_for_data, print_json
+from certaudit.data import load_dataset
 from certaudit.errors import InputError
+from certaudit.models import resolve_device
+from certaudit.train import accuracy
 
 
 def register(app: typer.Typer) -> None:
@@ -27,11 +31,6 @@ def evaluate_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    from rich.table import Table
-
-    from certaudit.data import load_dataset
-    from certaudit.models import resolve_device
-    from certaudit.train import accuracy
 
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")

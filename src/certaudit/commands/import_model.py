@@ -15,7 +15,7 @@ import typer
 from certaudit.commands._common import check_output, console, parse_number, print_json
 from certaudit.errors import InputError
 from certaudit.importers import IMPORTERS
-
+from certaudit.models import count_parameters, read_state_dict, save_checkpoint
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,6 @@ def import_cmd(
                                                          "(default: 0.1 for (Fashion-)MNIST, <k>/255 from a <k>px name)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    from certaudit.models import count_parameters, read_state_dict, save_checkpoint
 
     key = fmt.strip().lower()
     if key not in IMPORTERS:

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
-from certaudit.commands._common import console, parse_number, print_json
+from certaudit.commands._common import check_output, console, parse_number, print_json
+from certaudit.data import dataset_info, load_dataset
 from certaudit.errors import InputError
+from certaudit.models import ModelMeta, build_model, resolve_device, save_checkpoint
+from certaudit.train import TrainConfig, check_config, train
 
 
 def register(app: typer.Typer) -> None:
@@ -37,12 +41,8 @@ def train_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    from certaudit.commands._common import check_output
-    from certaudit.data import dataset_info, load_dataset
-    from certaudit.models import ModelMeta, build_model, resolve_device, save_checkpoint
 
     check_output(out, "--out")  # before any training: a run must not end unable to save
-    from certaudit.train import TrainConfig, check_config, train
 
     if out.exists() and out.is_dir():
         raise InputError(f"--out {out} is a directory; give a file name like model.safetensors")
@@ -90,8 +90,6 @@ def train_cmd(
 
 
 def torch_seed(seed: int) -> None:
-    import torch
-
     torch.manual_seed(seed)
 
 
