@@ -31,7 +31,7 @@ from certaudit.detection import (
     robust_accuracy_with_detection_bound,
     robust_risk_with_detection,
     robust_risk_with_detection_bound,
-    summarize,
+    summarize_verdicts,
 )
 from certaudit.errors import InputError
 
@@ -111,7 +111,7 @@ def test_definition_3_on_predictions():
 def test_table1_gives_14_of_16_claims_and_12_of_14_defenses_flagged():
     claims = load_example_claims("table1")
     verdicts = check_claims(claims)
-    s = summarize(verdicts)
+    s = summarize_verdicts(verdicts)
     assert s["claims"] == 16 and s["defenses"] == 14
     assert s["flagged"] == 14 and s["defenses_flagged"] == 12
     assert s["no_reference"] == 0

@@ -204,12 +204,14 @@ def attack_pgd_2eps(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps:
     def loss(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(_model_logits(defense, xs), label[idx].to(defense.device), reduction="none")
 
-    done = None
+    done: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     if cfg.check_every and not is_randomized(defense):
         inner = _rejects(defense, eps)
 
-        def done(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # judge the projected point
+        def judge_projected(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return inner(project_to_eps(x[idx], xs, eps, norm), idx)
+
+        done = judge_projected
 
     res = pgd(loss, x, 2.0 * eps, norm, done_fn=done, check_every=max(1, cfg.check_every),
               **_pgd_kwargs(cfg, generator))
@@ -348,7 +350,7 @@ def run_attack(name: str, defense: Defense, x: torch.Tensor, label: torch.Tensor
 # ------------------------------------------------------------------------------ success
 
 @dataclass
-class Verdict:
+class CandidateCheck:
     """Per-candidate verdict of :func:`verify_candidates` (all (B,) tensors on the CPU)."""
 
     success: torch.Tensor  # bool: counted as a forced rejection
@@ -362,7 +364,7 @@ class Verdict:
 
 def verify_candidates(defense: Defense, x: torch.Tensor, x_adv: torch.Tensor, label: torch.Tensor, eps: float, *,
                       tol: float = 1e-5, seed: int | None = None,
-                      indices: Sequence[int] | None = None) -> Verdict:
+                      indices: Sequence[int] | None = None) -> CandidateCheck:
     """Re-check candidates before they count: ‖x' − x‖ ≤ ε·(1 + tol), x' ∈ [0,1]^d, and the
     defense's real Algorithm 2.1 ``accept(x', ε)`` returns ABSTAIN. A randomized defense runs a
     fresh CERTIFY with ``seed`` (pass one different from the clean certification's)."""
@@ -386,10 +388,10 @@ def verify_candidates(defense: Defense, x: torch.Tensor, x_adv: torch.Tensor, la
     acc = acc.detach().cpu().long()
     rejected = acc == ABSTAIN
     changed = ~rejected & (acc != label.detach().cpu().long())
-    return Verdict(success=rejected & in_ball & in_box, distance=dist, in_ball=in_ball, in_box=in_box,
+    return CandidateCheck(success=rejected & in_ball & in_box, distance=dist, in_ball=in_ball, in_box=in_box,
                    accepted=acc, label_changed=changed, radius=radius)
 
 
-__all__ = ["ATTACKS", "CONTROLS", "AttackConfig", "Verdict", "attacks_for", "attack_margin", "attack_pgd", "attack_pgd_2eps",
+__all__ = ["ATTACKS", "CONTROLS", "AttackConfig", "CandidateCheck", "attacks_for", "attack_margin", "attack_pgd", "attack_pgd_2eps",
            "attack_spgd", "distances", "is_randomized", "project_to_eps", "run_attack", "shrink_into_ball",
            "verify_candidates"]

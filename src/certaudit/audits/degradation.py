@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from certaudit.attacks.degradation import (
-    AttackConfig, Verdict, attacks_for, is_randomized, run_attack, verify_candidates,
+    AttackConfig, CandidateCheck, attacks_for, is_randomized, run_attack, verify_candidates,
 )
 from certaudit.audits.degradation_summary import (  # noqa: F401 (re-exported: callers import them from here)
     default_curve_radii, fpr_curve, plot_fpr_curves, summarize_degradation,
@@ -188,7 +188,7 @@ class _Tally:
                    changed=[[] for _ in range(b)], radius_after=[None] * b, judged=[None] * b,
                    hit=[False] * b, best_score=[math.inf] * b, best_name=[None] * b)
 
-    def record(self, i: int, name: str, verdict: Verdict, j: int, cand: torch.Tensor) -> None:
+    def record(self, i: int, name: str, verdict: CandidateCheck, j: int, cand: torch.Tensor) -> None:
         """Candidate ``j`` of attack ``name`` (for image ``i``) and its re-check."""
         ok = bool(verdict.success[j])
         self.verdicts[i][name] = ok

@@ -22,7 +22,7 @@ from certaudit.detection import (
     load_claims,
     load_example_claims,
     load_reference,
-    summarize,
+    summarize_verdicts,
 )
 from certaudit.errors import InputError
 
@@ -77,7 +77,7 @@ def _print_table(verdicts, reference_source: str) -> None:
     table.add_column("eps/2", justify="right", no_wrap=True)
     table.add_column("Best", justify="right", no_wrap=True)
     table.add_column("Margin", justify="right", no_wrap=True)
-    table.add_column("Verdict", min_width=9)
+    table.add_column("ClaimVerdict", min_width=9)
     refs: list[str] = []
     for i, v in enumerate(verdicts, start=1):
         c = v.claim
@@ -108,7 +108,7 @@ def _print_table(verdicts, reference_source: str) -> None:
         console.print(f"References (from {reference_source}):", highlight=False)
         for i, r in enumerate(refs, start=1):
             console.print(f"  [{i}] {r}", highlight=False, markup=False, soft_wrap=True)
-    s = summarize(verdicts)
+    s = summarize_verdicts(verdicts)
     console.print(
         f"{s['flagged']} of {s['claims']} claims flagged ({s['defenses_flagged']} of {s['defenses']} defenses), "
         f"{s['not_flagged']} not flagged, {s['no_reference']} without reference.", highlight=False)

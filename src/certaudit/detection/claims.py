@@ -258,7 +258,7 @@ FLAGGED, NOT_FLAGGED, NO_REFERENCE = "flagged", "not flagged", "no reference"
 
 
 @dataclass
-class Verdict:
+class ClaimVerdict:
     """The outcome of checking one claim.
 
     ``flagged`` is True when the claim implies more robust classification accuracy at ε/2 than
@@ -324,7 +324,7 @@ def _best_by_radius(rows: Iterable[ReferenceRow]) -> dict[float, ReferenceRow]:
     return best
 
 
-def check_claim(claim: DetectorClaim, table: ReferenceTable | None = None, *, exact_only: bool = False) -> Verdict:
+def check_claim(claim: DetectorClaim, table: ReferenceTable | None = None, *, exact_only: bool = False) -> ClaimVerdict:
     """Compare the classification claim implied by Theorem 4 with the reference table.
 
     The claim at ε implies a classifier with robust accuracy ≥ ``a`` at ε/2. Rows for the same
@@ -357,7 +357,7 @@ def check_claim(claim: DetectorClaim, table: ReferenceTable | None = None, *, ex
                     f"{_pct(ref.robust_accuracy)} (margin {100 * margin:+.1f} points){vacuous}")
         if claim.kind is ClaimKind.CERTIFIED and ref.kind is ClaimKind.CERTIFIED:
             text += "; certified detector vs certified classifier"
-        return Verdict(claim, ref, flagged, margin, "exact", text)
+        return ClaimVerdict(claim, ref, flagged, margin, "exact", text)
 
     smaller = [x for x in _best_by_radius(rows).values() if x.eps < r]
     if smaller and not exact_only:
@@ -367,26 +367,26 @@ def check_claim(claim: DetectorClaim, table: ReferenceTable | None = None, *, ex
             text = (f"no reference at eps/2={claim.implied_eps_text}, but a classifier robust there is also robust "
                     f"at {ref.eps_text}, where the best known is {_pct(ref.robust_accuracy)}: the implied "
                     f"{_pct(implied)} is {100 * margin:.1f} points above it")
-            return Verdict(claim, ref, True, margin, "smaller-radius", text)
+            return ClaimVerdict(claim, ref, True, margin, "smaller-radius", text)
         text = (f"no reference at {where}; the nearest smaller-radius reference ({ref.eps_text}: "
                 f"{_pct(ref.robust_accuracy)}) is not exceeded, which says nothing about eps/2")
-        return Verdict(claim, None, None, None, None, text)
+        return ClaimVerdict(claim, None, None, None, None, text)
     if rows:
         radii = ", ".join(sorted({x.eps_text for x in rows}, key=lambda s: validate.number(s, "eps")))
         text = f"no reference at {where} (the table has {claim.dataset} {claim.norm.value} rows only at {radii})"
     else:
         text = f"no reference for {claim.dataset} {claim.norm.value} in the table ({table.source})"
-    return Verdict(claim, None, None, None, None, text)
+    return ClaimVerdict(claim, None, None, None, None, text)
 
 
 def check_claims(claims: Sequence[DetectorClaim], table: ReferenceTable | None = None, *,
-                 exact_only: bool = False) -> list[Verdict]:
+                 exact_only: bool = False) -> list[ClaimVerdict]:
     """:func:`check_claim` for every claim, with one reference table."""
     table = _shipped_reference() if table is None else table
     return [check_claim(c, table, exact_only=exact_only) for c in claims]
 
 
-def summarize(verdicts: Sequence[Verdict]) -> dict[str, int]:
+def summarize_verdicts(verdicts: Sequence[ClaimVerdict]) -> dict[str, int]:
     """Counts of verdicts, over claims and over defenses (a defense is flagged if any claim is)."""
     by_defense: dict[str, list[bool | None]] = {}
     for v in verdicts:
