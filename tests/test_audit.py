@@ -253,7 +253,10 @@ def test_audit_cli_and_bad_input(tmp_path, capsys):
     assert head["images"] == 4 and head["defense"] == "lipschitz"
     for extra, needle in ((["--eps", "-1"], "eps"), (["--eps", "0.25", "--stages", "clean,bogus"], "stage"),
                           (["--eps", "0.25", "--defense", "nope"], "defense"), (["--eps", "0.25", "--limit", "0"], "limit"),
-                          (["--eps", "0.25", "--defense", "interval", "--method", "magic"], "method")):
+                          (["--eps", "0.25", "--defense", "interval", "--method", "magic"], "method"),
+                          (["--eps", "0.25", "--spoof-max-linf", "0"], "spoof-max-linf"),
+                          (["--eps", "0.25", "--spoof-min-ssim", "nan"], "spoof-min-ssim"),
+                          (["--eps", "0.25", "--spoof-sweep", "8/255,-1"], "spoof-sweep")):
         rc = main([*base, *extra, "--out", str(tmp_path / "b")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0].lower(), err
@@ -307,4 +310,4 @@ def test_a_setting_refused_before_any_stage_is_one_line_from_a_real_process(tmp_
                            "--method", "magic", "--eps", "0.25", "--limit", "2", "--out", str(tmp_path / "a")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["certaudit: error: unknown bound method 'magic'; choose one of: ibp, crown-ibp, crown"]
+    assert done.stderr.splitlines() == ["certaudit: error: unknown bound method 'magic'; choose one of: ibp, crown-ibp, crown, alpha-crown"]

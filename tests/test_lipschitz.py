@@ -23,7 +23,7 @@ from certaudit.defenses.lipschitz.bounds import (
 )
 from certaudit.defenses.lipschitz.gloro import GLORO_METHOD, PowerIterationEstimator
 from certaudit.errors import InputError
-from certaudit.models import build_model, load_checkpoint
+from certaudit.models import Normalize, build_model, load_checkpoint
 from certaudit.results import read_rows
 from certaudit.train import TrainConfig, train
 
@@ -368,3 +368,127 @@ def test_cli_bad_lipschitz_input_exits_2(gloro_ckpt, capsys):
                  "--out", "unused.safetensors"]) == 2  # no --eps
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------- float32 decisions (docs/lipschitz.md, fast path)
+
+@pytest.fixture
+def one_thread():
+    """Many small float64 passes: one thread is faster than two on a shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny(seed: int, scale: float = 1.0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = nn.Sequential(Normalize([0.4], [0.3]), nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 24), nn.ReLU(),
+                        nn.Linear(24, 5))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def _pair(net: nn.Module, eps: float) -> tuple[LipschitzDefense, LipschitzDefense]:
+    kw = dict(input_shape=(1, 8, 8), batch_size=128)
+    return LipschitzDefense(net, 5, eps, **kw), LipschitzDefense(net, 5, eps, arithmetic="float64", **kw)
+
+
+def _near_thresholds(ref: LipschitzDefense, x: torch.Tensor, radii: list[float]) -> torch.Tensor:
+    """Adversarial inputs: bisection (in float64 s, evaluated at float32 points) on segments between
+    images the reference decides differently (label, or verdict at a radius), to the last float32 step."""
+    out, lab = [], ref.certify(x).label
+    for r in [0.0, *radii]:
+        side = (lab == lab[0]) if r == 0 else (ref.accept(x, r) >= 0)
+        a, b = x[side][:12], x[~side][:12]
+        n = min(len(a), len(b))
+        if n == 0:  # e.g. one label only
+            continue
+        a, b = a[:n], b[:n]
+        lo, hi = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+        for _ in range(36):  # 2^-36 of a segment: about one float32 step of the pixels
+            mid = (lo + hi) / 2
+            xm = (a.double() + mid.view(-1, 1, 1, 1) * (b - a).double()).float()
+            keep = (ref.certify(xm).label == lab[0]) if r == 0 else (ref.accept(xm, r) >= 0)
+            lo, hi = torch.where(keep, mid, lo), torch.where(keep, hi, mid)
+        for s in (lo, hi):
+            out.append((a.double() + s.view(-1, 1, 1, 1) * (b - a).double()).float())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 1.0), (2, 3.0)])
+def test_fast_path_gives_exactly_the_float64_decisions(seed, scale, one_thread):
+    net = _tiny(seed, scale)
+    x = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    eps = 1.001 * float(LipschitzDefense(net, 5, arithmetic="float64").certify(x).radius.median())  # small radii
+    radii = [eps, 2 * eps, 0.37 * eps]
+    fast, ref = _pair(net, eps)
+    fast.certify_checks(x, radii)  # random images: settled in float32 (a few need the measured residuals)
+    assert fast.counts["float64"] <= len(x) // 50 and fast.counts["residuals"] > 0
+    x = torch.cat([x, _near_thresholds(ref, x, radii)])  # a float32 step from a threshold: many need the reference
+    cf, cr = fast.certify_checks(x, radii), ref.certify_checks(x, radii)
+    assert torch.equal(cf.label, cr.label) and cf.checks.keys() == cr.checks.keys()
+    assert all(torch.equal(cf.checks[k], cr.checks[k]) for k in cr.checks)
+    for t in fast._decision_radii(radii):  # every decision radius (the labels: above)
+        assert torch.equal(cf.radius >= t, cr.radius >= t), t
+    assert bool((cf.radius <= cr.radius).all())  # never more than the reference certifies
+    # thresholds exactly at reference radii: the interval always straddles them; the reference decides
+    at = [float(r) for r in cr.radius[cr.label >= 0][:3]]
+    fast.counts.update(float64=0)
+    got, want = fast.certify_checks(x, at), ref.certify_checks(x, at)
+    assert all(torch.equal(got.checks[k], want.checks[k]) for k in want.checks)
+    assert fast.counts["float64"] >= 3 and torch.equal(fast.accept(x, at[0]), ref.accept(x, at[0]))
+
+
+@pytest.mark.parametrize("seed,scale", [(3, 1.0), (4, 40.0)])
+def test_rounding_bound_bounds_the_float32_margins(seed, scale, one_thread):
+    """|float32 margin − float64 margin| ≤ the proven bound, the reference's slack ≤ its bound, and
+    every layer's measured float32 error ≤ Lemma 1 (order-independent γ_{n+1})."""
+    from certaudit.defenses.lipschitz.fast import ETA32, U32, FastCertifier, _injected
+    from certaudit.defenses.lipschitz.network import walk
+
+    net = _tiny(seed, scale)
+    _, ref = _pair(net, 0.05)
+    x = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x[:50] = (x[:50] > 0.5).float()  # saturated images: large activations, cancellation
+    report = ref.lipschitz_constants()
+    fc = FastCertifier(walk(net, (1, 8, 8), 5), [b.bound for b in report.layers])
+    f32, nus, acts = fc.forward(x)
+    b = fc.bounds(nus)
+    f64, e64 = ref._forward(x, ref._state((1, 8, 8)))
+    assert bool(b.ok.all()) and bool((b.ebar >= e64).all())
+    diff = ((f32.unsqueeze(2) - f32.unsqueeze(1)) - (f64.unsqueeze(2) - f64.unsqueeze(1))).abs()  # (B, C, C)
+    lam = b.lam_fast + b.lam_ref
+    bound = fc.dist * (b.e_fast + b.e_ref).view(-1, 1, 1) + lam.unsqueeze(2) + lam.unsqueeze(1)
+    assert bool((diff <= bound).all())
+    ratio = float((diff / bound).max())
+    assert ratio > 1e-6  # a bound, but not a vacuous one
+    measured = fc.residuals(acts, nus)
+    for i, m in measured.items():
+        assert bool((m <= _injected(fc.steps[i], nus[i], U32, ETA32)[0] * 1.01).all()), i
+    assert fc.steps[6].head and not fc.steps[3].head  # convolutions in float32, the dense head in float64
+
+
+def test_fast_path_on_the_trained_model_and_where_it_steps_aside(gloro, digits, one_thread):
+    net, meta, fast = gloro
+    ref = LipschitzDefense(net, 10, EPS, input_shape=meta.input_shape, arithmetic="float64")
+    x = digits[2]
+    radii = [EPS, 2 * EPS]
+    cf, cr = fast.certify_checks(x, radii), ref.certify_checks(x, radii)
+    assert torch.equal(cf.label, cr.label) and all(torch.equal(cf.checks[k], cr.checks[k]) for k in cr.checks)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # would allow bf16 matmuls in oneDNN: forced off in the pass
+    try:
+        assert torch.equal(fast.certify(x).label, cr.label)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    odd = (x[:8].double() + 1e-12).clamp(0, 1)  # not float32 numbers: the reference decides
+    before = fast.counts["float64"]
+    assert torch.equal(fast.certify(odd).label, ref.certify(odd).label) and fast.counts["float64"] == before + 8
+    assert fast.settings()["arithmetic"] != ref.settings()["arithmetic"] == "float64"
+    with pytest.raises(InputError):
+        LipschitzDefense(net, 10, EPS, arithmetic="float16")

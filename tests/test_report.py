@@ -109,3 +109,27 @@ def test_chromium_renders_every_figure(report, tmp_path):
                           "--png", str(png), "--min-images", "3"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr + res.stdout
     assert png.is_file() and "images rendered" in res.stdout
+
+
+def test_report_states_the_spoof_budget_and_draws_the_curve(report):
+    """The headline's spoof success is at a stated budget, the unbounded figure is a column of its own,
+    and the spoof-budget section has the success-against-budget figure."""
+    paths, folders = report
+    page = paths["html"].read_text(encoding="utf-8")
+    md = paths["md"].read_text(encoding="utf-8")
+    audit = load_audit(folders[0], "GloRo ε")
+    head = audit.summary["headline"]
+    assert head["spoof_budget"] == "ℓ∞ ≤ 16/255, SSIM ≥ 0.9"
+    assert head["spoof_success_rate_unbounded"] is not None
+    header, body = headline_rows([audit])
+    for title in ("spoof budget", "spoof success (within budget)", "spoof success (unbounded: any picture)"):
+        assert title in header
+    assert "ℓ∞ ≤ 16/255, SSIM ≥ 0.9" in body[0]
+    for text in (page, md):
+        assert "ℓ∞ ≤ 16/255, SSIM ≥ 0.9" in text and "Spoof success against budget" in text and "SSIM" in text
+    section = page.split('<section id="spoof-budget">', 1)[1].split("</section>", 1)[0]
+    assert "data:image/png;base64," in section
+    sweep = audit.summary["spoofing"]["sweep"]
+    assert [e["label"] for e in sweep][-1] == "unbounded" and len(sweep) == 6
+    for e in sweep[:-1]:
+        assert e["linf_max"] is None or e["linf_max"] <= e["max_linf"] + 1e-6

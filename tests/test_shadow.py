@@ -406,3 +406,169 @@ def test_grid_is_written(tmp_path):
     d = torch.randn(2, 3, 6, 6) * 0.1
     path = save_grid(tmp_path / "g.png", x, d, (x + d).clamp(0, 1), [("cat, r=0.3", "dog (wrong), r=0.4")] * 2)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------- perceptual budget (issue 19)
+
+from certaudit.attacks.budget import SMALL_WINDOW, Budget, ssim, ssim_window, sweep_budgets  # noqa: E402
+
+
+class StepSpy:
+    """A spoofing loss that records every image it is asked about (one call per step) and pushes
+    the target logit of the tiny net up (gradients large enough to leave any small box)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, x_adv, target, keys, step):
+        self.seen.append(x_adv.detach().clone())
+        xa = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = F.cross_entropy(self.model(xa), target, reduction="none")
+            (g,) = torch.autograd.grad(value.sum(), xa)
+        return value.detach(), g
+
+    def settings(self):
+        return {"loss": "spy"}
+
+    def max_images(self, shape):
+        return 64
+
+
+def test_ssim_is_one_on_identical_images_and_falls_with_noise():
+    from certaudit.data import load_dataset
+
+    x, _ = load_dataset("digits", "test")
+    x = x[:16]
+    assert ssim_window(8, 8) == (SMALL_WINDOW, 1.0) and ssim_window(32, 32) == (11, 1.5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pytorch-msssim warns when its window does not fit the image
+        torch.testing.assert_close(ssim(x, x), torch.ones(16))
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(x.shape, generator=gen)
+        values = [float(ssim(x, (x + s * noise).clamp(0, 1)).mean()) for s in (0.01, 0.05, 0.1, 0.3)]
+    assert 1.0 > values[0] > values[1] > values[2] > values[3]
+    rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ssim(rgb, rgb), torch.ones(2))
+    assert float(ssim(rgb, (rgb + 0.1).clamp(0, 1)).max()) < 1.0
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 200.0), ("adam", 0.5)])
+def test_linf_projection_holds_at_every_step(optimizer, lr):
+    """Every image the loss sees, and the returned δ, lie within the ℓ∞ box and in [0, 1]; a 1-channel
+    δ on an RGB image keeps every channel in [0, 1]."""
+    model = tiny_net()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    x[0, :, :2] = 1.0  # saturated pixels: the box meets [0, 1]
+    tau = 8 / 255
+    for channels in (1, 3):
+        spy = StepSpy(model)
+        cfg = ShadowConfig(steps=6, channels=channels, lr=lr, optimizer=optimizer, max_linf=tau)
+        res = shadow_attack(spy, x, torch.tensor([1, 2]), cfg, seed=0)
+        assert len(spy.seen) == 6
+        for seen in spy.seen:
+            assert float((seen - x).abs().max()) <= tau + 1e-6
+        assert float(res.delta.abs().max()) <= tau + 1e-7
+        assert float((x + res.delta).min()) >= 0.0 and float((x + res.delta).max()) <= 1.0
+        torch.testing.assert_close(res.x_adv, x + res.delta)  # nothing left to clip
+        assert float(res.delta.abs().max()) > 0.9 * tau  # the box binds: this loss pushes hard
+    # without the budget the same attack leaves the box after one step
+    spy = StepSpy(model)
+    shadow_attack(spy, x, torch.tensor([1, 2]), ShadowConfig(steps=3, lr=lr, optimizer=optimizer), seed=0)
+    assert float((spy.seen[-1] - x).abs().max()) > 2 * tau
+
+
+def test_per_pair_budgets_in_one_batch():
+    """A sweep is one attack: each pair is held to its own τ; unbounded pairs are left alone."""
+    model = tiny_net()
+    x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(8))
+    image, target = torch.zeros(3, dtype=torch.long), torch.tensor([1, 1, 1])
+    taus = torch.tensor([4 / 255, 32 / 255, math.inf])
+    res = shadow_attack(StepSpy(model), x, target, ShadowConfig(steps=5, lr=200.0), image=image, max_linf=taus, seed=0)
+    linf = res.delta.flatten(1).abs().amax(dim=1)
+    assert float(linf[0]) <= 4 / 255 + 1e-7 and float(linf[1]) <= 32 / 255 + 1e-7 and float(linf[2]) > 32 / 255
+    # the bounded pairs are the unbounded attack's start, scaled into the box
+    alone = shadow_attack(StepSpy(model), x, target[:1], ShadowConfig(steps=5, lr=200.0, max_linf=4 / 255), seed=0)
+    torch.testing.assert_close(alone.delta[0], res.delta[0])
+    with pytest.raises(InputError):
+        shadow_attack(StepSpy(model), x, target, ShadowConfig(steps=1), image=image, max_linf=torch.tensor([0.0, 1, 1]))
+
+
+def test_min_ssim_penalty_keeps_a_feasible_iterate():
+    model = tiny_net()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 0.6 + 0.2
+    cfg = ShadowConfig(steps=10, lr=0.5, init=0.0, lambda_c=0.0, lambda_tv=0.0)  # only the spoofing loss
+    free = shadow_attack(StepSpy(model), x, torch.tensor([1, 2]), cfg, seed=0)
+    assert float(free.ssim.max()) < 0.9  # the unbudgeted attack wrecks the structure
+    res = shadow_attack(StepSpy(model), x, torch.tensor([1, 2]), cfg.with_(min_ssim=0.95, lambda_ssim=50.0), seed=0)
+    assert bool((res.ssim >= 0.95).all())  # δ = 0 (the start) is feasible, so a feasible iterate is returned
+    torch.testing.assert_close(res.ssim, ssim(x, res.x_adv))
+    assert float(res.delta.abs().max()) > 0.05  # and it moved
+    start, _ = StepSpy(model)(x, torch.tensor([1, 2]), None, 0)  # the loss at δ = 0
+    assert bool((res.loss < start).all())  # it moved toward the targets
+
+
+def test_budget_validation_and_labels():
+    assert Budget(16 / 255, 0.9).label == "ℓ∞ ≤ 16/255, SSIM ≥ 0.9" and Budget().label == "unbounded"
+    assert Budget(16 / 255, 0.9).contains(Budget(8 / 255, 0.95)) and not Budget(8 / 255).contains(Budget(16 / 255))
+    assert Budget().contains(Budget(8 / 255, 0.9)) and not Budget(8 / 255, 0.9).contains(Budget())
+    assert [b.label for b in sweep_budgets([None, 16 / 255, 4 / 255], 0.9)] == [
+        "ℓ∞ ≤ 4/255, SSIM ≥ 0.9", "ℓ∞ ≤ 16/255, SSIM ≥ 0.9", "unbounded"]
+    for kwargs in ({"max_linf": 0.0}, {"max_linf": -0.1}, {"max_linf": float("nan")}, {"min_ssim": 0.0},
+                   {"min_ssim": 1.5}, {"min_ssim": float("nan")}):
+        with pytest.raises(InputError):
+            ShadowConfig(**kwargs)
+
+
+def test_success_counts_only_spoofs_within_the_budget():
+    """The liar certifies class 1 for everything: without a budget every image not of class 1 is
+    'spoofed'; with SSIM ≥ 1 (nothing but x itself) none is, though the judged label is wrong."""
+    model = tiny_net()
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    liar = ConstantDefense(model, label=1)
+    free = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3), skip_abstained=False)
+    assert [r["success"] for r in free.rows] == [True, False, True]
+    strict = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, min_ssim=1.0),
+                         skip_abstained=False, eps=0.5)
+    assert [r["spoofed_prediction"] for r in strict.rows] == [1, 1, 1]
+    assert [r["within_budget"] for r in strict.rows] == [False, False, False]
+    assert [r["success"] for r in strict.rows] == [False, False, False]
+    s = summarize(strict.rows, eps=0.5)
+    assert s["success_rate"] == 0.0 and s["attack_error"] == 1.0 and s["within_budget_rate"] == 0.0
+    assert s["budget_label"] == "SSIM ≥ 1" and s["ssim_mean"] < 1.0 and s["unbounded"] is None
+    boxed = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, max_linf=4 / 255),
+                        skip_abstained=False)
+    assert [r["success"] for r in boxed.rows] == [True, False, True]
+    assert all(r["linf"] <= 4 / 255 + 1e-6 and 0 < r["ssim"] <= 1 for r in boxed.rows)
+
+
+def test_budget_sweep_rows_and_summary():
+    model = tiny_net()
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    liar = ConstantDefense(model, label=1)
+    sweep = sweep_budgets([4 / 255, 16 / 255, None], 0.5)
+    out = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, max_linf=16 / 255,
+                                                                         min_ssim=0.5),
+                      skip_abstained=False, sweep=sweep)
+    # one natural CERTIFY, one selection of every (image, target, budget), one judging CERTIFY per (image, budget)
+    assert [c.shape[0] for c in liar.calls] == [3, 3 * 3 * 3, 3 * 3]
+    for r in out.rows:
+        assert [(e["max_linf"], e["min_ssim"]) for e in r["sweep"]] == [(4 / 255, 0.5), (16 / 255, 0.5), (None, None)]
+        small, mid, free = r["sweep"]
+        assert small["linf"] <= 4 / 255 + 1e-6 and mid["linf"] <= 16 / 255 + 1e-6
+        assert {k: mid[k] for k in mid} == {k: r[k] for k in mid}  # the row's own budget is the sweep's 16/255
+        for e in r["sweep"]:
+            assert e["success"] == (e["spoofed_prediction"] != r["label"] and e["within_budget"])
+            assert 0 < e["ssim"] <= 1
+    s = summarize(out.rows)
+    assert [e["label"] for e in s["sweep"]] == [b.label for b in sweep]
+    assert [e["success_rate"] for e in s["sweep"]] == [pytest.approx(2 / 3)] * 3
+    assert s["unbounded"]["success_rate"] == pytest.approx(2 / 3)
+    assert s["sweep"][0]["linf_max"] <= 4 / 255 + 1e-6 and s["ssim_mean"] is not None
+    # the liar labels every natural image 1: images 0 and 2 were certified wrong before any attack
+    assert s["successes_natural_wrong"] == 2 and s["sweep"][2]["successes_natural_wrong"] == 2

@@ -22,6 +22,7 @@ from certaudit.defenses.smoothing import (
     lane_bounds,
     noise_block,
 )
+from certaudit.defenses.smoothing_noise import LaneQueue, LaneReader, lane_plan, piecewise_draws_exact
 from certaudit.errors import InputError
 from certaudit.models import ModelMeta, build_model
 
@@ -204,9 +205,11 @@ def test_batched_counts_equal_reference_on_a_conv_net():
         assert np.abs(got[b].numpy() - ref).sum() <= 2
 
 
-def test_rows_do_not_depend_on_batch_composition_or_size():
+@pytest.mark.parametrize("side", [2, 4])  # 1x2x2: noise drawn a block at a time; 1x4x4: batch by batch
+def test_rows_do_not_depend_on_batch_composition_or_size(side):
     model = PixelBins([0.2, 0.5, 0.8])
-    x = torch.rand(6, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(6, 1, side, side, generator=torch.Generator().manual_seed(2))
+    assert piecewise_draws_exact(x.shape[1:]) == (side == 4)
     idx = [10, 11, 12, 13, 14, 15]
     full = SmoothedClassifier(model, 3, 0.4, batch_size=1024).certify(x, n0=30, n=3000, seed=9, indices=idx)
     small = SmoothedClassifier(model, 3, 0.4, batch_size=13)
@@ -223,6 +226,43 @@ def test_rows_do_not_depend_on_batch_composition_or_size():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(serial, parallel)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch_size", [5, 128, 4096, 9000])
+def test_noise_drawn_batch_by_batch_equals_noise_drawn_by_blocks(threads, batch_size):
+    """The CPU sampler draws each lane in pieces as forward batches need them; the counts are those
+    of whole blocks drawn at once (the documented recipe), for any batch size and thread count."""
+    model = PixelBins([0.1, 0.35, 0.6, 0.85])
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(4))  # 16 values: pieces are exact
+    assert noise_block(x.shape[1:]) == 4096
+    idx, nums, streams = [7, 0, 123], [50, 9000], [STREAM_SELECTION, STREAM_ESTIMATION]  # 3 blocks, a short last one
+    sc = SmoothedClassifier(model, 4, 0.3, batch_size=batch_size)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        pieces = sc._sample_pieces(x, nums, streams, 21, idx)
+    finally:
+        torch.set_num_threads(old)
+    blocks = sc._sample_blocks(x, nums, streams, 21, idx)
+    assert torch.equal(pieces, blocks)
+    for b in range(3):
+        assert np.array_equal(pieces[1, b].numpy(), _reference_counts(model, x[b], 0.3, 9000, 21, STREAM_ESTIMATION, idx[b], 4))
+
+
+def test_piecewise_draws_and_the_lane_queue():
+    assert piecewise_draws_exact((1, 28, 28)) and piecewise_draws_exact((3, 32, 32)) and piecewise_draws_exact((1, 4, 4))
+    assert not piecewise_draws_exact((1, 3, 3)) and not piecewise_draws_exact((1, 2, 2))
+    lanes = lane_plan([100, 10_000], [STREAM_SELECTION, STREAM_ESTIMATION], 3, [5, 6], 4096, 10)
+    assert sum(lane[3] for lane in lanes) == 2 * 10_100 and lanes[0][:2] == (0, 0) and lanes[-1][:2] == (30, 1)
+    assert lanes[0][2] == block_seed(3, 5, STREAM_SELECTION, 0, 0) and lanes[-1][2] == block_seed(3, 6, STREAM_ESTIMATION, 2, 3)
+    queue = LaneQueue(lanes)
+    readers = [LaneReader(queue), LaneReader(queue)]
+    first = readers[0].take(lanes[0][3] + 1)  # crosses into the next lane of the queue
+    assert [p[3] for p in first] == [lanes[0][3], 1] and first[0][:2] == lanes[0][:2] and first[1][:2] == lanes[1][:2]
+    assert readers[1].take(5)[0][:2] == lanes[2][:2]  # the other reader opens the next free lane
+    taken = sum(p[3] for r in readers for p in r.take(10**6))
+    assert taken == sum(lane[3] for lane in lanes) - sum(p[3] for p in first) - 5 and readers[0].take(3) == []
 
 
 def test_seeds_and_generators_are_reproducible():
@@ -363,7 +403,16 @@ def test_bad_calls_are_clear_errors(call, match):
         call(sc, torch.rand(2, 1, 2, 2))
 
 
-def test_model_with_wrong_number_of_classes_is_a_clear_error():
-    sc = SmoothedClassifier(PixelBins([0.0, 0.5, 1.0]), 5, 0.25)
-    with pytest.raises(InputError, match="logits"):
-        sc.certify(torch.rand(1, 1, 2, 2), n0=2, n=2)
+@pytest.mark.parametrize("side", [2, 4])  # noise by blocks; batch by batch in worker threads
+def test_model_with_wrong_number_of_classes_is_a_clear_error(side):
+    sc = SmoothedClassifier(PixelBins([0.0, 0.5, 1.0]), 5, 0.25, batch_size=16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(InputError, match="logits"):
+            sc.certify(torch.rand(3, 1, side, side), n0=20, n=300)
+        assert torch.get_num_threads() == 2  # restored after a worker failed
+        good = SmoothedClassifier(PixelBins([0.0, 0.5, 1.0]), 3, 0.25, batch_size=16)
+        assert torch.all(good.sample_counts(torch.rand(3, 1, side, side), 300, seed=0).sum(1) == 300)
+    finally:
+        torch.set_num_threads(threads)

@@ -123,3 +123,57 @@ def test_help_lists_the_papers_options(capsys):
     text = capsys.readouterr().out
     for opt in ("--channels", "--steps", "--samples", "--sigma", "--grid", "--lambda-tv", "--noise"):
         assert opt in text
+
+
+# ------------------------------------------------------------------- perceptual budget (issue 19)
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--max-linf", "0"], "--max-linf"),
+    (["--max-linf", "-8/255"], "--max-linf"),
+    (["--max-linf", "nan"], "--max-linf"),
+    (["--max-linf", "inf"], "--max-linf"),
+    (["--max-linf", "x"], "--max-linf"),
+    (["--min-ssim", "0"], "--min-ssim"),
+    (["--min-ssim", "1.5"], "--min-ssim"),
+    (["--min-ssim", "-0.2"], "--min-ssim"),
+    (["--min-ssim", "nan"], "--min-ssim"),
+    (["--lambda-ssim", "-1"], "lambda_ssim"),
+    (["--sweep-linf", "0,8/255"], "--sweep-linf"),
+    (["--sweep-linf", "8/255,,none"], "--sweep-linf"),
+    (["--sweep-linf", "8/255,8/255"], "--sweep-linf"),
+])
+def test_bad_budget_is_one_line_and_exit_2(gauss_model, extra, needle, capsys):
+    capsys.readouterr()
+    assert _spoof(gauss_model, "--limit", "1", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("certaudit: error:") and needle in err and "\n" not in err
+
+
+def test_budget_and_sweep_rows_summary_and_resume(gauss_model, tmp_path, capsys):
+    out, grid = tmp_path / "rows.jsonl", tmp_path / "grid.png"
+    budget = ["--max-linf", "16/255", "--min-ssim", "0.9", "--sweep-linf", "8/255,16/255,none"]
+    capsys.readouterr()
+    assert _spoof(gauss_model, "--limit", "4", *budget, "--out", str(out), "--grid", str(grid), "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    header, rows = read_rows(out)
+    assert header["config"]["shadow"]["max_linf"] == pytest.approx(16 / 255)
+    assert header["config"]["shadow"]["min_ssim"] == 0.9 and header["config"]["row_format"] == 2
+    assert [b["max_linf"] for b in header["config"]["sweep"]] == [pytest.approx(8 / 255), pytest.approx(16 / 255), None]
+    for r in (r for r in rows if r["attacked"]):
+        assert r["linf"] <= 16 / 255 + 1e-6 and 0 < r["ssim"] <= 1
+        assert r["success"] == (r["spoofed_prediction"] not in (r["label"], -1) and r["within_budget"])
+        assert len(r["sweep"]) == 3 and r["sweep"][0]["linf"] <= 8 / 255 + 1e-6
+        assert r["sweep"][2]["max_linf"] is None and r["sweep"][2]["min_ssim"] is None
+    assert summary["budget_label"] == "ℓ∞ ≤ 16/255, SSIM ≥ 0.9"
+    assert [e["label"] for e in summary["sweep"]] == ["ℓ∞ ≤ 8/255, SSIM ≥ 0.9", "ℓ∞ ≤ 16/255, SSIM ≥ 0.9", "unbounded"]
+    assert summary["ssim_mean"] is not None and summary["linf_max"] <= 16 / 255 + 1e-6
+    assert summary["unbounded"]["success_rate"] == summary["sweep"][2]["success_rate"]
+    # nested budgets: a spoof within 8/255 is one within 16/255, so success does not fall with the budget
+    rates = [e["success_rate"] for e in summary["sweep"]]
+    assert rates[0] <= rates[1] <= rates[2]
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+    # a changed budget is refused, not mixed into these rows
+    assert _spoof(gauss_model, "--limit", "4", "--max-linf", "8/255", "--min-ssim", "0.9", "--sweep-linf",
+                  "8/255,16/255,none", "--out", str(out)) == 2
+    assert _spoof(gauss_model, "--limit", "4", "--out", str(out)) == 2  # no budget: refused too
+    assert _spoof(gauss_model, "--limit", "4", *budget, "--out", str(out)) == 0  # the same: resumes (nothing to do)

@@ -25,8 +25,9 @@ import numpy as np
 from certaudit.audits.pipeline import STAGES, expand_ranges, load_examples
 from certaudit.errors import InputError
 from certaudit.report_figures import (  # noqa: F401 (re-exported)
-    figure_certified_accuracy, figure_examples, figure_fpr, figure_radius_histograms,
+    figure_certified_accuracy, figure_examples, figure_fpr, figure_radius_histograms, figure_spoof_budget,
 )
+from certaudit.report_meanings import FIGURE_MEANINGS, PAPERS
 from certaudit.results import read_rows
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -34,6 +35,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("certified-accuracy", "Certified accuracy against radius"),
     ("fpr", "False-positive rate of the run-time defense against radius"),
     ("spoofed-radii", "Natural against spoofed certified radii"),
+    ("spoof-budget", "Spoof success against perturbation budget"),
     ("degradation-examples", "Degradation examples"),
     ("spoofing-examples", "Spoofing examples"),
     ("coverage", "What the certificate covers, and what it does not"),
@@ -54,20 +56,13 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("fpr_2eps_check", "FPR 2ε check", "pct"),
     ("utility_reduction_lower", "utility red. lower", "pct"),
     ("utility_reduction_upper", "utility red. upper (proven)", "pct"),
-    ("spoof_success_rate", "spoof success", "pct"),
+    ("spoof_budget", "spoof budget", "text"),
+    ("spoof_success_rate", "spoof success (within budget)", "pct"),
     ("natural_radius_mean", "r̄ natural", "num"),
-    ("shadow_radius_mean", "r̄ spoofed", "num"),
+    ("shadow_radius_mean", "r̄ spoofed (within budget)", "num"),
+    ("spoof_success_rate_unbounded", "spoof success (unbounded: any picture)", "pct"),
+    ("shadow_radius_mean_unbounded", "r̄ spoofed (unbounded)", "num"),
 )
-
-PAPERS = (
-    "Cohen, Rosenfeld & Kolter, Certified Adversarial Robustness via Randomized Smoothing, ICML 2019 (arXiv:1902.02918)",
-    "Leino, Wang & Fredrikson, Globally-Robust Neural Networks (GloRo Nets), ICML 2021 (arXiv:2102.08452)",
-    "Degradation Attacks on Certifiably Robust Neural Networks, TMLR 2022 (Algorithms 2.1, 3.1, 3.2, B.1; §3.3, §4.1)",
-    "Ghiasi, Shafahi & Goldstein, Breaking Certified Defenses: Semantic Adversarial Examples with Spoofed "
-    "Robustness Certificates, ICLR 2020 (arXiv:2003.08937)",
-    "Tramèr, Detecting Adversarial Examples Is (Nearly) As Hard As Classifying Them, ICML 2022 (arXiv:2107.11630)",
-)
-
 
 @dataclass
 class AuditData:
@@ -180,18 +175,44 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
                     ["bound", "VRA@ε", "|testA|", "false-positive rate", "utility reduction"], rows))
     sp = s.get("spoofing")
     if sp and sp.get("images"):
-        out.append((f"Spoofing (Shadow Attack) on {sp.get('images')} images, {sp.get('attacked')} attacked",
-                    ["figure", "value"],
-                    [["success rate (fresh certificate of a wrong label)", fmt(sp.get("success_rate"), "pct")],
-                     ["certified radius, natural: mean ± std", f"{fmt(sp.get('natural_radius_mean'))} ± "
-                                                              f"{fmt(sp.get('natural_radius_std'))}"],
-                     ["certified radius, spoofed: mean ± std", f"{fmt(sp.get('shadow_radius_mean'))} ± "
-                                                              f"{fmt(sp.get('shadow_radius_std'))}"],
-                     ["spoofed radius ≥ natural radius", fmt(sp.get("spoofed_beats_natural"), "pct")],
-                     ["robust error at ε (natural)", fmt(sp.get("robust_error"), "pct")],
-                     ["attack error at ε (spoofed)", fmt(sp.get("attack_error"), "pct")],
-                     ["mean ‖δ‖₂ / ‖δ‖∞", f"{fmt(sp.get('l2_mean'))} / {fmt(sp.get('linf_mean'))}"]]))
+        out += _spoof_tables(sp)
     return out
+
+
+def _spoof_tables(sp: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Tables 1/2 of the Shadow Attack paper at the budget, and success against budget (the sweep)."""
+    unb = sp.get("unbounded") or {}
+    out = [(f"Spoofing (Shadow Attack) on {sp.get('images')} images, {sp.get('attacked')} attacked; budget: "
+            f"{sp.get('budget_label', 'unbounded')}",
+            ["figure", "value"],
+            [["success rate (within budget; fresh certificate of a wrong label)", fmt(sp.get("success_rate"), "pct")],
+             ["success rate, unbounded attack (any picture: not a perceptual spoof)",
+              fmt(unb.get("success_rate"), "pct")],
+             ["certified radius, natural: mean ± std", f"{fmt(sp.get('natural_radius_mean'))} ± "
+                                                      f"{fmt(sp.get('natural_radius_std'))}"],
+             ["certified radius, spoofed within budget: mean ± std", f"{fmt(sp.get('shadow_radius_mean'))} ± "
+                                                                      f"{fmt(sp.get('shadow_radius_std'))}"],
+             ["of the successes: natural image already labelled wrong (no attack needed)",
+              fmt(sp.get("successes_natural_wrong"), "int")],
+             ["spoofed radius ≥ natural radius", fmt(sp.get("spoofed_beats_natural"), "pct")],
+             ["robust error at ε (natural)", fmt(sp.get("robust_error"), "pct")],
+             ["attack error at ε (spoofed, within budget)", fmt(sp.get("attack_error"), "pct")],
+             ["mean ‖δ‖₂ / ‖δ‖∞ (×255) / largest ‖δ‖∞ (×255)",
+              f"{fmt(sp.get('l2_mean'))} / {_x255(sp.get('linf_mean'))} / {_x255(sp.get('linf_max'))}"],
+             ["SSIM(x, x+δ): mean / min", f"{fmt(sp.get('ssim_mean'))} / {fmt(sp.get('ssim_min'))}"]])]
+    if sp.get("sweep"):
+        out.append((f"Spoof success against budget (the same attack under each budget, one batch); r̄ natural = "
+                    f"{fmt(sp.get('natural_radius_mean'))}",
+                    ["budget", "attacked", "success", "of which natural already wrong", "r̄ spoofed", "mean SSIM",
+                     "mean ‖δ‖∞ (×255)"],
+                    [[e["label"], str(e["attacked"]), fmt(e.get("success_rate"), "pct"),
+                      fmt(e.get("successes_natural_wrong"), "int"), fmt(e.get("shadow_radius_mean")),
+                      fmt(e.get("ssim_mean")), _x255(e.get("linf_mean"))] for e in sp["sweep"]]))
+    return out
+
+
+def _x255(v: Any) -> str:
+    return "–" if v is None else f"{255 * float(v):.1f}"
 
 
 # --------------------------------------------------------------------------------- coverage
@@ -239,42 +260,6 @@ def _img(b64: str | None, alt: str, caption: str) -> str:
         return f'<p class="note">({html.escape(alt)}: no data in this audit.)</p>'
     return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
-FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
-    ("clean acc. (model)", "accuracy of the undefended model's argmax on the audited images."),
-    ("clean acc. (defense)", "fraction of images whose certified label (at any radius ≥ 0) is correct; an abstention "
-                             "(⊥) counts as an error (randomized smoothing abstains when CERTIFY's lower bound is < ½)."),
-    ("VRA@ε, VRA@2ε", "verified robust accuracy: fraction of images certified with the correct label at radius ε "
-                      "(resp. 2ε). |testR| = VRA@ε × images."),
-    ("rejected@ε", "fraction of clean images the run-time defense (Algorithm 2.1: predict if certified at ε, else ⊥) "
-                   "rejects."),
-    ("FPR lower", "|testA_lower| / |testR|: fraction of correctly certified images for which an ε-bounded attack found "
-                  "x' that the defense rejects (a false positive: nothing was wrong with x). A lower bound: attacks are "
-                  "incomplete."),
-    ("FPR upper (proven)", "|testA_upper| / |testR|: fraction of correctly certified images the defense did not "
-                           "prove non-degradable. GloRo: the 2ε check with a margin for float64 rounding (Appendix A); "
-                           "IBP and CROWN: IBP on the 2ε box with a margin for rounding (IBP is inclusion-monotone and "
-                           "CROWN's bound is never below IBP's). Randomized smoothing and CROWN-IBP have no proof: –."),
-    ("FPR 2ε check", "fraction of correctly certified images that the run-time method itself does not certify at 2ε "
-                     "(§3.3.2). Equal to the proven bound for monotone certifiers; for CROWN-style bounds and smoothing "
-                     "it is a heuristic, not a bound (an attack may degrade an image that passes it)."),
-    ("utility red.", "|testA| / |test| = VRA@ε × FPR: the accuracy an adversary can take away from the defended "
-                     "model by forcing rejections, lower and upper bound."),
-    ("lower ⊆ upper", "every degraded image must lie in the proven testA_upper; a violation is a bug of the defense, "
-                      "its proof or the attack (reported as such in summary.json)."),
-    ("spoof success", "Shadow Attack: fraction of attacked images (not abstained) whose perturbed image x+δ gets a "
-                      "fresh certificate for a wrong label (the surrogate loss never decides success)."),
-    ("r̄ natural, r̄ spoofed", "mean certified radius of the natural images (not abstained) and of the successful "
-                               "spoofed images: a large spoofed radius is a confident certificate for a wrong label."),
-    ("robust error / attack error", "Table 2 of the Shadow Attack paper at ε: fraction of images not certified correct "
-                                    "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
-                                    "label at ε (lower = stronger attack)."),
-    ("FPR curve", "the 2r check recomputed for every radius r from the certification rows: correct images certified "
-                  "at r but not at 2r over correct images certified at r (Figs. 2–3 of the degradation paper). Not "
-                  "called a bound: the proven upper bound is given at ε only; for interval bounds the radii off ε "
-                  "and 2ε are bisection points."),
-)
 
 
 def render_html(audits: Sequence[AuditData], title: str = "certaudit report") -> str:
@@ -338,8 +323,15 @@ def _figure_sections(audits: Sequence[AuditData]) -> list[str]:
         "</section>",
         _open_section("spoofed-radii"),
         _img(figure_radius_histograms(audits), "natural vs spoofed radius histograms",
-             "Certified radii of the natural images (not abstained) and of the Shadow Attack images whose "
-             "fresh certificate names a wrong label. Dashed: ε."),
+             "Certified radii of the natural images (not abstained) and of the Shadow Attack images within the "
+             "spoof budget whose fresh certificate names a wrong label. Dashed: ε."),
+        "</section>",
+        _open_section("spoof-budget"),
+        _img(figure_spoof_budget(audits), "spoof success against the ℓ∞ budget",
+             "Per audit: the Shadow Attack under each ℓ∞ budget τ of the sweep (with the SSIM bound) and "
+             "unbounded (∞, no budget at all), in one batch. Solid: spoof success (fresh certificate of a wrong "
+             "label, image within the budget); dashed: mean certified radius of the successful spoofs; dotted: "
+             "mean certified radius of the natural images. ◆: the headline's budget."),
         "</section>",
     ]
 
@@ -350,7 +342,8 @@ _EXAMPLE_SECTIONS = (
      "x' within ε of x, which the defense rejects (re-found for display and re-checked)."),
     ("spoofing-examples", "spoof",
      "Each row: a natural image, the Shadow Attack perturbation δ (scaled) and x+δ with its "
-     "certified wrong label and radius."),
+     "certified wrong label and radius, its SSIM to x and its largest pixel change; successful spoofs "
+     "within the budget named above the grid."),
 )
 
 
@@ -463,4 +456,5 @@ def write_report(folders: Sequence[str | os.PathLike] | str | os.PathLike, out: 
 
 
 __all__ = ["SECTIONS", "AuditData", "load_audit", "render_html", "render_markdown", "write_report", "headline_rows",
-           "figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_examples", "PAPERS"]
+           "figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_examples",
+           "figure_spoof_budget", "FIGURE_MEANINGS", "PAPERS"]

@@ -1,6 +1,7 @@
 """The report's figures, drawn with matplotlib (Agg) and returned as base64 PNGs for the self-contained
 HTML page of :mod:`certaudit.report`: certified accuracy against radius, the FPR's 2r check with the
-bounds at ε, natural against spoofed radii, and example grids (natural | perturbation | perturbed)."""
+bounds at ε, natural against spoofed radii, spoof success against the ℓ∞ budget, and example grids
+(natural | perturbation | perturbed)."""
 
 from __future__ import annotations
 
@@ -105,12 +106,55 @@ def figure_radius_histograms(audits: Sequence[AuditData]) -> str | None:
         top = max(nat + adv + [1e-6])
         bins = np.linspace(0, top * 1.02, 16)
         ax.hist(nat, bins=bins, alpha=0.6, label=f"natural (n={len(nat)})", color="C0")
-        ax.hist(adv, bins=bins, alpha=0.6, label=f"spoofed, wrong label (n={len(adv)})", color="C3")
+        ax.hist(adv, bins=bins, alpha=0.6, label=f"spoofed within budget, wrong label (n={len(adv)})", color="C3")
         ax.axvline(a.eps, color="grey", linestyle="--", linewidth=1)
         ax.set_title(a.name, fontsize=8)
         ax.set_xlabel(f"certified radius ({_norm_label(a.norm)})")
         ax.set_ylabel("images")
         ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def figure_spoof_budget(audits: Sequence[AuditData]) -> str | None:
+    """Per audit: spoof success and mean spoofed radius against the ℓ∞ budget of the sweep (∞ = unbounded),
+    with the mean natural radius; the headline's budget marked."""
+    have = [a for a in audits if (a.summary.get("spoofing") or {}).get("sweep")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(have), figsize=(4.2 * len(have), 4.2), squeeze=False)
+    for ax, a in zip(axes[0], have):
+        sp = a.summary["spoofing"]
+        sweep = sp["sweep"]
+        finite = [e["max_linf"] * 255 for e in sweep if e["max_linf"] is not None]
+        top = max(finite) if finite else 1.0
+        xs = [e["max_linf"] * 255 if e["max_linf"] is not None else 2 * top for e in sweep]
+        rate = [np.nan if e.get("success_rate") is None else e["success_rate"] for e in sweep]
+        rad = [np.nan if e.get("shadow_radius_mean") is None else e["shadow_radius_mean"] for e in sweep]
+        ax.plot(xs, rate, marker="o", color="C3", label="spoof success")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" if e["max_linf"] is not None else "∞" for x, e in zip(xs, sweep)], fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("ℓ∞ budget τ (×1/255); ∞ = unbounded")
+        ax.set_ylabel("spoof success (within budget)")
+        head = sp.get("budget") or {}
+        for x, e, r in zip(xs, sweep, rate):
+            if e["max_linf"] == head.get("max_linf") and e["min_ssim"] == head.get("min_ssim"):
+                ax.plot([x], [r], marker="D", color="k", markersize=7, linestyle="none", label=f"headline: {e['label']}")
+        ax2 = ax.twinx()
+        ax2.plot(xs, rad, marker="s", color="C0", linestyle="--", label="r̄ spoofed")
+        if sp.get("natural_radius_mean") is not None:
+            ax2.axhline(sp["natural_radius_mean"], color="C0", linestyle=":", linewidth=1, label="r̄ natural")
+        ax2.set_ylabel(f"mean certified radius ({_norm_label(a.norm)})", fontsize=8)
+        ax2.set_ylim(bottom=0)
+        ssim_s = next((e["min_ssim"] for e in sweep if e["min_ssim"] is not None), None)
+        ax.set_title(a.name + ("" if ssim_s is None else f" (finite τ: SSIM ≥ {ssim_s:g})"), fontsize=8)
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=6.5, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 
@@ -151,9 +195,17 @@ def figure_examples(a: AuditData, kind: str, limit: int = 6, classes: Sequence[s
         else:
             _show(row[0], nat, f"#{int(rec['index'])}: true {name(rec['label'])}")
             _show(row[1], shown, f"δ (×{1 / scale:.3g})", diverging=True)
-            _show(row[2], adv, f"x+δ: {name(rec['prediction'])}, r={float(rec['radius']):.3f}")
-    fig.tight_layout()
+            extra = "" if "ssim" not in rec else (f"\nSSIM {float(rec['ssim']):.3f}, "
+                                                  f"‖δ‖∞ {255 * float(rec['linf']):.1f}/255")
+            _show(row[2], adv, f"x+δ: {name(rec['prediction'])}, r={float(rec['radius']):.3f}{extra}")
+    top = 1.0
+    if kind == "spoof":
+        budget = (a.summary.get("spoofing") or {}).get("budget_label", "unbounded")
+        fig.suptitle(f"budget: {budget}", fontsize=8)
+        top = 1 - 0.3 / (1.7 * len(recs))
+    fig.tight_layout(rect=(0, 0, 1, top))
     return _png(fig)
 
 
-__all__ = ["figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_examples"]
+__all__ = ["figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_spoof_budget",
+           "figure_examples"]

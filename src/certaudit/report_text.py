@@ -157,13 +157,15 @@ def _fmt3(v: Any, spec: str = ".3f") -> str:
 def print_spoof(s: dict[str, Any]) -> None:
 
     console.print(f"[bold]Shadow Attack[/bold] on {s['defense']} ({s['dataset']} {s['split']}), {s['images']} images, "
-                  f"{s['shadow']['channels']}-channel, {s['shadow']['steps']} steps")
+                  f"{s['shadow']['channels']}-channel, {s['shadow']['steps']} steps, budget: "
+                  f"{s.get('budget_label', 'unbounded')}")
     t1 = Table(title="Table 1: certified radius")
     t1.add_column("")
     t1.add_column("mean", justify="right")
     t1.add_column("std", justify="right")
     t1.add_row("natural (not abstained)", _fmt3(s.get("natural_radius_mean")), _fmt3(s.get("natural_radius_std")))
-    t1.add_row("shadow (successful)", _fmt3(s.get("shadow_radius_mean")), _fmt3(s.get("shadow_radius_std")))
+    t1.add_row("shadow (successful, within budget)", _fmt3(s.get("shadow_radius_mean")),
+               _fmt3(s.get("shadow_radius_std")))
     console.print(t1)
     stats = Table(show_header=False, box=None)
     stats.add_column("what")
@@ -171,9 +173,16 @@ def print_spoof(s: dict[str, Any]) -> None:
     if s["images"]:
         stats.add_row("natural abstention rate", _fmt3(s.get("natural_abstain_rate"), ".4f"))
         stats.add_row("attacked (not abstained)", str(s.get("attacked")))
-        stats.add_row("success rate (fresh CERTIFY gives a wrong label)", _fmt3(s.get("success_rate"), ".4f"))
+        stats.add_row(f"success rate (fresh CERTIFY gives a wrong label, {s.get('budget_label', 'unbounded')})",
+                      _fmt3(s.get("success_rate"), ".4f"))
+        if (s.get("unbounded") or {}).get("success_rate") is not None and s.get("budget_label") != "unbounded":
+            stats.add_row("success rate, unbounded attack (not a perceptual spoof)",
+                          _fmt3(s["unbounded"]["success_rate"], ".4f"))
+        stats.add_row("of the successes: natural image already labelled wrong", str(s.get("successes_natural_wrong")))
         stats.add_row("spoofed radius >= natural radius", _fmt3(s.get("spoofed_beats_natural"), ".4f"))
         stats.add_row("mean ‖δ‖₂ / ‖δ‖∞ / TV", f"{_fmt3(s.get('l2_mean'))} / {_fmt3(s.get('linf_mean'))} / {_fmt3(s.get('tv_mean'))}")
+        stats.add_row("SSIM(x, x+δ): mean / min", f"{_fmt3(s.get('ssim_mean'))} / {_fmt3(s.get('ssim_min'))}")
+        stats.add_row("judged images within the budget", _fmt3(s.get("within_budget_rate"), ".4f"))
     if "eps" in s:
         stats.add_row(f"robust error, natural (eps = {s['eps']:.4g})", _fmt3(s.get("robust_error"), ".4f"))
         stats.add_row(f"attack error, shadow (eps = {s['eps']:.4g})", _fmt3(s.get("attack_error"), ".4f"))
@@ -183,6 +192,20 @@ def print_spoof(s: dict[str, Any]) -> None:
     if s.get("grid"):
         stats.add_row("grid", s["grid"])
     console.print(stats)
+    if s.get("sweep"):
+        print_sweep(s["sweep"], s.get("natural_radius_mean"))
+
+
+def print_sweep(sweep: list[dict[str, Any]], natural_mean: Any = None) -> None:
+    """Spoof success against the perceptual budget: one line per budget of the sweep."""
+    table = Table(title=f"Spoof success against budget (r̄ natural = {_fmt3(natural_mean)})")
+    for col in ("budget", "attacked", "success", "r̄ spoofed", "mean SSIM", "mean ‖δ‖∞ ×255", "within budget"):
+        table.add_column(col, justify="right")
+    for e in sweep:
+        table.add_row(e["label"], str(e["attacked"]), _pct(e.get("success_rate")), _fmt3(e.get("shadow_radius_mean")),
+                      _fmt3(e.get("ssim_mean")), _fmt3(None if e.get("linf_mean") is None else 255 * e["linf_mean"], ".1f"),
+                      _pct(e.get("within_budget_rate")))
+    console.print(table)
 
 
 def print_headline(items: list[tuple[str, dict[str, Any]]]) -> None:

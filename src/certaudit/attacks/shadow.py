@@ -1,7 +1,8 @@
 """Shadow Attack (Ghiasi, Shafahi & Goldstein, ICLR 2020): large, smooth perturbations that make a
 certified defense issue a *spoofed* certificate for a wrong label.
 
-For every (image ``x``, target ``t``) pair the attack maximizes, over an unbounded perturbation δ,
+For every (image ``x``, target ``t``) pair the attack maximizes, over a perturbation δ (unbounded, as
+in the paper, unless a budget is given),
 
     −L(clip(x + δ, 0, 1), t) − λc·C(δ) − λtv·TV(δ) − λs·Dissim(δ)          (Eq. 3; Eq. 4 over t ≠ y)
 
@@ -34,6 +35,11 @@ target or step): the random start of pair (i, t), and the Gaussian copies of ima
 all targets of the image, fixed for the whole run as in the authors' code, or fresh at every step).
 Results therefore depend on the seed and the image indices, not on batch composition or chunking.
 
+Perceptual budget (:mod:`certaudit.attacks.budget`): with ``max_linf`` τ the perturbation is projected
+onto ``[−τ, τ] ∩ [−x, 1 − x]`` after every step, so the optimization never leaves the budget; with
+``min_ssim`` s the objective subtracts ``λ_ssim · max(0, s − SSIM(x, x + δ))`` and each pair ends at
+its best iterate with SSIM ≥ s. Budgets may differ per pair, so a sweep over budgets is one batch.
+
 What counts as *success* is not decided here: a spoof succeeds only when the real defense's
 CERTIFY, run afresh on ``x + δ``, returns a wrong label (see :mod:`certaudit.audits.spoofing`).
 
@@ -45,12 +51,14 @@ of both are importable from here.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from certaudit.attacks.budget import Budget, ssim
 from certaudit.attacks.shadow_config import (
     COLOR_MODES,
     OPTIMIZERS,
@@ -74,7 +82,7 @@ from certaudit.attacks.shadow_losses import (
 )
 from certaudit.errors import InputError
 
-_RESULT_FIELDS = ("loss", "objective", "color", "tv", "dissim")
+_RESULT_FIELDS = ("loss", "objective", "color", "tv", "dissim", "ssim")
 
 
 # --------------------------------------------------------------------------------------- attack
@@ -86,7 +94,8 @@ class ShadowResult:
     ``delta`` is the optimized δ as applied to the image (a 1-channel δ copied to every channel);
     ``x_adv = clip(x + delta, 0, 1)`` is the image to certify; ``loss`` the spoofing loss ``L`` and
     ``objective`` the objective of Eq. 3 at the last evaluated step; ``color``, ``tv``, ``dissim``
-    the penalties of the returned δ. ``image`` indexes the batch ``x``; ``target`` the target class.
+    the penalties of the returned δ; ``ssim`` = SSIM(x, x_adv) (:func:`certaudit.attacks.budget.ssim`).
+    ``image`` indexes the batch ``x``; ``target`` the target class.
     """
 
     delta: torch.Tensor  # (P, C, H, W)
@@ -98,6 +107,7 @@ class ShadowResult:
     color: torch.Tensor  # (P,)
     tv: torch.Tensor  # (P,)
     dissim: torch.Tensor  # (P,)
+    ssim: torch.Tensor  # (P,) SSIM(x, x_adv)
     seconds: float = 0.0
 
     def __len__(self) -> int:
@@ -124,13 +134,15 @@ def wrong_class_pairs(y: torch.Tensor, num_classes: int, candidates: Sequence[in
 
 
 def shadow_objective(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor, target: torch.Tensor,
-                     keys: torch.Tensor, config: ShadowConfig, step: int = 0
+                     keys: torch.Tensor, config: ShadowConfig, step: int = 0, min_ssim: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 3 for P pairs: objective (P,), its gradient with respect to ``delta``, and its parts.
 
     ``x_pair`` (P, C, H, W) are the pairs' natural images, ``delta`` (P, 1 or C, H, W) the
     variables. The objective is ``−L(clip(x + δ)) − λc·C − λtv·TV − λs·Dissim``; the batched
     objective is the sum over pairs, so ``grad[p]`` is the gradient of pair p's own objective.
+    ``min_ssim`` (P,): per-pair SSIM bound (−inf: none); where given, the objective also subtracts
+    ``λ_ssim · max(0, s − SSIM(x, clip(x + δ)))`` and ``parts["ssim"]`` holds the SSIM.
     """
     d = delta.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -139,6 +151,10 @@ def shadow_objective(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor,
         value, g_x = loss(x_adv.detach(), target, keys, step)  # (P,), (P, C, H, W)
         terms = penalty_terms(eff, config)
         penalty = config.lambda_c * terms["color"] + config.lambda_tv * terms["tv"] + config.lambda_s * terms["dissim"]
+        if min_ssim is not None:
+            terms["ssim"] = ssim(x_pair, x_adv)  # (P,)
+            hinge = torch.where(torch.isfinite(min_ssim), (min_ssim - terms["ssim"]).clamp_min(0.0), 0.0)
+            penalty = penalty + config.lambda_ssim * hinge
         # d/dδ of Σ_p (−L_p − penalty_p): the chain rule through the clip for L, autograd for the penalties.
         (grad,) = torch.autograd.grad([x_adv, penalty.sum()], [d], grad_outputs=[-g_x, torch.ones_like(penalty.sum()).neg()])
     objective = (-value.detach() - penalty.detach()).float()
@@ -149,7 +165,8 @@ def shadow_objective(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor,
 def shadow_attack(loss: SpoofLoss, x: torch.Tensor, target: torch.Tensor, config: ShadowConfig | None = None, *,
                   image: torch.Tensor | None = None, indices: Sequence[int] | torch.Tensor | None = None,
                   seed: int | None = None, generator: torch.Generator | None = None,
-                  images_per_group: int | None = None,
+                  images_per_group: int | None = None, max_linf: torch.Tensor | Sequence[float] | None = None,
+                  min_ssim: torch.Tensor | Sequence[float] | None = None,
                   on_step: Callable[[int], None] | None = None) -> ShadowResult:
     """Run the Shadow Attack on every (image, target) pair at once.
 
@@ -159,12 +176,19 @@ def shadow_attack(loss: SpoofLoss, x: torch.Tensor, target: torch.Tensor, config
     data-set indices (default 0..B−1); seeds derive from (``seed`` or a draw from ``generator``,
     index), so a pair's result does not depend on which other pairs share the call.
 
+    ``max_linf`` / ``min_ssim`` (P,): a perceptual budget per pair (``inf`` / ``−inf``: none; default:
+    the config's for every pair), so one call optimizes the same (image, target) under several budgets
+    (a budget sweep) as one batch. A pair with a finite ``max_linf`` τ is projected onto
+    ``[−τ, τ] ∩ [−x, 1 − x]`` after every step; one with ``min_ssim`` gets the SSIM penalty and its
+    best feasible iterate (see :class:`ShadowConfig`).
+
     Images are processed in groups (all pairs of an image in the same group) of
     ``images_per_group`` (default: what the loss's memory budget allows, ``loss.max_images``);
     ``on_step(k)`` is called after each step of each group with the number of pairs stepped.
     """
     config = config or ShadowConfig()
     image, target, idx = _check_pairs(x, target, image, indices)
+    tau, sim = _pair_budgets(config, max_linf, min_ssim, int(target.shape[0]), x.device)
     base = base_seed(seed, generator)
     b_count, c, h, w = x.shape
     per_group = images_per_group
@@ -179,9 +203,30 @@ def shadow_attack(loss: SpoofLoss, x: torch.Tensor, target: torch.Tensor, config
         pair_indices = [idx[i] for i in img.tolist()]
         keys = torch.tensor([noise_key(base, i) for i in pair_indices], dtype=torch.long, device=x.device)
         delta = _random_start(config, base, pair_indices, tgt.tolist(), (delta_channels(config, c), h, w), x.device)
-        objective, value = _ascend(loss, x_pair, delta, tgt, keys, config, on_step)
+        g_tau = None if tau is None else tau[sel_dev]
+        g_sim = None if sim is None else sim[sel_dev]
+        if g_tau is not None and config.init > 0:  # U(−min(init, τ), min(init, τ)): the same draw, scaled
+            delta *= (g_tau.clamp(max=config.init) / config.init).view(-1, 1, 1, 1)
+        objective, value = _ascend(loss, x_pair, delta, tgt, keys, config, on_step, g_tau, g_sim)
         _store_group(out, sel_dev, x_pair, delta, objective, value, config)
     return ShadowResult(image=image, target=target, seconds=time.perf_counter() - t0, **out)
+
+
+def _pair_budgets(config: ShadowConfig, max_linf: Any, min_ssim: Any, p_count: int, device: torch.device
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-pair τ (inf: none) and SSIM bound (−inf: none), each None where no pair has one."""
+    def per_pair(v: Any, default: float | None, none: float, name: str) -> torch.Tensor:
+        t = torch.full((p_count,), none if default is None else float(default), device=device) if v is None \
+            else torch.as_tensor(v, dtype=torch.float32, device=device).flatten()
+        if t.shape[0] != p_count or bool(torch.isnan(t).any()):
+            raise InputError(f"{name} must give one number per pair ({p_count}), got {tuple(t.shape)}")
+        return t
+
+    tau = per_pair(max_linf, config.max_linf, math.inf, "max_linf")
+    sim = per_pair(min_ssim, config.min_ssim, -math.inf, "min_ssim")
+    if bool((tau <= 0).any()) or bool((torch.isfinite(sim) & ((sim <= 0) | (sim > 1))).any()):
+        raise InputError("max_linf must be > 0 and min_ssim in (0, 1] for every pair")
+    return (tau if bool(torch.isfinite(tau).any()) else None), (sim if bool(torch.isfinite(sim).any()) else None)
 
 
 def _check_pairs(x: torch.Tensor, target: torch.Tensor, image: torch.Tensor | None,
@@ -221,24 +266,86 @@ def _image_groups(image: torch.Tensor, per_group: int) -> Iterator[torch.Tensor]
 
 
 def _ascend(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, keys: torch.Tensor,
-            config: ShadowConfig, on_step: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+            config: ShadowConfig, on_step: Callable[[int], None] | None, tau: torch.Tensor | None = None,
+            min_ssim: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``config.steps`` optimizer steps on Eq. 3, updating ``delta`` in place; returns the objective
-    (P,) and the spoofing loss (P,) at the last evaluated step."""
+    (P,) and the spoofing loss (P,) at the last evaluated step (or of the kept feasible iterate).
+
+    ``tau`` (P,): δ is projected onto its ℓ∞ box ∩ [−x, 1 − x] at the start and after every step.
+    ``min_ssim`` (P,): the SSIM penalty, and pairs with a bound end at their best feasible iterate.
+    """
+    box = None if tau is None else _box(x_pair, tau, delta.shape[1])
+    if box is not None:
+        _project(delta, box)
     delta.requires_grad_(True)
     opt: torch.optim.Optimizer
     if config.optimizer == "adam":
         opt = torch.optim.Adam([delta], lr=config.lr, maximize=True)
     else:
         opt = torch.optim.SGD([delta], lr=config.lr, maximize=True)
+    keep = None if min_ssim is None else _BestFeasible(delta, min_ssim)
     objective = value = None
     for step in range(config.steps):
-        objective, grad, parts = shadow_objective(loss, x_pair, delta, target, keys, config, step)
+        objective, grad, parts = shadow_objective(loss, x_pair, delta, target, keys, config, step, min_ssim)
         value = parts["loss"]
+        if keep is not None:
+            keep.offer(delta, objective, value, parts["ssim"])
         delta.grad = grad
         opt.step()
+        if box is not None:
+            _project(delta, box)
         if on_step is not None:
             on_step(int(target.shape[0]))
+    if keep is not None:  # the last iterate is a candidate too
+        last_obj, _, parts = shadow_objective(loss, x_pair, delta, target, keys, config, config.steps, min_ssim)
+        keep.offer(delta, last_obj, parts["loss"], parts["ssim"])
+        objective, value = keep.apply(delta, objective, value)
     return objective, value
+
+
+def _box(x_pair: torch.Tensor, tau: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds (lo, hi) of δ: ``[−τ, τ] ∩ [−x, 1 − x]`` for pairs with a finite τ, (−inf, inf) otherwise.
+
+    A 1-channel δ is added to every channel, so its bounds are the tightest over the channels.
+    """
+    lo_x, hi_x = -x_pair, 1.0 - x_pair  # (P, C, H, W)
+    if channels == 1 and x_pair.shape[1] > 1:
+        lo_x, hi_x = lo_x.amax(dim=1, keepdim=True), hi_x.amin(dim=1, keepdim=True)
+    t = tau.view(-1, 1, 1, 1)
+    bounded = torch.isfinite(t)
+    lo = torch.where(bounded, torch.maximum(lo_x, -t), -math.inf)
+    hi = torch.where(bounded, torch.minimum(hi_x, t), math.inf)
+    return lo, hi
+
+
+def _project(delta: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> None:
+    with torch.no_grad():
+        delta.copy_(torch.clamp(delta, box[0], box[1]))
+
+
+class _BestFeasible:
+    """Per pair with an SSIM bound, the iterate with the best objective among those with SSIM ≥ s."""
+
+    def __init__(self, delta: torch.Tensor, min_ssim: torch.Tensor):
+        self.min_ssim = min_ssim
+        self.bounded = torch.isfinite(min_ssim)
+        self.delta = delta.detach().clone()
+        self.objective = torch.full_like(min_ssim, -math.inf)
+        self.value = torch.zeros_like(min_ssim)
+        self.found = torch.zeros_like(self.bounded)
+
+    def offer(self, delta: torch.Tensor, objective: torch.Tensor, value: torch.Tensor, sim: torch.Tensor) -> None:
+        better = self.bounded & (sim >= self.min_ssim) & (objective > self.objective)  # (P,)
+        self.delta[better] = delta.detach()[better]
+        self.objective = torch.where(better, objective, self.objective)
+        self.value = torch.where(better, value.float(), self.value)
+        self.found |= better
+
+    def apply(self, delta: torch.Tensor, objective: torch.Tensor, value: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            delta[self.found] = self.delta[self.found]
+        return torch.where(self.found, self.objective, objective), torch.where(self.found, self.value, value.float())
 
 
 def _empty_outputs(p_count: int, sample_shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
@@ -261,6 +368,7 @@ def _store_group(out: dict[str, torch.Tensor], sel: torch.Tensor, x_pair: torch.
         out["objective"][sel] = objective
         for k in ("color", "tv", "dissim"):
             out[k][sel] = terms[k].float()
+        out["ssim"][sel] = ssim(x_pair, out["x_adv"][sel])
 
 
 def _random_start(config: ShadowConfig, base: int, indices: list[int], targets: list[int],
@@ -275,7 +383,7 @@ def _random_start(config: ShadowConfig, base: int, indices: list[int], targets: 
 
 
 __all__ = [
-    "ShadowConfig", "ShadowResult", "SpoofLoss", "SmoothedCrossEntropy", "DefenseMargin", "shadow_attack",
+    "Budget", "ShadowConfig", "ShadowResult", "SpoofLoss", "SmoothedCrossEntropy", "DefenseMargin", "shadow_attack",
     "shadow_objective", "wrong_class_pairs", "color_penalty", "tv_penalty", "dissim_penalty", "penalty_terms",
     "expand_delta", "delta_channels", "mix_seed", "noise_key", "base_seed", "COLOR_MODES", "OPTIMIZERS", "NOISE_MODES",
 ]

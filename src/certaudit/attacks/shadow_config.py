@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from certaudit import validate
+from certaudit.attacks.budget import Budget
 from certaudit.errors import InputError
 
 COLOR_MODES = ("mean_abs", "l2")
@@ -38,6 +39,12 @@ class ShadowConfig:
     start ``δ0 ~ U(−init, init)`` (the authors' code: 0.5; 0 starts at δ = 0). ``color``:
     ``"mean_abs"`` (the paper's C) or ``"l2"`` (``‖δ‖₂``, the CROWN-IBP setting, see :meth:`crown_ibp`).
     ``optimizer``: ``"sgd"`` (plain gradient ascent ``δ ← δ + lr·∇``, as the authors) or ``"adam"``.
+
+    Perceptual budget (:mod:`certaudit.attacks.budget`; ``None`` = none, the paper's unbounded attack):
+    ``max_linf`` τ > 0 projects δ onto ``[−τ, τ] ∩ [−x, 1 − x]`` after every step (and scales the
+    random start to ``U(−min(init, τ), min(init, τ))``); ``min_ssim`` s in (0, 1] adds the penalty
+    ``lambda_ssim · max(0, s − SSIM(x, x_adv))`` to Eq. 3 and returns, per pair, the iterate with the
+    best objective among those with ``SSIM ≥ s`` (the last iterate where none is).
     """
 
     steps: int = 300
@@ -49,14 +56,18 @@ class ShadowConfig:
     optimizer: str = "sgd"
     init: float = 0.5
     color: str = "mean_abs"
+    max_linf: float | None = None
+    min_ssim: float | None = None
+    lambda_ssim: float = 10.0
 
     def __post_init__(self) -> None:
         validate.count(self.steps, "steps")
         if isinstance(self.channels, bool) or self.channels not in CHANNEL_MODES:
             raise InputError(f"channels must be 1 or 3, got {self.channels!r}")
         validate.positive(self.lr, "lr")
-        for name in ("lambda_tv", "lambda_c", "lambda_s", "init"):
+        for name in ("lambda_tv", "lambda_c", "lambda_s", "init", "lambda_ssim"):
             validate.nonnegative(getattr(self, name), name)
+        Budget(self.max_linf, self.min_ssim)  # raises InputError on a bad budget
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.color not in COLOR_MODES:
@@ -68,6 +79,11 @@ class ShadowConfig:
         base = dict(lambda_tv=9e-6, lambda_c=0.02, color="l2", lr=200.0, channels=1)
         base.update(overrides)
         return cls(**base)
+
+    @property
+    def budget(self) -> Budget:
+        """The perceptual budget the attack is held to (``Budget()``: unbounded)."""
+        return Budget(self.max_linf, self.min_ssim)
 
     def with_(self, **changes: Any) -> "ShadowConfig":
         return replace(self, **changes)

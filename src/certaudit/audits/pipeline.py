@@ -38,11 +38,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from certaudit.attacks.budget import DEFAULT_SWEEP, Budget, sweep_budgets
 from certaudit.attacks.degradation import AttackConfig, attacks_for, run_attack, verify_candidates
 from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
 from certaudit.audits.certified import certification_rows
 from certaudit.audits.degradation import ROW_FORMAT, degrade_batch
 from certaudit.audits.runner import run_rows
+from certaudit.audits.spoofing import ROW_FORMAT as SPOOF_ROW_FORMAT
 from certaudit.audits.spoofing import is_randomized, spoof_batch
 from certaudit.audits.summary import (  # noqa: F401 (re-exported)
     STAGES,
@@ -57,6 +59,8 @@ from certaudit.distributed import DistEnv
 from certaudit.errors import InputError
 from certaudit.results import write_json_atomic
 
+DEFAULT_MAX_LINF = 16 / 255  # the headline's spoof budget (docs/shadow.md: why these two numbers)
+DEFAULT_MIN_SSIM = 0.9
 EXAMPLE_ATTACK_SEED_STRIDE = 7919  # example re-runs of an attack: seed + stride × first index (not the rows' seeds)
 EXAMPLE_RECHECK_SEED_OFFSET = 104729  # and their re-check noise (smoothing), apart from every row's stream
 
@@ -73,8 +77,12 @@ class AuditSettings:
     default for smoothing, Section 5's for other defenses): ``spoof_images`` (attack only the first
     K selected images; None = all), ``spoof_steps``, ``spoof_samples`` (Gaussian copies in the
     smoothing loss), ``spoof_select_n`` and ``spoof_n`` (smoothing CERTIFY samples of the
-    selection and of the judging CERTIFY; default n), ``spoof_channels``. ``chunk``: images per
-    batch in every stage. ``examples``: images kept per grid.
+    selection and of the judging CERTIFY; default n), ``spoof_channels``. The spoof budget (the
+    headline's "spoof success" is within it; docs/shadow.md): ``spoof_max_linf`` (default 16/255)
+    and ``spoof_min_ssim`` (default 0.9), ``None`` for none; ``spoof_sweep``: ℓ∞ budgets also
+    attacked, in the same batch, each with ``spoof_min_ssim`` (``None`` in it: the unbounded attack,
+    the headline's separate "unbounded" column; default 4, 8, 16, 32, 64 /255 and unbounded; ``None``:
+    no sweep). ``chunk``: images per batch in every stage. ``examples``: images kept per grid.
     """
 
     eps: float
@@ -96,6 +104,9 @@ class AuditSettings:
     spoof_select_n: int = 200
     spoof_n: int | None = None
     spoof_channels: int = 1
+    spoof_max_linf: float | None = DEFAULT_MAX_LINF
+    spoof_min_ssim: float | None = DEFAULT_MIN_SSIM
+    spoof_sweep: tuple[float | None, ...] | None = DEFAULT_SWEEP
     examples: int = 6
     stages: tuple[str, ...] = STAGES
 
@@ -117,6 +128,13 @@ class AuditSettings:
             raise InputError(f"examples must be >= 0, got {self.examples!r}")
         if self.spoof_channels not in (1, 3):
             raise InputError(f"spoof channels must be 1 or 3, got {self.spoof_channels!r}")
+        Budget(self.spoof_max_linf, self.spoof_min_ssim)  # InputError on a bad budget
+        if self.spoof_sweep is not None:
+            self.spoof_sweep = tuple(self.spoof_sweep)
+            if not self.spoof_sweep or len(set(self.spoof_sweep)) != len(self.spoof_sweep):
+                raise InputError(f"spoof_sweep must list distinct budgets, got {self.spoof_sweep!r}")
+            for tau in self.spoof_sweep:
+                Budget(tau)
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise InputError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
@@ -317,41 +335,50 @@ def _spoof_loss(guard: Any, model: torch.nn.Module, s: AuditSettings):
         loss = DefenseMargin(guard, s.eps, **kwargs)
     if s.spoof_steps is not None:
         config = config.with_(steps=s.spoof_steps)
-    return config, loss
+    return config.with_(max_linf=s.spoof_max_linf, min_ssim=s.spoof_min_ssim), loss
 
 
 def _stage_spoof(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
-    """Untargeted Shadow Attack on the first ``spoof_images`` images; a fresh certification judges success."""
+    """Untargeted Shadow Attack on the first ``spoof_images`` images under the budget (and the sweep's);
+    a fresh certification judges success."""
 
     s, guard = ctx.settings, ctx.guard
     targets = ctx.wanted if s.spoof_images is None else ctx.wanted[:s.spoof_images]
     config, loss = _spoof_loss(guard, ctx.model, s)
+    sweep = None if s.spoof_sweep is None else sweep_budgets(s.spoof_sweep, s.spoof_min_ssim)
     randomized = is_randomized(guard)
     cert_opts = {"n0": s.n0, "n": s.spoof_n or s.n} if randomized else {}
     sel_opts = {"n0": s.n0, "n": s.spoof_select_n} if randomized else {}
     stage_config = {"stage": "spoof", **ctx.base, "eps": s.eps, "shadow": config.as_dict(),
                     "spoof_loss": loss.settings(), "certify": cert_opts,
-                    "select": sel_opts, "skip_abstained": randomized, "checks": "eps"}
+                    "select": sel_opts, "skip_abstained": randomized, "checks": "eps", "row_format": SPOOF_ROW_FORMAT,
+                    "sweep": None if sweep is None else [b.as_dict() for b in sweep]}
     kept = [_count_examples(ctx.out, "spoof") if ctx.env.is_main else s.examples]  # rank 0 keeps the examples
 
     def work(idx: list[int]) -> list[dict[str, Any]]:
         res = spoof_batch(guard, loss, ctx.x[idx].to(ctx.device), ctx.y[idx], config, indices=idx, seed=s.seed,
                           certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
-                          eps=s.eps)
+                          eps=s.eps, sweep=sweep)
         if kept[0] < s.examples:
-            pick = [b for b, r in enumerate(res.rows) if r.get("success")][:s.examples - kept[0]]
-            if pick:
-                meta_rows = [(int(res.rows[b]["index"]), int(res.rows[b]["label"]),
-                              int(res.rows[b]["spoofed_prediction"]), float(res.rows[b]["spoofed_radius"]),
-                              float(res.rows[b]["l2"]), f"natural {res.rows[b]['natural_prediction']} "
-                              f"r={res.rows[b]['natural_radius']:.3f}") for b in pick]
-                sel = torch.tensor(pick, dtype=torch.long)
-                _save_examples(ctx.out / "images" / f"spoof_{idx[0]:07d}.npz", res.natural[sel].cpu(),
-                               res.x_adv[sel].cpu(), meta_rows)
-                kept[0] += len(pick)
+            kept[0] += _keep_spoof_examples(ctx.out, res, idx[0], s.examples - kept[0])
         return res.rows
 
     return ctx.run("spoof", stage_config, work, s.chunk, wanted=targets)
+
+
+def _keep_spoof_examples(out: Path, res: Any, first: int, room: int) -> int:
+    """Save up to ``room`` successful spoofs (within the budget) of a chunk to ``images/spoof_<first>.npz``."""
+    pick = [b for b, r in enumerate(res.rows) if r.get("success")][:room]
+    if not pick:
+        return 0
+    rows = [res.rows[b] for b in pick]
+    meta_rows = [(int(r["index"]), int(r["label"]), int(r["spoofed_prediction"]), float(r["spoofed_radius"]),
+                  float(r["l2"]), f"natural {r['natural_prediction']} r={r['natural_radius']:.3f}") for r in rows]
+    sel = torch.tensor(pick, dtype=torch.long)
+    _save_examples(out / "images" / f"spoof_{first:07d}.npz", res.natural[sel].cpu(), res.x_adv[sel].cpu(), meta_rows,
+                   extra={"ssim": np.array([float(r["ssim"]) for r in rows]),
+                          "linf": np.array([float(r["linf"]) for r in rows])})
+    return len(pick)
 
 
 _STAGE_RUNNERS = {"clean": _stage_clean, "certify": _stage_certify, "degrade": _stage_degrade, "spoof": _stage_spoof}
@@ -360,8 +387,10 @@ _STAGE_RUNNERS = {"clean": _stage_clean, "certify": _stage_certify, "degrade": _
 # ------------------------------------------------------------------------------ example images
 
 def _save_examples(path: Path, natural: torch.Tensor, adv: torch.Tensor,
-                   meta_rows: list[tuple[int, int, int, float, float, str]]) -> None:
-    """Atomic npz: natural and perturbed images (K, C, H, W) float32 and one record per image."""
+                   meta_rows: list[tuple[int, int, int, float, float, str]],
+                   extra: dict[str, np.ndarray] | None = None) -> None:
+    """Atomic npz: natural and perturbed images (K, C, H, W) float32, one record per image and
+    ``extra`` arrays (K,) (spoofs: ``ssim``, ``linf``)."""
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, natural=natural.float().numpy(), adv=adv.float().numpy(),
                         index=np.array([m[0] for m in meta_rows], dtype=np.int64),
@@ -369,7 +398,7 @@ def _save_examples(path: Path, natural: torch.Tensor, adv: torch.Tensor,
                         prediction=np.array([m[2] for m in meta_rows], dtype=np.int64),
                         radius=np.array([m[3] for m in meta_rows], dtype=np.float64),
                         distance=np.array([m[4] for m in meta_rows], dtype=np.float64),
-                        note=np.array([m[5] for m in meta_rows]))
+                        note=np.array([m[5] for m in meta_rows]), **(extra or {}))
     os.replace(tmp, path)
 
 

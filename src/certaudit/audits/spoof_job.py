@@ -12,9 +12,10 @@ from typing import Any, Sequence
 
 import torch
 
+from certaudit.attacks.budget import run_budgets, sweep_budgets
 from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
 from certaudit.audits.session import Session, check_output, check_range, err_console
-from certaudit.audits.spoofing import save_grid, spoof_batch, summarize
+from certaudit.audits.spoofing import ROW_FORMAT, save_grid, spoof_batch, summarize
 from certaudit.defenses.base import ABSTAIN
 from certaudit.defenses.registry import defense_class
 from certaudit.errors import InputError
@@ -49,6 +50,14 @@ def _loss_kind(cls: Any, name: str, loss: str | None, method: Any, eps: float | 
     return kind
 
 
+def _objective(kind: str, guard: Any, net: Any, samples: int, noise: str, eps: float | None) -> Any:
+    """The spoofing loss: the paper's smoothed cross-entropy, or the defense's margin at ``eps``."""
+    if kind == "ce":
+        return SmoothedCrossEntropy(net, guard.noise_sigma, samples=samples, noise=noise)
+    return DefenseMargin(guard, eps or 0.0, **({"n_samples": samples} if guard.randomized else {}),
+                         **({"reduction": "ce"} if kind == "robust-ce" else {}))
+
+
 @dataclass
 class _Grid:
     """The images shown in the grid: (natural, δ, x + δ, captions) of the first attacked images."""
@@ -67,12 +76,15 @@ class _Grid:
     def take(self, result: Any) -> None:
         for b, row in enumerate(result.rows):
             if row["attacked"] and len(self.shown) < self.limit:
-                captions = (self.caption(row["label"], row["natural_prediction"], row["natural_radius"]),
-                            self.caption(row["label"], row["spoofed_prediction"], row["spoofed_radius"]))
+                spoof = (f"{self.caption(row['label'], row['spoofed_prediction'], row['spoofed_radius'])}\n"
+                         f"SSIM {row['ssim']:.3f}, ℓ∞ {row['linf'] * 255:.1f}/255"
+                         f"{'' if row['within_budget'] else ' (over budget)'}")
+                captions = (self.caption(row["label"], row["natural_prediction"], row["natural_radius"]), spoof)
                 self.shown.append((result.natural[b].cpu(), result.delta[b].cpu(), result.x_adv[b].cpu(), captions))
 
-    def save(self, path: Any) -> None:
-        save_grid(path, *(torch.stack([s[k] for s in self.shown]) for k in range(3)), [s[3] for s in self.shown])
+    def save(self, path: Any, title: str) -> None:
+        save_grid(path, *(torch.stack([s[k] for s in self.shown]) for k in range(3)), [s[3] for s in self.shown],
+                  title=title)
 
 
 def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", shadow: dict[str, Any] | None = None,
@@ -81,12 +93,15 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
               defense_options: dict[str, Any] | None = None, select_n: int = 200, seed: int = 0,
               device: str = "auto", dataset: str | None = None, split: str = "test", limit: int | None = None,
               skip: int = 0, stride: int = 1, chunk: int | None = None, data_root: Any = None, out: Any = None,
-              grid: Any = None, grid_images: int = 8, quiet: bool = False) -> dict[str, Any] | None:
+              grid: Any = None, grid_images: int = 8, sweep: Sequence[float | None] | None = None,
+              quiet: bool = False) -> dict[str, Any] | None:
     """Spoof images ``skip, skip+stride, ...`` (at most ``limit``); rows to ``out`` (resumable); the
     summary (``None`` on the ranks other than 0 of a multi-process launch).
 
-    ``shadow``: changes to the preset's :class:`~certaudit.attacks.shadow.ShadowConfig`; ``loss``: ce,
-    margin or robust-ce (default by the defense); ``defense_options``: sigma, n0, n, alpha, batch_size."""
+    ``shadow``: changes to the preset's :class:`~certaudit.attacks.shadow.ShadowConfig` (the budget:
+    ``max_linf``, ``min_ssim``, ``lambda_ssim``); ``loss``: ce, margin or robust-ce (default by the
+    defense); ``defense_options``: sigma, n0, n, alpha, batch_size. ``sweep``: ℓ∞ budgets (``None``:
+    unbounded) attacked as well, each with the budget's ``min_ssim``, in the same batch."""
     check_range(limit, skip, stride)
     for flag, value in (("--chunk", chunk), ("--grid-images", grid_images), ("--select-n", select_n),
                         ("--batch-size", (defense_options or {}).get("batch_size"))):
@@ -97,6 +112,7 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
     name = defense.lower()
     cls = defense_class(name)  # its declared capabilities decide defaults and what applies
     config = shadow_config(preset, cls.randomized, dict(shadow or {}))
+    budgets = None if sweep is None else sweep_budgets(sweep, config.min_ssim)
     kind = _loss_kind(cls, name, loss, method, eps)
     if noise.lower() not in ("fixed", "fresh"):
         raise InputError(f"unknown --noise {noise!r}; choose fixed or fresh")
@@ -108,11 +124,7 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
     opts = {**(defense_options or {}), "eps": eps, "seed": seed, "method": method}
     guard = cls.from_options(s.net, s.meta, {k: v for k, v in opts.items() if v is not None})
     randomized = guard.randomized  # noise in CERTIFY: skip abstentions, re-draw to judge
-    if kind == "ce":
-        objective: Any = SmoothedCrossEntropy(s.net, guard.noise_sigma, samples=samples, noise=noise.lower())
-    else:
-        objective = DefenseMargin(guard, eps or 0.0, **({"n_samples": samples} if randomized else {}),
-                                  **({"reduction": "ce"} if kind == "robust-ce" else {}))
+    objective = _objective(kind, guard, s.net, samples, noise.lower(), eps)
     x_all, y_all, wanted = s.data(split, data_root, skip=skip, limit=limit, stride=stride)
     n0, n = (defense_options or {}).get("n0", 100), (defense_options or {}).get("n", 100_000)
     cert_opts = {"n0": n0, "n": n} if randomized else {}
@@ -122,23 +134,27 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
                   "settings": settings, "shadow": config.as_dict(), "spoof_loss": loss_settings,
                   "select": sel_opts, "targets": None if targets is None else list(targets), "seed": seed,
                   "eps": eps, "skip_abstained": randomized, "checks": "eps" if eps is not None else None,
-                  "dataset": s.info.name, "split": split, "device": s.device.type}
+                  "dataset": s.info.name, "split": split, "device": s.device.type, "row_format": ROW_FORMAT,
+                  "sweep": None if budgets is None else [b.as_dict() for b in budgets]}
     shown = _Grid(grid_images if grid is not None else 0, s.info.classes)
 
     def work(idx: list[int]) -> list[dict[str, Any]]:
         result = spoof_batch(guard, objective, x_all[idx].to(s.device), y_all[idx], config, indices=idx, seed=seed,
                              candidates=None if targets is None else list(targets), certify_options=cert_opts,
-                             select_options=sel_opts, skip_abstained=randomized, on_step=s.advance, eps=eps)
+                             select_options=sel_opts, skip_abstained=randomized, on_step=s.advance, eps=eps,
+                             sweep=budgets)
         shown.take(result)
         return result.rows
 
     # every draw is keyed by (seed, image index); the run loop's fixed blocks also keep the batches, hence
     # the last floating-point bits, the same for any number of processes
     n_targets = len(targets) if targets is not None else s.info.num_classes - 1
+    n_budgets = len(run_budgets(config.budget, budgets))
     run = s.run(work, wanted, out=out, config=row_config,
                 block=chunk or max(1, min(256, int(objective.max_images(tuple(s.info.shape))))),
-                label=f"shadow attack ({name}, {config.channels}-channel)", done_noun="attacked",
-                steps_per_image=n_targets * config.steps)
+                label=f"shadow attack ({name}, {config.channels}-channel, {config.budget.label}"
+                      f"{f', {n_budgets} budgets' if n_budgets > 1 else ''})", done_noun="attacked",
+                steps_per_image=n_targets * n_budgets * config.steps)
     if not s.env.is_main:
         return None  # the grid shows rank 0's images
     summary = {"model": str(model), "defense": name, "dataset": s.info.name, "split": split,
@@ -146,7 +162,7 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
                "spoof_loss": loss_settings, **s.run_fields(run, out), **summarize(run.rows, eps)}
     if grid is not None:
         if shown.shown:
-            shown.save(grid)
+            shown.save(grid, f"Shadow Attack spoofs, budget: {config.budget.label}")
             summary["grid"] = str(grid)
         elif not quiet:
             err_console.print("no image was attacked in this run: no grid written")

@@ -11,13 +11,18 @@ For each image ``x`` with label ``y``, :func:`spoof_batch`
    sample counts): the attack succeeds only if this certificate's label is neither ``y`` nor
    ABSTAIN; its radius is ``r_adv``. The surrogate loss never decides success.
 
-Rows hold, per image: the natural and spoofed labels and radii, the chosen target, the perturbation
-actually applied (``x_adv − x``: ℓ2, ℓ∞, TV, colour and dissimilarity penalties), the spoofing loss
-and the seconds spent. :func:`summarize` gives the paper's Table 1 (mean/std radius natural vs
-shadow, success rate over the images the classifier does not abstain on) and, at a radius ``eps``,
-Table 2's "robust error" (natural images not certified correct at eps) against "attack error"
-(shadow images not certified with a wrong label at eps). :func:`save_grid` draws Fig. 2's
-natural | δ | x + δ grid.
+A perceptual budget (``max_linf``, ``min_ssim``: :mod:`certaudit.attacks.budget`) binds the attack
+while it optimizes, and a spoof succeeds only if the judged image is within it; a *sweep* runs the
+same attack under several budgets in one batch (``sweep`` in each row).
+
+Rows hold, per image: the budget, the natural and spoofed labels and radii, the chosen target, the
+perturbation actually applied (``x_adv − x``: ℓ2, ℓ∞ = the largest per-pixel change, TV, colour and
+dissimilarity penalties, SSIM(x, x_adv)), whether it is within the budget, the spoofing loss and the
+seconds spent. :func:`summarize` (:mod:`certaudit.audits.spoofing_summary`) gives the paper's Table 1
+(mean/std radius natural vs shadow, success rate over the images the classifier does not abstain on)
+and, at a radius ``eps``, Table 2's "robust error" (natural images not certified correct at eps)
+against "attack error" (shadow images not certified with a wrong label at eps). :func:`save_grid`
+draws Fig. 2's natural | δ | x + δ grid.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from certaudit.attacks.budget import LINF_TOL, Budget, run_budgets, ssim
 from certaudit.attacks.degradation import is_randomized
 from certaudit.attacks.shadow import (
     ShadowConfig,
@@ -42,9 +48,11 @@ from certaudit.attacks.shadow import (
     tv_penalty,
     wrong_class_pairs,
 )
+from certaudit.audits.spoofing_summary import summarize, summarize_sweep
 from certaudit.defenses.base import ABSTAIN, Certificates, radius_key
 from certaudit.errors import InputError
 
+ROW_FORMAT = 2  # 2: rows hold the budget, SSIM and within_budget (results files of format 1 are refused, not mixed)
 ROLE_SELECT = 101  # seed role of the selection CERTIFY
 ROLE_FINAL = 102  # seed role of the fresh, judging CERTIFY
 
@@ -81,7 +89,8 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
                 indices: Sequence[int] | None = None, seed: int = 0, candidates: Sequence[int] | None = None,
                 certify_options: dict[str, Any] | None = None, select_options: dict[str, Any] | None = None,
                 skip_abstained: bool = True, images_per_group: int | None = None,
-                on_step: Callable[[int], None] | None = None, eps: float | None = None) -> SpoofOutcome:
+                on_step: Callable[[int], None] | None = None, eps: float | None = None,
+                sweep: Sequence[Budget] | None = None) -> SpoofOutcome:
     """Natural CERTIFY, batched untargeted Shadow Attack, selection, fresh judging CERTIFY.
 
     ``x`` (B, C, H, W) in [0, 1], ``y`` (B,) true labels, ``indices`` their data-set indices (for
@@ -92,6 +101,13 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
     defense's own check at exactly ``eps`` of the natural image and of the judged spoof
     (``natural_certified_eps``, ``spoofed_certified_eps``: Table 2 is computed from these, never
     from a bisection radius compared with ε).
+
+    Budgets: the row's spoof is the one under ``config.budget`` (``max_linf``, ``min_ssim``; success
+    needs a wrong certified label *and* the judged image within the budget). ``sweep`` (budgets): the
+    same attack under each of them too, every (image, target, budget) in one batched attack, one
+    selection and one judging CERTIFY; row field ``sweep`` holds one entry per budget. Budgets are
+    nested: a budget's selection also weighs the candidates of every budget inside it (a spoof within
+    8/255 is one within 16/255), so success does not fall as the budget grows.
     """
     b_count = int(x.shape[0])
     y = torch.as_tensor(y).long().flatten()
@@ -102,12 +118,12 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
         raise InputError(f"indices must have one entry per image ({b_count}), got {len(idx)}")
     cert_opts = dict(certify_options or {})
     sel_opts = dict(cert_opts if select_options is None else select_options)
-    num_classes = int(defense.num_classes)
+    budgets = run_budgets(config.budget, sweep)
     t0 = time.perf_counter()
 
     check_radii = [] if eps is None else [float(eps)]
     nat = certify_images(defense, x, seed=seed, indices=idx, radii=check_radii, **cert_opts)
-    rows = _natural_rows(nat, y, idx, eps)
+    rows = _natural_rows(nat, y, idx, eps, config.budget)
     delta_best = torch.zeros_like(x)
     x_best = x.detach().clone()
 
@@ -115,21 +131,17 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
     if todo:
         sub = torch.tensor(todo, dtype=torch.long)
         xs, ys = x[sub.to(x.device)], y[sub]
-        image, target = wrong_class_pairs(ys, num_classes, candidates)  # (P,), (P,) all wrong classes
-        res = shadow_attack(loss, xs, target.to(x.device), config, image=image.to(x.device),
-                            indices=[idx[b] for b in todo], seed=seed, images_per_group=images_per_group,
-                            on_step=on_step)
-        pairs = _Pairs(image.tolist(), target.tolist(), ys.tolist(), res.loss.cpu().tolist(),
-                       res.objective.cpu().tolist())
-        sel, best = _select_candidates(defense, res.x_adv, pairs, [idx[b] for b in todo], num_classes, seed, sel_opts)
-        x_adv = res.x_adv[torch.tensor(best, dtype=torch.long, device=x.device)]  # (A, C, H, W)
+        att = _attack(defense, loss, xs, ys, config, budgets, [idx[b] for b in todo], seed, candidates,
+                      images_per_group, on_step, sel_opts)
+        x_adv = att.res.x_adv[torch.tensor(att.best, dtype=torch.long, device=x.device)]  # (G, C, H, W), G = budgets × A
         # The judge: a fresh CERTIFY of the chosen images (new noise for randomized defenses).
-        final = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_FINAL), indices=[idx[b] for b in todo],
-                               radii=check_radii, **cert_opts)
-        applied = x_adv - xs  # (A, C, H, W) the perturbation as certified, after clipping
-        _fill_attacked_rows(rows, todo, pairs, best, sel, final, applied, eps)
-        delta_best[sub.to(x.device)] = applied
-        x_best[sub.to(x.device)] = x_adv
+        final = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_FINAL),
+                               indices=[idx[b] for b in todo] * len(budgets), radii=check_radii, **cert_opts)
+        applied = x_adv - xs.repeat(len(budgets), 1, 1, 1)  # (G, C, H, W) the perturbation as certified
+        sweep_pos = None if sweep is None else [budgets.index(b) for b in sweep]
+        _fill_attacked_rows(rows, todo, att, final, x_adv, xs, budgets, eps, sweep_pos)
+        delta_best[sub.to(x.device)] = applied[:len(todo)]  # the row's budget comes first
+        x_best[sub.to(x.device)] = x_adv[:len(todo)]
     seconds = (time.perf_counter() - t0) / max(1, b_count)
     for r in rows:
         r["seconds"] = round(seconds, 6)
@@ -137,7 +149,7 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
 
 
 class _Pairs(NamedTuple):
-    """The (image, wrong class) pairs of one Shadow Attack, as lists indexed by the pair."""
+    """The (image, wrong class, budget) candidates of one Shadow Attack, as lists indexed by the pair."""
 
     image: list[int]  # position of the pair's image among the attacked ones
     target: list[int]
@@ -146,55 +158,124 @@ class _Pairs(NamedTuple):
     objective: list[float]
 
 
-def _select_candidates(defense: Any, x_adv: torch.Tensor, pairs: _Pairs, indices: list[int], num_classes: int,
-                       seed: int, options: dict[str, Any]) -> tuple[Certificates, list[int]]:
-    """Selection: a CERTIFY of every candidate (fresh noise per pair); per image the largest
-    wrong-label radius wins. Returns the selection certificates and the chosen pair per image."""
-    pair_ids = [indices[i] * num_classes + t for i, t in zip(pairs.image, pairs.target)]
-    sel = certify_images(defense, x_adv, seed=mix_seed(seed, ROLE_SELECT), indices=pair_ids, **options)
-    best = _select(pairs.image, pairs.target, pairs.y, sel.label.cpu().tolist(),
-                   sel.radius.detach().cpu().double().tolist(), pairs.objective, len(indices))
-    return sel, best
+class _Attack(NamedTuple):
+    res: Any  # ShadowResult over every pair
+    pairs: _Pairs
+    sel: Certificates  # the selection CERTIFY of every pair
+    best: list[int]  # the chosen pair per group (budget-major: group g = budget · A + image)
+    n_cand: np.ndarray  # (G,) candidates considered per group
+    n_good: np.ndarray  # (G,) of them: wrong label certified by the selection and within the group's budget
 
 
-def _fill_attacked_rows(rows: list[dict[str, Any]], todo: list[int], pairs: _Pairs, best: list[int],
-                        sel: Certificates, final: Certificates, applied: torch.Tensor, eps: float | None) -> None:
-    """Write the judged spoof, the selection and the applied perturbation into the rows of ``todo``."""
+def _attack(defense: Any, loss: SpoofLoss, xs: torch.Tensor, ys: torch.Tensor, config: ShadowConfig,
+            budgets: list[Budget], indices: list[int], seed: int, candidates: Sequence[int] | None,
+            images_per_group: int | None, on_step: Callable[[int], None] | None,
+            sel_opts: dict[str, Any]) -> _Attack:
+    """One batched Shadow Attack over every (image, wrong class, budget), then the selection CERTIFY."""
+    n_img, n_bud = int(xs.shape[0]), len(budgets)
+    image0, target0 = wrong_class_pairs(ys, int(defense.num_classes), candidates)  # (P0,), (P0,)
+    image, target = image0.repeat(n_bud), target0.repeat(n_bud)  # budget-major, (P,)
+    bud = torch.arange(n_bud).repeat_interleave(image0.shape[0])  # (P,)
+    tau, sim = _budget_tensors(budgets)
+    dev = xs.device
+    res = shadow_attack(loss, xs, target.to(dev), config, image=image.to(dev), indices=indices, seed=seed,
+                        images_per_group=images_per_group, max_linf=tau[bud].float().to(dev),
+                        min_ssim=sim[bud].float().to(dev), on_step=on_step)
+    pairs = _Pairs(image.tolist(), target.tolist(), ys.tolist(), res.loss.cpu().tolist(), res.objective.cpu().tolist())
+    # selection: one CERTIFY of every candidate (the noise of an (image, target) is shared by its budgets)
+    pair_ids = [indices[i] * int(defense.num_classes) + t for i, t in zip(pairs.image, pairs.target)]
+    sel = certify_images(defense, res.x_adv, seed=mix_seed(seed, ROLE_SELECT), indices=pair_ids, **sel_opts)
+    # nested budgets: a budget's candidates are those of every budget inside it (a spoof within 8/255 is one
+    # within 16/255), its own first; each is judged against the group's budget
+    cand, grp = _nested_candidates(budgets, image, bud, n_img)  # (E,), (E,)
+    linf = (res.x_adv - xs[image.to(dev)]).flatten(1).abs().amax(dim=1).double().cpu()  # (P,)
+    g_bud = grp // n_img
+    within = ((linf[cand] <= tau[g_bud] + LINF_TOL) & (res.ssim.double().cpu()[cand] >= sim[g_bud])).numpy()
+    label, radius = sel.label.cpu().numpy()[cand.numpy()], sel.radius.detach().cpu().double().numpy()[cand.numpy()]
+    y_c = ys.numpy()[image.numpy()[cand.numpy()]]
+    good = (label != y_c) & (label != ABSTAIN) & (radius > 0) & within
+    g = grp.numpy()
+    pick = _select(g, good, within, radius, np.asarray(pairs.objective, dtype=np.float64)[cand.numpy()], n_bud * n_img)
+    best = cand.numpy()[np.asarray(pick)].tolist()
+    return _Attack(res, pairs, sel, best, np.bincount(g, minlength=n_bud * n_img),
+                   np.bincount(g, weights=good, minlength=n_bud * n_img))
+
+
+def _budget_tensors(budgets: list[Budget]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per budget: τ (inf: none) and the SSIM bound (−inf: none), float64."""
+    tau = torch.tensor([math.inf if b.max_linf is None else b.max_linf for b in budgets], dtype=torch.float64)
+    sim = torch.tensor([-math.inf if b.min_ssim is None else b.min_ssim for b in budgets], dtype=torch.float64)
+    return tau, sim
+
+
+def _nested_candidates(budgets: list[Budget], image: torch.Tensor, bud: torch.Tensor, n_img: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate pair, group) for every group (budget b, image a) and every pair of image a attacked
+    under a budget inside b (b's own pairs first)."""
+    cand, grp = [], []
+    for b, outer in enumerate(budgets):
+        inner = [b] + [k for k, other in enumerate(budgets) if k != b and outer.contains(other)]
+        sel = torch.cat([torch.nonzero(bud == k).flatten() for k in inner])
+        cand.append(sel)
+        grp.append(b * n_img + image[sel])
+    return torch.cat(cand), torch.cat(grp)
+
+
+def _fill_attacked_rows(rows: list[dict[str, Any]], todo: list[int], att: _Attack, final: Certificates,
+                        x_adv: torch.Tensor, xs: torch.Tensor, budgets: list[Budget], eps: float | None,
+                        sweep_pos: list[int] | None) -> None:
+    """Write the judged spoof of the row's budget (``budgets[0]``) into the rows of ``todo`` and, in
+    ``sweep``, that of ``budgets[k]`` for each ``k`` of ``sweep_pos``."""
+    n_img = len(todo)
+    stats = _perturbation_stats(xs.repeat(len(budgets), 1, 1, 1), x_adv)
     f_label, f_radius = final.label.cpu().tolist(), final.radius.detach().cpu().double().tolist()
-    l2 = applied.flatten(1).norm(dim=1).cpu().tolist()
-    linf = applied.flatten(1).abs().amax(dim=1).cpu().tolist()
-    tv = tv_penalty(applied).cpu().tolist()
-    color = color_penalty(applied, "mean_abs").cpu().tolist()
-    dissim = dissim_penalty(applied).cpu().tolist()
-    s_label, s_radius = sel.label.cpu().tolist(), sel.radius.detach().cpu().double().tolist()
-    n_success = _count_per_image(pairs.image, pairs.target, pairs.y, s_label, s_radius, len(todo))
-    n_cand = np.bincount(np.asarray(pairs.image, dtype=np.int64), minlength=len(todo)).tolist()
-    for a, b in enumerate(todo):
-        p = best[a]
-        label = int(rows[b]["label"])
-        # a spoof is a wrong label *with a certificate*: deterministic defenses (interval) return the
-        # prediction with radius 0 where nothing is certified, which is not a spoofed certificate
-        success = f_label[a] not in (label, ABSTAIN) and f_radius[a] > 0
-        rows[b].update({
-            "attacked": True, "target": int(pairs.target[p]), "spoofed_prediction": int(f_label[a]),
-            "spoofed_radius": float(f_radius[a]), "success": bool(success),
-            "selection_prediction": int(s_label[p]), "selection_radius": float(s_radius[p]),
-            "candidates": int(n_cand[a]), "selection_successes": int(n_success[a]),
-            "spoof_loss": _finite(pairs.loss[p]), "objective": _finite(pairs.objective[p]),
-            "l2": float(l2[a]), "linf": float(linf[a]), "tv": float(tv[a]), "color": float(color[a]),
-            "dissim": float(dissim[a]),
-        })
+    s_label, s_radius = att.sel.label.cpu().tolist(), att.sel.radius.detach().cpu().double().tolist()
+
+    def entry(g: int, b: int) -> dict[str, Any]:
+        a, p = g % n_img, att.best[g]
+        label = int(rows[todo[a]]["label"])
+        within = budgets[b].within(stats["linf"][g], stats["ssim"][g])
+        # a spoof is a wrong label *with a certificate* (deterministic defenses return the prediction with
+        # radius 0 where nothing is certified), on an image within the budget
+        success = f_label[g] not in (label, ABSTAIN) and f_radius[g] > 0 and within
+        e = {**budgets[b].as_dict(), "target": int(att.pairs.target[p]), "spoofed_prediction": int(f_label[g]),
+             "spoofed_radius": float(f_radius[g]), "success": bool(success), "within_budget": bool(within),
+             **{k: stats[k][g] for k in ("l2", "linf", "ssim", "tv")}, "selection_radius": float(s_radius[p])}
         if eps is not None:
-            rows[b]["spoofed_certified_eps"] = _check_at(final, eps, b=a)
+            e["spoofed_certified_eps"] = _check_at(final, eps, b=g)
+        return e
+
+    for a, b in enumerate(todo):
+        p = att.best[a]
+        row = rows[b]
+        row.update(entry(a, 0))
+        row.update({"attacked": True, "selection_prediction": int(s_label[p]), "candidates": int(att.n_cand[a]),
+                    "selection_successes": int(att.n_good[a]), "spoof_loss": _finite(att.pairs.loss[p]),
+                    "objective": _finite(att.pairs.objective[p]), "color": stats["color"][a],
+                    "dissim": stats["dissim"][a]})
         for key, val in final.extras.items():
-            rows[b]["spoofed_" + key] = _jsonable(val[a])
+            row["spoofed_" + key] = _jsonable(val[a])
+        if sweep_pos is not None:
+            row["sweep"] = [entry(k * n_img + a, k) for k in sweep_pos]
 
 
-def _natural_rows(nat: Certificates, y: torch.Tensor, idx: list[int], eps: float | None) -> list[dict[str, Any]]:
+def _perturbation_stats(natural: torch.Tensor, x_adv: torch.Tensor) -> dict[str, list[float]]:
+    """Per image: ℓ2, ℓ∞ (the largest per-pixel change), TV, colour and dissimilarity penalties of the
+    applied perturbation ``x_adv − x``, and SSIM(x, x_adv)."""
+    applied = x_adv - natural
+    return {"l2": applied.flatten(1).norm(dim=1).cpu().tolist(),
+            "linf": applied.flatten(1).abs().amax(dim=1).cpu().tolist(),
+            "tv": tv_penalty(applied).cpu().tolist(), "color": color_penalty(applied, "mean_abs").cpu().tolist(),
+            "dissim": dissim_penalty(applied).cpu().tolist(), "ssim": ssim(natural, x_adv).detach().cpu().tolist()}
+
+
+def _natural_rows(nat: Certificates, y: torch.Tensor, idx: list[int], eps: float | None,
+                  budget: Budget) -> list[dict[str, Any]]:
     """One row per image from the natural CERTIFY (the spoofing fields unset)."""
     nat_label, nat_radius = nat.label.cpu().tolist(), nat.radius.detach().cpu().double().tolist()
     rows = [_natural_row(idx[b], int(y[b]), nat_label[b], nat_radius[b], nat, b) for b in range(len(idx))]
     for b, row in enumerate(rows):
+        row.update(budget.as_dict())
         if eps is not None:
             row["natural_certified_eps"] = _check_at(nat, eps, b)
         if nat.radius_tol > 0:
@@ -213,25 +294,20 @@ def _natural_row(index: int, label: int, pred: int, radius: float, cert: Certifi
     return row
 
 
-def _select(image: list[int], target: list[int], y: list[int], label: list[int], radius: list[float],
-            objective: list[float], n_images: int) -> list[int]:
-    """Per image, the pair whose selection certificate is a wrong label with the largest radius;
-    where none is, the pair with the largest surrogate objective."""
-    best: list[tuple[tuple[float, float, float], int]] = [((-1.0, -math.inf, -math.inf), -1)] * n_images
-    for p, i in enumerate(image):
-        wrong = label[p] not in (y[i], ABSTAIN) and radius[p] > 0
-        key = (1.0 if wrong else 0.0, radius[p] if wrong else -math.inf, objective[p] if math.isfinite(objective[p]) else -math.inf)
-        if best[i][1] < 0 or key > best[i][0]:
-            best[i] = (key, p)
-    return [p for _, p in best]
-
-
-def _count_per_image(image: list[int], target: list[int], y: list[int], label: list[int], radius: list[float],
-                     n_images: int) -> list[int]:
-    out = [0] * n_images
-    for p, i in enumerate(image):
-        out[i] += int(label[p] not in (y[i], ABSTAIN) and radius[p] > 0)
-    return out
+def _select(group: np.ndarray, good: np.ndarray, within: np.ndarray, radius: np.ndarray, objective: np.ndarray,
+            n_groups: int) -> list[int]:
+    """Per group, the candidate whose selection certificate is a wrong label with the largest radius
+    (and within the group's budget); where none is, the one with the largest surrogate objective among
+    those within the budget (else among all). Ties: the first candidate. Returns positions in the
+    candidate arrays."""
+    pos = np.arange(group.shape[0])
+    rad_key = np.where(good, radius, -np.inf)
+    obj_key = np.where(np.isfinite(objective), objective, -np.inf)
+    order = np.lexsort((-pos, obj_key, rad_key, within, good, group))  # the last of each group is its best
+    last = np.r_[group[order][1:] != group[order][:-1], True]
+    best = np.full(n_groups, -1, dtype=np.int64)
+    best[group[order][last]] = order[last]
+    return best.tolist()
 
 
 def _finite(v: float) -> float | None:
@@ -243,106 +319,15 @@ def _jsonable(v: torch.Tensor) -> Any:
     return v.tolist() if v.dim() else v.item()
 
 
-# ---------------------------------------------------------------------------------------- summary
-
-def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[str, Any]:
-    """Table 1 (and, at ``eps``, Table 2) of the Shadow Attack paper from spoofing rows.
-
-    * ``natural_radius_mean/std``: over images whose natural CERTIFY does not abstain (and, for
-      deterministic defenses that always return a label, certifies a radius > 0);
-    * ``success_rate``: fraction of the attacked images whose fresh CERTIFY of ``x + δ`` gives a
-      wrong label (not ABSTAIN) with a radius > 0;
-    * ``shadow_radius_mean/std``: the spoofed radius over the successful images
-      (``shadow_radius_mean_all`` counts failures as radius 0, over all attacked images);
-    * ``spoofed_beats_natural``: fraction of attacked images with success and ``r_adv ≥ r_nat``;
-    * at ``eps``: ``robust_error`` = fraction of all images not certified *correctly* at eps (wrong
-      label, ABSTAIN or radius < eps); ``attack_error`` = fraction of all images whose shadow image
-      is not certified with a *wrong* label at eps (correct label, ABSTAIN, radius < eps or not
-      attacked). Lower attack error = stronger attack (Table 2).
-
-    Standard deviations are population standard deviations (ddof = 0).
-    """
-    try:
-        n = len(rows)
-        nat_pred = np.array([int(r["natural_prediction"]) for r in rows], dtype=np.int64)
-        nat_rad = np.array([float(r["natural_radius"]) for r in rows], dtype=np.float64)
-        label = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-        attacked = np.array([bool(r.get("attacked")) for r in rows], dtype=bool)
-        success = np.array([bool(r.get("success")) for r in rows], dtype=bool)
-        adv_rad = np.array([float(r["spoofed_radius"]) if r.get("spoofed_radius") is not None else 0.0 for r in rows])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"spoofing rows need label, natural_prediction, natural_radius ({exc})") from None
-    out: dict[str, Any] = {"images": n}
-    if n == 0:
-        return out
-    certified = (nat_pred != ABSTAIN) & (nat_rad > 0)  # radius 0: a label without a certificate
-    out["natural_abstain_rate"] = float(np.mean(~certified))
-    out["natural_accuracy"] = float(np.mean(nat_pred == label))
-    out["attacked"] = int(attacked.sum())
-    out["natural_radius_mean"] = _mean(nat_rad[certified])
-    out["natural_radius_std"] = _std(nat_rad[certified])
-    out["successes"] = int((success & attacked).sum())
-    out["success_rate"] = float(np.mean(success[attacked])) if attacked.any() else None
-    ok = success & attacked
-    out["shadow_radius_mean"] = _mean(adv_rad[ok])
-    out["shadow_radius_std"] = _std(adv_rad[ok])
-    out["shadow_radius_mean_all"] = _mean(np.where(ok, adv_rad, 0.0)[attacked])
-    out["spoofed_beats_natural"] = float(np.mean((ok & (adv_rad >= nat_rad))[attacked])) if attacked.any() else None
-    for key in ("l2", "linf", "tv"):
-        vals = [float(r[key]) for r in rows if r.get("attacked") and r.get(key) is not None]
-        out[f"{key}_mean"] = float(np.mean(vals)) if vals else None
-    if eps is not None:
-        eps = float(eps)
-        adv_pred = np.array([int(r["spoofed_prediction"]) if r.get("spoofed_prediction") is not None else ABSTAIN
-                             for r in rows])
-        out["eps"] = eps
-        nat_at = _at_eps(rows, "natural_certified_eps", nat_rad, eps)
-        adv_at = _at_eps([r for r in rows if r.get("attacked")], "spoofed_certified_eps", adv_rad[attacked], eps)
-        if nat_at is None or adv_at is None:
-            out["robust_error"] = out["attack_error"] = None
-            out["table2_note"] = (f"rows hold no check at eps={eps:g} and their radii are bisection points: "
-                                  "rerun with this --eps to get the robust and attack errors")
-        else:
-            nat_ok = (nat_pred == label) & (nat_pred != ABSTAIN) & nat_at
-            adv_cert = np.zeros(n, dtype=bool)
-            adv_cert[attacked] = adv_at
-            adv_ok = attacked & (adv_pred != label) & (adv_pred != ABSTAIN) & adv_cert
-            out["robust_error"] = float(1.0 - nat_ok.mean())
-            out["attack_error"] = float(1.0 - adv_ok.mean())
-    seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
-    if len(seconds) == n:
-        total = float(sum(seconds))
-        out["seconds"] = total
-        out["images_per_second"] = n / total if total > 0 else None
-    return out
-
-
-def _at_eps(rows: Sequence[dict[str, Any]], key: str, radius: np.ndarray, eps: float) -> np.ndarray | None:
-    """Per row, certified at exactly ``eps`` by the defense's own check (``key``); rows without it fall
-    back to ``radius >= eps`` only where the radius is closed-form (no ``radius_tol``); else None."""
-    if all(r.get(key) is not None for r in rows):
-        return np.array([bool(r[key]) for r in rows], dtype=bool)
-    if any(r.get("radius_tol") for r in rows):
-        return None
-    return radius >= eps
-
-
-def _mean(v: np.ndarray) -> float | None:
-    return float(np.mean(v)) if v.size else None
-
-
-def _std(v: np.ndarray) -> float | None:
-    return float(np.std(v)) if v.size else None
-
-
 # ------------------------------------------------------------------------------------------- grid
 
 def save_grid(path: str | Path, natural: torch.Tensor, delta: torch.Tensor, x_adv: torch.Tensor,
-              captions: Sequence[tuple[str, str]] | None = None, class_names: Sequence[str] | None = None) -> Path:
+              captions: Sequence[tuple[str, str]] | None = None, class_names: Sequence[str] | None = None,
+              title: str | None = None) -> Path:
     """A PNG grid like Fig. 2: one row per image, columns natural | δ | x + δ.
 
     δ is shown as ``0.5 + δ / (2·max|δ|)`` per image (grey = no change); ``captions[i]`` =
-    (text under the natural image, text under x + δ).
+    (text under the natural image, text under x + δ); ``title`` above the grid (e.g. the budget).
     """
     # Imported here on purpose: the Agg backend is chosen only when a grid is drawn, before pyplot
     # loads, so importing this module leaves the backend of an interactive session alone.
@@ -376,7 +361,9 @@ def save_grid(path: str | Path, natural: torch.Tensor, delta: torch.Tensor, x_ad
                 ax.imshow(np.transpose(arr[:3], (1, 2, 0)).clip(0, 1))
             ax.set_title(texts[j], fontsize=7)
             ax.axis("off")
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.1 * n)) if title else None)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -384,4 +371,5 @@ def save_grid(path: str | Path, natural: torch.Tensor, delta: torch.Tensor, x_ad
     return path
 
 
-__all__ = ["SpoofOutcome", "spoof_batch", "certify_images", "is_randomized", "summarize", "save_grid"]
+__all__ = ["ROW_FORMAT", "SpoofOutcome", "spoof_batch", "certify_images", "is_randomized", "summarize", "summarize_sweep",
+           "save_grid"]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the pipeline imports this module; its types are only annota
     from certaudit.audits.pipeline import AuditSettings, AuditSource
 
 STAGES = ("clean", "certify", "degrade", "spoof")
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2  # 2: spoof success within a stated budget (spoof_budget), the unbounded figure apart
 
 
 def _versions() -> dict[str, Any]:
@@ -104,10 +104,13 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
     if "spoof" in rows:
         sp = spoof_mod.summarize(rows["spoof"], eps)
         out["spoofing"] = sp
+        unbounded = sp.get("unbounded") or {}
         head.update({"spoof_images": sp.get("images"), "spoof_attacked": sp.get("attacked"),
-                     "spoof_success_rate": sp.get("success_rate"),
+                     "spoof_budget": sp.get("budget_label"), "spoof_success_rate": sp.get("success_rate"),
                      "natural_radius_mean": sp.get("natural_radius_mean"),
                      "shadow_radius_mean": sp.get("shadow_radius_mean"),
+                     "spoof_success_rate_unbounded": unbounded.get("success_rate"),
+                     "shadow_radius_mean_unbounded": unbounded.get("shadow_radius_mean"),
                      "spoofed_beats_natural": sp.get("spoofed_beats_natural"),
                      "robust_error": sp.get("robust_error"), "attack_error": sp.get("attack_error")})
     out["timings"] = {"stages": timings, "wall_seconds_this_run": round(wall, 3)}
@@ -206,12 +209,13 @@ SUMMARY_SCHEMA: dict[str, Any] = {
                                       "vra_2eps", "rejection_rate_eps", "fpr_lower", "fpr_upper",
                                       "utility_reduction_lower", "utility_reduction_upper", "lower_over_upper",
                                       "fpr_2eps_check", "utility_reduction_2eps_check",
-                                      "spoof_success_rate", "spoofed_beats_natural", "robust_error",
-                                      "attack_error")},
+                                      "spoof_success_rate", "spoof_success_rate_unbounded",
+                                      "spoofed_beats_natural", "robust_error", "attack_error")},
                 **{k: _COUNT for k in ("testR", "testA_lower", "testA_2eps_check", "broken_certificates",
                                        "spoof_images", "spoof_attacked")},
                 "testA_upper": {"type": ["integer", "null"], "minimum": 0}, "upper_bound": {"type": "string"},
-                "natural_radius_mean": _NUM, "shadow_radius_mean": _NUM,
+                "natural_radius_mean": _NUM, "shadow_radius_mean": _NUM, "shadow_radius_mean_unbounded": _NUM,
+                "spoof_budget": {"type": ["string", "null"]},
                 "lower_subset_upper": {"type": ["boolean", "null"]},
             },
         },

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import typer
 
+from certaudit import validate
+from certaudit.attacks.budget import parse_linf_list
 from certaudit.audits.audit_job import audit_job
 from certaudit.audits.pipeline import AuditSettings
 from certaudit.commands import options as o
@@ -51,6 +53,15 @@ def audit_cmd(
     spoof_n: Optional[int] = typer.Option(None, "--spoof-n", help="smoothing: samples of the judging CERTIFY "
                                                                   "(default: --n)"),
     spoof_channels: int = typer.Option(1, "--spoof-channels", help="1: one grey δ for all channels; 3: one per channel"),
+    spoof_max_linf: Optional[str] = typer.Option(None, "--spoof-max-linf", help="spoof budget: largest change of "
+                                                                              "any pixel (default 16/255; none: no "
+                                                                              "ℓ∞ bound)"),
+    spoof_min_ssim: Optional[str] = typer.Option(None, "--spoof-min-ssim", help="spoof budget: SSIM(x, x+δ) >= s "
+                                                                              "(default 0.9; none: no SSIM bound)"),
+    spoof_sweep: Optional[str] = typer.Option(None, "--spoof-sweep", help="ℓ∞ budgets also attacked, in one batch, "
+                                                                         "for the success-against-budget curve "
+                                                                         "(default 4/255,8/255,16/255,32/255,64/255,"
+                                                                         "none; none: unbounded); off: no sweep"),
     chunk: int = typer.Option(64, "--chunk", help="images per batch in every stage"),
     batch_size: o.BatchSize = None,
     examples: int = typer.Option(6, "--examples", help="images per example grid of the report"),
@@ -62,7 +73,7 @@ def audit_cmd(
                          attack_steps=attack_steps, attack_restarts=attack_restarts, attack_samples=attack_samples,
                          spoof_images=spoof_images, spoof_steps=spoof_steps, spoof_samples=spoof_samples,
                          spoof_select_n=spoof_select_n, spoof_n=spoof_n, spoof_channels=spoof_channels,
-                         examples=examples, stages=stages)
+                         examples=examples, stages=stages, **_spoof_budget(spoof_max_linf, spoof_min_ssim, spoof_sweep))
     summary = audit_job(model, defense=defense, settings=settings, out=out, weights=weights, dataset=dataset,
                         split=split, limit=limit, skip=skip, stride=stride, device=device, data_root=data_root,
                         quiet=as_json)
@@ -76,6 +87,21 @@ def audit_cmd(
                       f"({summary['timings']['wall_seconds_this_run']:.1f} s this run)")
 
 
+def _spoof_budget(max_linf: str | None, min_ssim: str | None, sweep: str | None) -> dict[str, Any]:
+    """The spoof budget options given, as AuditSettings fields (``none`` → None; ``--spoof-sweep off`` → no sweep)."""
+    none = ("none", "unbounded", "off")
+    out: dict[str, Any] = {}
+    if max_linf is not None:
+        out["spoof_max_linf"] = None if max_linf.strip().lower() in none else \
+            parse_number(max_linf, "--spoof-max-linf", positive=True, allow_zero=False)
+    if min_ssim is not None:
+        out["spoof_min_ssim"] = None if min_ssim.strip().lower() in none else \
+            validate.number(min_ssim, "--spoof-min-ssim", low=0.0, low_open=True, high=1.0)
+    if sweep is not None:
+        out["spoof_sweep"] = None if sweep.strip().lower() == "off" else tuple(parse_linf_list(sweep, "--spoof-sweep"))
+    return out
+
+
 def _settings(eps: float, **kw: Any) -> AuditSettings:
     """AuditSettings from CLI values (numbers parsed, stages split)."""
     if kw.get("sigma") is not None:
@@ -85,4 +111,5 @@ def _settings(eps: float, **kw: Any) -> AuditSettings:
     kw["attack"] = str(kw["attack"]).lower()
     if kw.get("method") is not None:
         kw["method"] = str(kw["method"]).lower()
-    return AuditSettings(eps=eps, **{k: v for k, v in kw.items() if v is not None or k in ("spoof_images",)}).check()
+    keep_none = ("spoof_images", "spoof_max_linf", "spoof_min_ssim", "spoof_sweep")
+    return AuditSettings(eps=eps, **{k: v for k, v in kw.items() if v is not None or k in keep_none}).check()

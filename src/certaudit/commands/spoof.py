@@ -5,6 +5,10 @@ Rerun with the same ``--out`` to resume. Example (the paper's smoothing setting 
 
     certaudit spoof --model m.safetensors --defense smoothing --sigma 0.25 --channels 1 \\
         --steps 300 --samples 400 --dataset cifar10 --limit 100 --stride 100 --out rows.jsonl --grid fig2.png
+
+With a perceptual budget (success only within it) and a sweep over ℓ∞ budgets::
+
+    certaudit spoof ... --max-linf 16/255 --min-ssim 0.9 --sweep-linf 4/255,8/255,16/255,32/255,64/255,none
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Optional
 
 import typer
 
+from certaudit import validate
+from certaudit.attacks.budget import parse_linf_list
 from certaudit.audits.spoof_job import spoof_job
 from certaudit.commands import options as o
 from certaudit.commands._common import parse_number, print_json
@@ -60,13 +66,28 @@ def spoof_cmd(
     data_root: o.DataRoot = None, out: o.Out = None,
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid natural | δ | x+δ (images attacked in this run)"),
     grid_images: int = typer.Option(8, "--grid-images", help="rows of the grid"),
+    max_linf: Optional[str] = typer.Option(None, "--max-linf", help="perceptual budget: largest change of any pixel, "
+                                                                     "e.g. 16/255 (δ projected every step); "
+                                                                     "default: none"),
+    min_ssim: Optional[str] = typer.Option(None, "--min-ssim", help="perceptual budget: SSIM(x, x+δ) >= s, s in "
+                                                                     "(0, 1] (a penalty, and a check of the judged "
+                                                                     "image); default: none"),
+    lambda_ssim: Optional[str] = typer.Option(None, "--lambda-ssim", help="weight of the SSIM penalty (10)"),
+    sweep_linf: Optional[str] = typer.Option(None, "--sweep-linf", help="also attack under each of these ℓ∞ "
+                                                                         "budgets (with --min-ssim), batched: e.g. "
+                                                                         "4/255,8/255,16/255,32/255,64/255,none"),
     as_json: o.Json = False,
 ) -> None:
     shadow = {"channels": channels, "optimizer": optimizer.lower(), "init": parse_number(init, "--init"),
               "steps": steps, "color": None if color is None else color.lower()}
     for key, text, flag in (("lr", lr, "--lr"), ("lambda_tv", lambda_tv, "--lambda-tv"),
-                            ("lambda_c", lambda_c, "--lambda-c"), ("lambda_s", lambda_s, "--lambda-s")):
+                            ("lambda_c", lambda_c, "--lambda-c"), ("lambda_s", lambda_s, "--lambda-s"),
+                            ("lambda_ssim", lambda_ssim, "--lambda-ssim")):
         shadow[key] = None if text is None else parse_number(text, flag)
+    if max_linf is not None:
+        shadow["max_linf"] = parse_number(max_linf, "--max-linf", positive=True, allow_zero=False)
+    if min_ssim is not None:
+        shadow["min_ssim"] = validate.number(min_ssim, "--min-ssim", low=0.0, low_open=True, high=1.0)
     summary = spoof_job(
         model, weights=weights, defense=defense, shadow=shadow, preset=preset, loss=loss_name, samples=samples,
         noise=noise, method=method, eps=None if eps is None else parse_number(eps, "--eps", positive=True,
@@ -75,7 +96,8 @@ def spoof_cmd(
         defense_options={"sigma": None if sigma is None else parse_number(sigma, "--sigma"), "n0": n0, "n": n,
                          "alpha": parse_number(alpha, "--alpha"), "batch_size": batch_size},
         select_n=select_n, seed=seed, device=device, dataset=dataset, split=split, limit=limit, skip=skip,
-        stride=stride, chunk=chunk, data_root=data_root, out=out, grid=grid, grid_images=grid_images, quiet=as_json)
+        stride=stride, chunk=chunk, data_root=data_root, out=out, grid=grid, grid_images=grid_images,
+        sweep=None if sweep_linf is None else parse_linf_list(sweep_linf, "--sweep-linf"), quiet=as_json)
     if summary is not None:
         print_json(summary) if as_json else print_spoof(summary)
 

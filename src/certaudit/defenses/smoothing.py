@@ -341,5 +341,6 @@ class SmoothedClassifier(SamplingEngine, Defense):
 __all__ = [
     "SmoothedClassifier", "block_seed", "clopper_pearson_lower", "binomial_test_half", "parse_precision",
     "noise_block", "lane_bounds", "NOISE_LANES", "NOISE_SCHEME", "STREAM_SELECTION", "STREAM_ESTIMATION", "STREAM_PREDICT",
-    "STREAM_SEQUENTIAL", "PRECISIONS",
+    "STREAM_SEQUENTIAL", "PRECISIONS", "CPU_BATCH_BUDGET", "CUDA_MEMORY_FRACTION", "MAX_BATCH", "NOISE_BLOCK_BYTES",
+    "NOISE_BLOCK_MAX", "NOISE_BLOCK_MIN", "noise_pool",
 ]

@@ -3,15 +3,18 @@
 :class:`SamplingEngine` is a mixin that turns noisy copies of many images into class counts: the
 copies are packed into forward batches of a size chosen from memory (or given by the user), the
 base classifier runs under the chosen precision and memory layout, and the predicted labels are
-counted on the device with one ``scatter_add_`` per forward pass (see ``docs/smoothing.md``). The
-noise itself follows the scheme of :mod:`certaudit.defenses.smoothing_noise`; the statistics built
-on the counts (Cohen, Rosenfeld & Kolter 2019) live in :mod:`certaudit.defenses.smoothing`.
+counted on the device with one ``scatter_add_`` per forward pass (see ``docs/smoothing.md``). On
+CPU each forward batch's noise is drawn just before it, by worker threads that each run their own
+forward passes (``docs/scale.md``). The noise itself follows the scheme of
+:mod:`certaudit.defenses.smoothing_noise`; the statistics built on the counts (Cohen, Rosenfeld &
+Kolter 2019) live in :mod:`certaudit.defenses.smoothing`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import wait
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,7 +22,10 @@ import torch
 from torch import nn
 
 from certaudit.defenses.sequential import run_sequential
-from certaudit.defenses.smoothing_noise import STREAM_SEQUENTIAL, block_seed, lane_bounds, noise_block, noise_pool
+from certaudit.defenses.smoothing_noise import (
+    STREAM_SEQUENTIAL, LaneQueue, LaneReader, block_seed, lane_bounds, lane_plan, noise_block, noise_pool,
+    noise_workers, piecewise_draws_exact,
+)
 from certaudit.errors import InputError
 
 PRECISIONS = ("fp32", "bf16")
@@ -82,6 +88,82 @@ class SamplingEngine:
                 indices: list[int]) -> torch.Tensor:
         """Counts (P, B, K) int64 on the CPU for P streams of ``nums[p]`` samples per image.
 
+        On CPU (where drawing a lane in pieces is exact, :func:`piecewise_draws_exact`) the noise is
+        drawn batch by batch (:meth:`_sample_pieces`), else block by block (:meth:`_sample_blocks`):
+        the same noise, hence the same counts.
+        """
+        x = x.detach().to(self.device, torch.float32)  # (B, C, H, W), the only host-to-device copy
+        if self.device.type == "cpu" and piecewise_draws_exact(x.shape[1:]):
+            return self._sample_pieces(x, nums, streams, base_seed, indices)
+        return self._sample_blocks(x, nums, streams, base_seed, indices)
+
+    def _sample_pieces(self, x: torch.Tensor, nums: list[int], streams: list[int], base_seed: int,
+                       indices: list[int]) -> torch.Tensor:
+        """CPU counts (P, B, K): ``W`` = :func:`noise_workers` threads, each drawing the noise of its
+        own forward batches just before classifying them.
+
+        The lanes of the call (:func:`lane_plan`) form a queue; each worker fills a batch-sized
+        buffer of its own from the lanes it takes off the queue (:class:`LaneReader`: ``normal_``
+        from each lane's own generator, piece by piece, then ``+ x`` in place), so the noise stays in
+        its core's cache; it classifies the buffer with ``T / W`` intra-op threads (``T`` =
+        ``torch.get_num_threads()``) and counts into its own table; the tables are summed. No thread
+        waits for another (no intra-op barrier across cores, no noise/forward hand-over), the noise
+        is drawn on every core, and a slower core simply takes fewer lanes (the longest lanes go
+        first, so all finish at nearly the same time). Which samples share a forward pass depends on
+        ``W``, timing and the batch size; the samples themselves, hence the counts, do not. With one
+        thread the main thread does it all.
+        """
+        b_count, shape, k = x.shape[0], tuple(x.shape[1:]), self.num_classes
+        threads = torch.get_num_threads()
+        width = noise_workers() if threads > 1 else 1
+        lanes = lane_plan(nums, streams, base_seed, indices, noise_block(shape), k)
+        if width > 1:  # longest first, so the workers run out of lanes at nearly the same time
+            lanes.sort(key=lambda lane: -lane[3])
+        queue, total = LaneQueue(lanes), sum(lane[3] for lane in lanes)
+        size = len(nums) * b_count * k
+        batch = min(self.resolve_batch_size(shape), max(1, total))  # (resolved in this thread: it may probe)
+        x = x.contiguous()  # (B, C, H, W) on the CPU
+        if width == 1:
+            return self._count_lanes(queue, x, size, batch, None).view(len(nums), b_count, k)
+        futures = [noise_pool().submit(self._count_lanes, queue, x, size, batch, max(1, threads // width))
+                   for _ in range(width)]
+        try:
+            tables = [f.result() for f in futures]
+        finally:
+            queue.close()  # after an error or an interrupt the other workers stop at their next batch
+            wait(futures)
+            torch.set_num_threads(threads)  # a worker's set_num_threads also set the default of new threads
+        return torch.stack(tables).sum(dim=0).view(len(nums), b_count, k)
+
+    def _count_lanes(self, queue: LaneQueue, x: torch.Tensor, size: int, batch: int,
+                     threads: int | None) -> torch.Tensor:
+        """Flat counts (size,) of the lanes this thread takes off ``queue``, ``batch`` samples at a time
+        (in a worker when ``threads`` is given: the intra-op threads of this worker thread). Each
+        piece of a lane belongs to one count row: its labels are counted with one ``bincount``."""
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # this thread's OpenMP team size
+        shape, sigma, k, reader = x.shape[1:], self.sigma, self.num_classes, LaneReader(queue)
+        table = np.zeros(size, dtype=np.int64)
+        with torch.inference_mode():
+            buf = torch.empty((batch, *shape))  # (S, C, H, W) noisy images of one forward pass
+            while True:
+                pieces, pos = reader.take(batch), 0
+                if not pieces:
+                    return torch.from_numpy(table)
+                for _row, b, gen, c in pieces:
+                    buf[pos:pos + c].normal_(0.0, sigma, generator=gen).add_(x[b])
+                    pos += c
+                labels = self._labels(buf[:pos]).numpy()  # (pos,) in [0, K)
+                pos = 0
+                for row, _b, _gen, c in pieces:
+                    table[row:row + k] += np.bincount(labels[pos:pos + c], minlength=k)
+                    pos += c
+
+    def _sample_blocks(self, x: torch.Tensor, nums: list[int], streams: list[int], base_seed: int,
+                       indices: list[int]) -> torch.Tensor:
+        """Counts (P, B, K) with the noise drawn a whole block at a time (CUDA, and CPU shapes where
+        piecewise draws are not exact).
+
         The samples form one sequence, image by image and, within an image, stream by stream.
         Whole noise blocks are written into a buffer, and next to them, in a parallel index buffer,
         the flat offset ``(slot·B + image)·K`` of their count row; before a block that would
@@ -91,7 +173,6 @@ class SamplingEngine:
         in one ``scatter_add_`` of ``offset + label`` into the device table.
         """
         dev = self.device
-        x = x.detach().to(dev, torch.float32)  # (B, C, H, W), the only host-to-device copy
         b_count, shape, k = x.shape[0], tuple(x.shape[1:]), self.num_classes
         batch = self.resolve_batch_size(shape)
         block = noise_block(shape)

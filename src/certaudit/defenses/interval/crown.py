@@ -19,16 +19,25 @@ from typing import Sequence
 
 import torch
 
-from certaudit.defenses.interval.ibp import EXTRA, SLACK_FACTOR, TINY, U32, Spec, down32, gamma, ibp_step, up32
+from certaudit.defenses.interval.ibp import (
+    EXTRA, SLACK_FACTOR, TINY, U32, Spec, down32, gamma, ibp_step, nonneg_after, up32,
+)
 from certaudit.defenses.interval.ops import Affine, Channel, Op, ReLU, Reshape
 
-DEFAULT_BUDGET_MB = 256  # CPU; on CUDA a quarter of the free memory
+DEFAULT_BUDGET_MB = 32  # CPU (blocks that stay in cache); on CUDA a quarter of the free memory
+USE_PATCHES = True  # intermediate rows that start at a convolution go over receptive fields (tests compare)
 
 
 def rel_back(op: Affine) -> float:
     """Backward affine step: ``Λ W`` (γ_fan_out), the model's forward (γ_fan_in), ``Λ·b``."""
     c = op.out_shape[0]
     return gamma(op.fan_in) + gamma(op.fan_out) + gamma(c + op.out_size // c) + EXTRA * U32
+
+
+def rel_start(op: Affine) -> float:
+    """An affine op walked from a single neuron (the start of an intermediate row): ``Λ W`` and ``Λ·b`` are
+    single products there (one rounding each), so only the model's forward pass sums (γ_fan_in)."""
+    return gamma(op.fan_in) + EXTRA * U32
 
 
 def rel_sum(n: int) -> float:
@@ -51,6 +60,9 @@ class State:
     relax: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     x_mid: torch.Tensor | None = None
     x_rad: torch.Tensor | None = None
+    # optional lower slopes of unstable ReLUs per ReLU position (B, *shape), e.g. α-CROWN's: any value
+    # in [0, 1] is a valid lower line, and they are clamped to it; None: ``lower_slope`` everywhere
+    slopes: dict[int, torch.Tensor] | None = None
 
     def __post_init__(self):
         # the box as centre ± radius, the radius rounded up so that it still covers [x_lo, x_hi]
@@ -58,29 +70,38 @@ class State:
         rad = torch.maximum(self.x_hi - self.x_mid, self.x_mid - self.x_lo)
         self.x_rad = rad * (1 + 4 * U32) if self.sound else rad
 
+    @property
+    def width(self) -> int:
+        """The largest layer (neurons per image): the longest contraction of a backward pass."""
+        return max(math.prod(t.shape[1:]) for t in self.lo)
+
     def relaxation(self, i: int):
         """(lower slope, upper slope, upper intercept) of ReLU op ``i``, from bounds at position ``i``."""
         if i not in self.relax:
-            self.relax[i] = _relax(self.lo[i], self.hi[i], self.lower_slope, self.sound)
+            alpha = None if self.slopes is None else self.slopes.get(i)
+            self.relax[i] = _relax(self.lo[i], self.hi[i], self.lower_slope, self.sound, alpha)
         return self.relax[i]
 
 
-def _relax(l: torch.Tensor, u: torch.Tensor, lower_slope: str, sound: bool):
-    unstable = (l < 0) & (u > 0)
-    active = (l >= 0).to(l.dtype)
-    width = torch.where(unstable, u - l, torch.ones_like(l))
-    s = torch.where(unstable, u / width, active)
-    if sound:
-        t = torch.maximum(-s * l, u * (1 - s)) * (1 + 4 * U32)
+def _relax(l: torch.Tensor, u: torch.Tensor, lower_slope: str, sound: bool, alpha: torch.Tensor | None = None):
+    """(lower slope, upper slope, upper intercept) per neuron. With ``l⁻ = min(l, 0)``, ``u⁺ = max(u, 0)``
+    one formula serves all: ``s = u⁺/(u⁺ − l⁻)`` is exactly 1 on active and 0 on inactive neurons (where
+    the intercept is 0), ``u/(u − l)`` on unstable ones."""
+    lc, uc = l.clamp(max=0), u.clamp(min=0)
+    s = uc / (uc - lc).clamp(min=torch.finfo(l.dtype).tiny)  # 0/tiny = 0 where l = u = 0
+    if sound:  # the intercept for the rounded slope: the line stays above max(y, 0) at y = l and y = u
+        t = torch.maximum(-s * lc, uc * (1 - s)) * (1 + 4 * U32)
     else:
-        t = -s * l
-    t = torch.where(unstable, t, torch.zeros_like(t))
+        t = -s * lc
     if lower_slope == "adaptive":
-        a = torch.where(unstable, (u >= -l).to(l.dtype), active)
+        a = (uc >= -lc).to(l.dtype)  # unstable: 1 iff u ≥ −l; active 1, inactive 0
     elif lower_slope == "parallel":
         a = s
     else:
-        a = torch.where(unstable, torch.zeros_like(l), active)
+        a = (l >= 0).to(l.dtype)
+    if alpha is not None:  # given lower slopes (NaN -> 0), clamped to [0, 1]: valid lower lines
+        unstable = (l < 0) & (u > 0)
+        a = torch.where(unstable, alpha.to(l.dtype).nan_to_num(0.0).clamp(0.0, 1.0), a)
     return a, s, t
 
 
@@ -99,6 +120,71 @@ def _channel_bias(op: Affine) -> tuple[torch.Tensor | None, int]:
     return b.reshape(c), op.out_size // c
 
 
+def rel_signed(n: int) -> float:
+    """A float32 contraction of length ``n`` whose products share one sign: its error is at most
+    ``γ_n/(1 − γ_n)`` times the computed result's magnitude (the sum of the magnitudes is |the sum|)."""
+    gn = gamma(n)
+    return gn / (1 - gn)
+
+
+def slack_factor(width: int) -> float:
+    """Multiplier of an accumulated slack whose float32 dot products sum at most ``width`` terms of one
+    sign (computed ≥ (1 − γ_width)·exact), with room for its float64 rounding."""
+    return max(SLACK_FACTOR, 1.0005 / (1 - gamma(width)))
+
+
+ROUND = EXTRA * U32  # the elementwise rounding of Λ·slope at a ReLU, charged against |Λ'|·|its input|
+
+
+def _relu_step(st: State, i: int, a: torch.Tensor, g, bias, slack, pending: float):
+    """Λ through ReLU op ``i``: returns (Λ', bias, slack, pending). ``Λ'`` takes the upper line where Λ < 0
+    and the lower line elsewhere; the intercept contraction ``Σ min(Λ, 0)·t`` has products ≤ 0, so its
+    rounding is ``rel_signed(n)·|result|``; the rounding of ``Λ'`` itself is left ``pending``: charged
+    where a bound of |ReLU input| is summed anyway (the affine step below, or here if there is none)."""
+    lo_s, up_s, icpt = st.relaxation(i)
+    if slack is not None and pending:  # two ReLUs in a row: charge the last one's rounding here
+        ymax = torch.maximum(st.lo[i + 1][g].abs(), st.hi[i + 1][g].abs())
+        slack = slack + pending * _dot(a.detach().abs(), ymax).double()
+    neg = a.clamp(max=0)
+    contrib = _dot(neg, icpt[g])
+    bias = bias + contrib.to(bias.dtype)
+    if slack is not None:
+        slack = slack + rel_signed(st.ops[i].out_size) * contrib.detach().double().abs()
+    a = torch.addcmul(a.clamp(min=0) * lo_s[g].unsqueeze(1), neg, up_s[g].unsqueeze(1))
+    return a, bias, slack, ROUND
+
+
+def _concretize(st: State, a: torch.Tensor, g, bias, slack, pending: float) -> torch.Tensor:
+    """Lower bound of ``Λ·x + bias`` over the box; sound: ``Σ Λ⁺·x_lo + Σ Λ⁻·x_hi`` (x ∈ [0, 1], so each
+    dot has products of one sign: rounding ``rel_signed(d)·|dot|``), minus the slack."""
+    acc = bias.dtype
+    if slack is None:
+        return bias + (_dot(a, st.x_mid[g]) - _dot(a.abs(), st.x_rad[g])).to(acc)
+    pos, neg = a.clamp(min=0), a.clamp(max=0)
+    x_lo, x_hi = st.x_lo[g], st.x_hi[g]
+    d_lo, d_hi = _dot(pos, x_lo), _dot(neg, x_hi)
+    bound = bias + d_lo.to(acc) + d_hi.to(acc)
+    d = math.prod(a.shape[2:])
+    slack = slack + rel_signed(d) * (d_lo.detach().double() - d_hi.detach().double()) + TINY
+    if pending:  # a ReLU on the input itself: |x| ≤ x_hi
+        slack = slack + pending * (_dot(pos.detach(), x_hi.detach()) - d_hi.detach()).double()
+    return bound - slack_factor(max(d, st.width)) * slack
+
+
+def _affine_step(st: State, i: int, a: torch.Tensor, g, bias, slack, pending: float):
+    """Λ through affine op ``i`` (Λ ↦ Λ W, bias Λ·b), charging the model's and our rounding (and the
+    pending rounding of the ReLU above) against ``|Λ|·mag``, ``mag`` bounding the layer's magnitudes."""
+    gn, sn = a.shape[0], a.shape[1]
+    op = st.ops[i]
+    b, per = _channel_bias(op)
+    if slack is not None:
+        slack = slack + (rel_back(op) + pending) * _dot(a.detach().abs(), st.mag[i + 1][g]).double()
+    if b is not None:
+        bias = bias + (a.reshape(gn * sn, b.shape[0], per).sum(2) @ b).view(gn, sn).to(bias.dtype)
+    a = op.backward(a.reshape(gn * sn, *op.out_shape)).reshape(gn, sn, *op.in_shape)
+    return a, bias, slack, 0.0
+
+
 def backward(st: State, k: int, a: torch.Tensor, g: slice, bias: torch.Tensor,
              slack: torch.Tensor | None) -> torch.Tensor:
     """Lower bound of ``Λ·z_k + bias`` over the input box, ``Λ = a`` (G, S, *shape_k) for images ``g``.
@@ -107,34 +193,19 @@ def backward(st: State, k: int, a: torch.Tensor, g: slice, bias: torch.Tensor,
     dtype of ``bias`` (float64 when sound), minus the floating-point slack when ``slack`` is given.
     Contractions over a layer are float32 batched matmuls; their sum length enters the slack.
     """
-    gn, sn = a.shape[0], a.shape[1]
-    acc = bias.dtype
+    pending = 0.0
     for i in range(k - 1, -1, -1):
         op = st.ops[i]
         if isinstance(op, ReLU):
-            lo_s, up_s, icpt = st.relaxation(i)
-            if slack is not None:
-                ymax = torch.maximum(st.lo[i][g].abs(), st.hi[i][g].abs())
-                slack = slack + rel_sum(op.out_size) * _dot(a.detach().abs(), ymax).double()
-            bias = bias + _dot(a.clamp(max=0), icpt[g]).to(acc)
-            a = a * torch.where(a < 0, up_s[g].unsqueeze(1), lo_s[g].unsqueeze(1))
+            a, bias, slack, pending = _relu_step(st, i, a, g, bias, slack, pending)
         elif isinstance(op, Reshape):
-            a = a.reshape(gn, sn, *op.in_shape)
+            a = a.reshape(a.shape[0], a.shape[1], *op.in_shape)
+        elif isinstance(op, Channel) and op.identity:
+            continue  # exact in the model and here; values (and a pending charge) pass through
         else:
             assert isinstance(op, Affine)
-            b, per = _channel_bias(op)
-            if slack is not None:
-                slack = slack + rel_back(op) * _dot(a.detach().abs(), st.mag[i + 1][g]).double()
-            if b is not None:
-                bias = bias + (a.reshape(gn * sn, b.shape[0], per).sum(2) @ b).view(gn, sn).to(acc)
-            a = op.backward(a.reshape(gn * sn, *op.out_shape)).reshape(gn, sn, *op.in_shape)
-    mid, rad = st.x_mid[g], st.x_rad[g]
-    a_abs = a.abs()
-    bound = bias + (_dot(a, mid) - _dot(a_abs, rad)).to(acc)
-    if slack is not None:
-        slack = slack + rel_sum(math.prod(a.shape[2:])) * _dot(a_abs.detach(), (mid + rad).detach()).double() + TINY
-        bound = bound - SLACK_FACTOR * slack
-    return bound
+            a, bias, slack, pending = _affine_step(st, i, a, g, bias, slack, pending)
+    return _concretize(st, a, g, bias, slack, pending)
 
 
 def _max_width(ops: Sequence[Op], k: int) -> int:
@@ -186,7 +257,7 @@ def _start_rows(st: State, k: int, idx: torch.Tensor, coef: torch.Tensor, g: sli
         mag = None
         if slack is not None:
             mag = st.mag[i + 1][g].flatten(1).gather(1, idx)
-            slack = slack + rel_back(op) * (coef.detach().abs() * mag).double()
+            slack = slack + rel_start(op) * (coef.detach().abs() * mag).double()
         if isinstance(op, Channel):
             ch = op.channel_of(idx)
             bias = bias + (coef * op.shift.flatten()[ch]).to(acc)
@@ -218,7 +289,12 @@ def box_exact(ops: Sequence[Op], k: int) -> bool:
 
 
 def crown_layer(st: State, k: int, pure: bool, budget_elems: int) -> None:
-    """Tighten the bounds at position ``k`` (a ReLU input) with the backward pass."""
+    """Tighten the bounds at position ``k`` (a ReLU input) with the backward pass: over receptive fields
+    (:mod:`.patches`) when the rows start at a convolution, else over whole layers."""
+    from certaudit.defenses.interval.patches import patch_layer  # it builds on this module
+
+    if USE_PATCHES and patch_layer(st, k, pure, budget_elems):
+        return
     lo, hi = st.lo[k], st.hi[k]
     bsz = lo.shape[0]
     shape = lo.shape[1:]
@@ -273,7 +349,7 @@ def crown_layer(st: State, k: int, pure: bool, budget_elems: int) -> None:
 
 
 def budget_elements(device: torch.device, budget_mb: float | None) -> int:
-    """Coefficient elements per row block: ``budget_mb``, or by default 256 MiB on CPU and a quarter
+    """Coefficient elements per row block: ``budget_mb``, or by default 32 MiB on CPU and a quarter
     of the free memory on CUDA."""
     if budget_mb is None:
         if device.type == "cuda":
@@ -287,10 +363,16 @@ def budget_elements(device: torch.device, budget_mb: float | None) -> int:
 
 
 def repropagate(st: State, k: int, sound: bool) -> None:
-    """IBP from the tightened position ``k`` up to the next ReLU input, intersected with the old bounds."""
+    """IBP from the tightened position ``k`` up to the next ReLU input, intersected with the old bounds.
+    The magnitudes of the affine layers passed are recomputed from the tightened intervals (which
+    contain the exact and the float32 values alike) when smaller: less rounding slack downstream."""
     l, u = st.lo[k], st.hi[k]
+    nonneg = False
     for i in range(k, len(st.ops)):
-        l, u, _ = ibp_step(st.ops[i], l, u, sound)
+        l, u, mg = ibp_step(st.ops[i], l, u, sound, nonneg)
+        nonneg = nonneg_after(st.ops[i], nonneg)
+        if mg is not None and st.mag[i + 1] is not None:
+            st.mag[i + 1] = torch.minimum(st.mag[i + 1], mg)
         l, u = torch.maximum(l, st.lo[i + 1]), torch.minimum(u, st.hi[i + 1])
         u = torch.maximum(u, l)
         st.lo[i + 1], st.hi[i + 1] = l, u

@@ -28,6 +28,7 @@ from torch import nn
 from certaudit.defenses.base import (
     ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels, radius_key,
 )
+from certaudit.defenses.interval.alpha_crown import AlphaOptions
 from certaudit.defenses.interval.bounds import (
     METHODS, Network, compile_network, down32, margin_bounds, no_tf32, parse_method,
 )
@@ -46,7 +47,8 @@ class IntervalDefense(Defense):
 
     def __init__(self, model: nn.Module, num_classes: int, method: str = "crown", *,
                  input_shape: Sequence[int] | None = None, tol: float = 1e-3, max_radius: float = 1.0,
-                 batch_size: int = 256, budget_mb: float | None = None):
+                 batch_size: int = 256, budget_mb: float | None = None, alpha_iters: int = 20,
+                 alpha_lr: float = 0.5):
         super().__init__(model, num_classes)
         check_supported(model)
         self.method = parse_method(method)
@@ -59,11 +61,13 @@ class IntervalDefense(Defense):
         self.batch_size = int(batch_size)
         self.budget_mb = None if budget_mb is None else positive(budget_mb, "budget_mb")
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.alpha = AlphaOptions(iters=alpha_iters, lr=alpha_lr)  # α-CROWN's search (alpha-crown only)
 
     @classmethod
     def from_options(cls, model: nn.Module, meta: Any, options: dict[str, Any]) -> "IntervalDefense":
-        """Options: ``method`` (ibp | crown-ibp | crown, default crown), ``tol``, ``max_radius``,
-        ``batch_size``, ``budget_mb``. ``eps`` is not a setting of the defense (it is per query).
+        """Options: ``method`` (ibp | crown-ibp | crown | alpha-crown, default crown), ``tol``,
+        ``max_radius``, ``batch_size``, ``budget_mb``, ``alpha_iters``, ``alpha_lr`` (α-CROWN's search: bound
+        evaluations and Adam's learning rate). ``eps`` is not a setting of the defense (it is per query).
         ``precision`` other than fp32 is refused (the bounds are about the float32 model); options of
         other defenses (``sigma``, ``n0``, ``seed``, ...) are ignored."""
         precision = options.get("precision")
@@ -77,7 +81,7 @@ class IntervalDefense(Defense):
         if options.get("sigma") is not None:
             raise InputError("--sigma is a randomized-smoothing setting; the interval defense has no noise")
         kwargs: dict[str, Any] = {}
-        for key in ("tol", "max_radius", "batch_size", "budget_mb"):
+        for key in ("tol", "max_radius", "batch_size", "budget_mb", "alpha_iters", "alpha_lr"):
             if options.get(key) is not None:
                 kwargs[key] = options[key]
         method = options.get("method") or "crown"
@@ -87,12 +91,13 @@ class IntervalDefense(Defense):
     def settings(self) -> dict[str, Any]:
         return {"method": self.method, "tol": self.tol, "max_radius": self.max_radius, "norm": "linf",
                 "domain": "[0,1]", "bounds": "sound-float32",
-                "radius": "bisection; figures at a radius from checks at it"}  # rows before had no radius_tol
+                "radius": "bisection; figures at a radius from checks at it",  # rows before had no radius_tol
+                **(self.alpha.settings() if self.method == "alpha-crown" else {})}
 
     def images_per_chunk(self, sample_shape: Sequence[int], *, full_radius: bool = True) -> int:
         """Images per certify call (and per write of rows): a few seconds of work on a CPU, so that a
         crash loses little. The bisection costs ~11 bound evaluations per image, the checks 2."""
-        per = {"ibp": 256, "crown-ibp": 128, "crown": 64}[self.method]
+        per = {"ibp": 256, "crown-ibp": 128, "crown": 64, "alpha-crown": 32}[self.method]
         return max(8, per // 8) if full_radius else per
 
     # ------------------------------------------------------------------------------ helpers
@@ -130,7 +135,7 @@ class IntervalDefense(Defense):
                 xb = x[i:i + self.batch_size]
                 tb = self._predict(xb) if tgt is None else tgt[i:i + self.batch_size]
                 eb = eps[i:i + self.batch_size] if isinstance(eps, torch.Tensor) else eps
-                out.append(margin_bounds(net, xb, eb, tb, meth, budget_mb=self.budget_mb))
+                out.append(margin_bounds(net, xb, eb, tb, meth, budget_mb=self.budget_mb, alpha=self.alpha))
         return torch.cat(out)
 
     # ----------------------------------------------------------------------------- protocol
@@ -150,7 +155,7 @@ class IntervalDefense(Defense):
         target = check_labels(target, x.shape[0], self.num_classes).to(x.device)
         net = self._network(x)
         with no_tf32(x.device):
-            low = margin_bounds(net, x, eps, target, self.method, budget_mb=self.budget_mb)
+            low = margin_bounds(net, x, eps, target, self.method, budget_mb=self.budget_mb, alpha=self.alpha)
         if reduction == "ce":  # +inf at the target column: exp(-inf) = 0, the "1 +" is the target's own term
             zero = torch.zeros_like(low[:, :1])
             return -torch.logsumexp(torch.cat([zero, -low], dim=1), dim=1).to(x.dtype)
@@ -166,7 +171,8 @@ class IntervalDefense(Defense):
             for i in range(0, x.shape[0], self.batch_size):
                 xb = x[i:i + self.batch_size]
                 label = self._predict(xb)
-                ok = margin_bounds(net, xb, eps, label, self.method, budget_mb=self.budget_mb).min(1).values > 0
+                ok = margin_bounds(net, xb, eps, label, self.method, budget_mb=self.budget_mb,
+                                   alpha=self.alpha).min(1).values > 0
                 out.append(torch.where(ok, label, torch.full_like(label, ABSTAIN)))
         return torch.cat(out)
 
@@ -232,6 +238,8 @@ class IntervalDefense(Defense):
             return None
         why = ("IBP is inclusion-monotone" if self.method == "ibp"
                else "CROWN's bound is never below IBP's on the same box")
+        if self.method == "alpha-crown":
+            why += ", and α-CROWN's never below CROWN's"
         return f"IBP on the clipped box B∞(x, 2ε) with twice its rounding slack ({why})"
 
     def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor | None:
@@ -289,7 +297,8 @@ class IntervalDefense(Defense):
         return lo.float(), hi.float()
 
     def _certified(self, net: Network, x: torch.Tensor, eps: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return margin_bounds(net, x, eps, label, self.method, budget_mb=self.budget_mb).min(1).values > 0
+        return margin_bounds(net, x, eps, label, self.method, budget_mb=self.budget_mb,
+                             alpha=self.alpha).min(1).values > 0
 
 
 __all__ = ["IntervalDefense", "METHODS"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from certaudit.defenses.interval.ops import Affine, Dense, Op, ReLU, Reshape
+from certaudit.defenses.interval.ops import Affine, Channel, Dense, Op, ReLU, Reshape
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 EXTRA = 8  # a few more roundings per step (bias, subtraction, constants of Normalize / BatchNorm)
@@ -48,7 +48,10 @@ def up32(v: torch.Tensor) -> torch.Tensor:
 
 
 def input_box(x: torch.Tensor, eps: float | torch.Tensor, sound: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[max(x − ε, 0), min(x + ε, 1)]``, rounded outward when ``sound``; ε a float or (B,)."""
+    """``[max(x − ε, 0), min(x + ε, 1)]``, rounded outward when ``sound``; ε a float or (B,).
+
+    Sound: in float32 with ε rounded up to ``e`` (a float32 ≥ ε), ``nextafter(fl(x − e), −∞) ≤ x − e``
+    (the float below a rounded-to-nearest result lies below the exact value), and likewise above."""
     if isinstance(eps, torch.Tensor):
         e = eps.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.dim() - 1)))
     else:
@@ -57,11 +60,10 @@ def input_box(x: torch.Tensor, eps: float | torch.Tensor, sound: bool = True) ->
         e32 = e.to(x.dtype) if isinstance(e, torch.Tensor) else e
         return (x - e32).clamp(0.0, 1.0), (x + e32).clamp(0.0, 1.0)
     with torch.no_grad():
-        xd = x.detach().double()
-        lo = (xd - e).to(x.dtype)
-        hi = (xd + e).to(x.dtype)
-        lo = torch.nextafter(lo, torch.full_like(lo, -math.inf)).clamp(0.0, 1.0)
-        hi = torch.nextafter(hi, torch.full_like(hi, math.inf)).clamp(0.0, 1.0)
+        e_up = up32(e if isinstance(e, torch.Tensor) else torch.tensor(e, dtype=torch.float64, device=x.device))
+        xd = x.detach()
+        lo = torch.nextafter(xd - e_up, xd.new_full((), -math.inf)).clamp_(0.0, 1.0)
+        hi = torch.nextafter(xd + e_up, xd.new_full((), math.inf)).clamp_(0.0, 1.0)
     if x.requires_grad:  # the value stays the rounded one; the gradient is that of clamp(x ± ε)
         shift = x - x.detach()  # exactly zero, carries d/dx
         lo = lo + shift * (lo > 0).to(x.dtype)
@@ -71,32 +73,70 @@ def input_box(x: torch.Tensor, eps: float | torch.Tensor, sound: bool = True) ->
 
 # ------------------------------------------------------------------------------------------- IBP
 
-def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool):
-    """One affine layer in centre/radius form; returns (lower, upper, magnitude bound or None)."""
+def _fresh(t: torch.Tensor) -> bool:
+    """In-place updates are safe on a temporary unless autograd tracks it."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False):
+    """One affine layer in centre/radius form; returns (lower, upper, magnitude bound or None).
+
+    ``nonneg``: the caller knows ``l ≥ 0`` (a ReLU output or the input box), so ``max(|l|, |u|) = u``.
+    Sound: ``[c − w, c + w]`` with ``w = |W|·rad + rel·M``, ``M = |W|·max(|l|, |u|) + |b| + TINY/rel``.
+    """
+    if isinstance(op, Channel):
+        return ibp_channel(op, l, u, sound, nonneg)
     mid = (u + l) / 2
-    if sound:
-        rad = torch.maximum(u - mid, mid - l) * (1 + 4 * U32)
-        zmax = torch.maximum(l.abs(), u.abs())
-        n = rad.shape[0]
-        both = op.forward_abs(torch.cat([rad, zmax]))
-        r, mag = both[:n], both[n:]
+    if not sound:
+        rad = (u - l) / 2
+        c, r = op.forward(mid), op.forward_abs(rad)
+        return c - r, c + r, None
+    rad = torch.maximum(u - mid, mid - l)
+    rad = rad.mul_(1 + 4 * U32) if _fresh(rad) else rad * (1 + 4 * U32)
+    zmax = u if nonneg else torch.maximum(l.abs(), u.abs())
+    r = op.forward_abs(rad)
+    rel = rel_ibp(op)
+    with torch.no_grad():
+        mag = op.forward_abs(zmax)
         ab = op.abs_bias()
-        if ab is not None:
-            mag = mag + ab
-        c = op.forward(mid)
-        s = rel_ibp(op) * mag + TINY
-        return c - r - s, c + r + s, mag.detach()
-    rad = (u - l) / 2
-    c, r = op.forward(mid), op.forward_abs(rad)
-    return c - r, c + r, None
+        mag.add_(TINY / rel if ab is None else ab + TINY / rel)  # TINY: the absolute slack (underflow)
+    w = r.add_(mag, alpha=rel) if _fresh(r) else r + rel * mag
+    c = op.forward(mid)
+    hi = c + w
+    return c.sub_(w) if _fresh(c) else c - w, hi, mag
 
 
-def ibp_step(op: Op, l: torch.Tensor, u: torch.Tensor, sound: bool):
+def ibp_channel(op: Channel, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False):
+    """A per-channel affine map, elementwise: the images of ``l`` and ``u`` (swapped where the scale is
+    negative), widened by ``rel·M``, ``M = |scale|·max(|l|, |u|) + mag_bias`` (our two roundings of
+    ``l·scale + shift``, the model's own, as for any affine op with fan-in 2)."""
+    if op.identity:
+        return l, u, ((u if nonneg else torch.maximum(l.abs(), u.abs())).detach() if sound else None)
+    a, b = torch.addcmul(op.shift, l, op.scale), torch.addcmul(op.shift, u, op.scale)
+    if not op.positive:
+        a, b = torch.minimum(a, b), torch.maximum(a, b)
+    if not sound:
+        return a, b, None
+    rel = rel_ibp(op)
+    with torch.no_grad():
+        zmax = u if nonneg else torch.maximum(l.abs(), u.abs())
+        mag = torch.addcmul(op.mag + TINY / rel, zmax, op.scale.abs())
+    w = rel * mag
+    return a - w, b + w, mag
+
+
+def ibp_step(op: Op, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False):
+    """One op of IBP; ``nonneg``: the caller knows ``l ≥ 0`` (after a ReLU, or the input box)."""
     if isinstance(op, ReLU):
         return l.clamp(min=0), u.clamp(min=0), None
     if isinstance(op, Reshape):
         return op.forward(l), op.forward(u), None
-    return ibp_affine(op, l, u, sound)
+    return ibp_affine(op, l, u, sound, nonneg)
+
+
+def nonneg_after(op: Op, nonneg: bool) -> bool:
+    """Whether the output of ``op`` is known to be ≥ 0 (given whether its input is)."""
+    return isinstance(op, ReLU) or (nonneg and (isinstance(op, Reshape) or (isinstance(op, Channel) and op.identity)))
 
 
 @dataclass

@@ -149,7 +149,9 @@ class Conv(Affine):
             raise InputError(f"layer {name}: input {tuple(in_shape)} is too small for its kernel")
         self.in_shape, self.out_shape = (c, h, w), (int(c_out), ho, wo)
         self.fan_in = cin_g * kh * kw + (bias is not None)
-        self.fan_out = (c_out // self.groups) * kh * kw
+        # products summed per input in Λ ↦ Λ W: an input position meets ⌈k/(s/gcd(s, d))⌉ taps per axis
+        self.fan_out = (c_out // self.groups) * math.prod(
+            -(-k // (s // math.gcd(s, d))) for k, s, d in zip((kh, kw), self.stride, self.dilation))
         # output_padding that makes conv_transpose2d return exactly the input size
         self.out_pad = tuple(
             size + 2 * p - d * (k - 1) - 1 - (o - 1) * s
@@ -157,6 +159,8 @@ class Conv(Affine):
         )
         self.name = name
         self._abs: torch.Tensor | None = None
+        self._phases: torch.Tensor | None = None
+        self._jac: dict = {}  # patch size -> (matrix of Λ ↦ Λ W over the patch, output patch shape)
 
     def _wabs(self) -> torch.Tensor:
         if self._abs is None:
@@ -179,8 +183,91 @@ class Conv(Affine):
         return None if self.bias is None else self.bias.view(-1, 1, 1)
 
     def backward(self, a):
+        if self._phases_ok(a):
+            return self._phase_transpose(a, self.padding, self.in_shape[1:])
         return F.conv_transpose2d(a, self.weight, None, self.stride, self.padding, self.out_pad, self.groups,
                                   self.dilation)
+
+    def backward_full(self, a):
+        """``Λ ↦ Λ W`` onto the whole unpadded canvas: (N, C_in, (P−1)·s + d·(k−1) + 1, ...) for a patch
+        (N, C_out, P, Q); entry 0 of the canvas is input position (first output position)·s − padding."""
+        kh, kw = self.weight.shape[2:]
+        size = tuple((n - 1) * s + d * (k - 1) + 1
+                     for n, s, d, k in zip(a.shape[2:], self.stride, self.dilation, (kh, kw)))
+        if self._phases_ok(a):
+            return self._phase_transpose(a, (0, 0), size)
+        return F.conv_transpose2d(a, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+
+    def backward_patch(self, a):
+        """:meth:`backward_full` for many small patches (N, C_out, P, Q): one matmul with the map's matrix
+        (built once per patch size; its zero entries add nothing), which beats a convolution over tiny
+        images by far on CPU."""
+        size = tuple(a.shape[1:])
+        n_in = math.prod(size)
+        if torch.is_grad_enabled() and (a.requires_grad or self.weight.requires_grad) or n_in > 4096:
+            return self.backward_full(a)
+        if size not in self._jac:
+            with torch.no_grad():
+                eye = torch.eye(n_in, dtype=a.dtype, device=a.device).view(n_in, *size)
+                full = self.backward_full(eye)
+            if full[0].numel() * n_in > 2**22:  # too large a matrix: stay with the convolution
+                return self.backward_full(a)
+            self._jac[size] = (full.reshape(n_in, -1), full.shape[1:])
+        mat, out = self._jac[size]
+        return (a.reshape(a.shape[0], n_in) @ mat).view(a.shape[0], *out)
+
+    def dilated_kernel(self) -> torch.Tensor:
+        """Row of output channel c over its receptive field, for every c: (C_out, C_in, d(k_h−1)+1, d(k_w−1)+1)
+        (zeros between dilated taps and outside the channel's group)."""
+        w = self.weight
+        if self.groups == 1 and self.dilation == (1, 1):
+            return w
+        c_out, cin_g, kh, kw = w.shape
+        (dh, dw), co_g = self.dilation, c_out // self.groups
+        out = w.new_zeros(c_out, cin_g * self.groups, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+        for grp in range(self.groups):
+            out[grp * co_g:(grp + 1) * co_g, grp * cin_g:(grp + 1) * cin_g, ::dh, ::dw] = w[grp * co_g:(grp + 1) * co_g]
+        return out
+
+    def _phases_ok(self, a) -> bool:
+        """The phase form below serves plain (groups 1, dilation 1) kernels outside autograd, where it is
+        faster: stride 1 (one flipped convolution), or few input channels (the phase interleave is a copy)."""
+        few = self.stride == (1, 1) or self.weight.shape[1] * self.stride[0] * self.stride[1] <= 16
+        # CPU only: oneDNN convolutions are direct sums; cuDNN might pick Winograd/FFT for stride 1
+        return (few and a.device.type == "cpu" and self.groups == 1 and self.dilation == (1, 1)
+                and not (torch.is_grad_enabled() and (a.requires_grad or self.weight.requires_grad)))
+
+    def _phase_kernels(self) -> torch.Tensor:
+        """The transposed convolution as s_h·s_w ordinary stride-1 convolutions, one per output phase:
+        weight (s_h·s_w·C_in, C_out, ⌈k_h/s_h⌉, ⌈k_w/s_w⌉), flipped, taps beyond k zero."""
+        if self._phases is None:
+            w = self.weight.detach()
+            c_out, c_in, kh, kw = w.shape
+            (sh, sw) = self.stride
+            mh, mw = -(-kh // sh), -(-kw // sw)
+            w = F.pad(w, (0, mw * sw - kw, 0, mh * sh - kh))
+            w = w.view(c_out, c_in, mh, sh, mw, sw).permute(3, 5, 1, 0, 2, 4).flip(-1, -2)
+            self._phases = w.reshape(sh * sw * c_in, c_out, mh, mw).contiguous()
+        return self._phases
+
+    def _phase_transpose(self, a, start, size):
+        """``conv_transpose2d`` (groups 1, dilation 1) as one stride-1 ``conv2d`` over the output phases
+        (much faster on CPU): canvas rows ``start … start + size`` (zeros past the canvas). Every output
+        still sums its own products only (the padded taps are exact zeros): the same γ_fan_out bound."""
+        w = self._phase_kernels()
+        sh, sw = self.stride
+        mh, mw = w.shape[2:]
+        n = a.shape[0]
+        c_in = w.shape[0] // (sh * sw)
+        o = F.conv2d(a, w, None, 1, (mh - 1, mw - 1))
+        hq, wq = o.shape[2:]
+        if sh * sw > 1:
+            o = o.view(n, sh, sw, c_in, hq, wq).permute(0, 3, 4, 1, 5, 2).reshape(n, c_in, hq * sh, wq * sw)
+        (h0, w0), (hs, ws) = start, size
+        extra_h, extra_w = max(0, h0 + hs - o.shape[2]), max(0, w0 + ws - o.shape[3])
+        if extra_h or extra_w:
+            o = F.pad(o, (0, extra_w, 0, extra_h))
+        return o[:, :, h0:h0 + hs, w0:w0 + ws]
 
     def rows(self, idx):
         """Place the kernel of output neuron (c, h, w) at its receptive field: O(R·C_in·k²) writes."""
@@ -224,6 +311,9 @@ class Channel(Affine):
         self.per = math.prod(shape[1:]) if len(shape) > 1 else 1  # neurons per channel
         self.fan_in = self.fan_out = 2
         self.name = name
+        # set by compile for Normalize(mean 0, std 1): the model's (x − 0)/1 is exact, bounds pass it through
+        self.identity = False
+        self.positive = bool((self.scale >= 0).all())
 
     def forward(self, z):
         return z * self.scale + self.shift
@@ -343,7 +433,9 @@ def _convert(name: str, m: nn.Module, shape: Shape) -> Op | None:
             raise refuse(name, m, f"{mean.numel()} channel statistics for {c} channels")
         mean, std = mean.expand(c), std.expand(c)
         scale = 1.0 / std
-        return Channel(scale, -mean * scale, mean.abs() * scale, shape, name)
+        op = Channel(scale, -mean * scale, mean.abs() * scale, shape, name)
+        op.identity = bool((mean == 0).all()) and bool((std == 1).all())
+        return op
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if m.training:
             raise refuse(name, m, "BatchNorm is bounded in eval mode only (running statistics folded); call model.eval()")
@@ -403,3 +495,5 @@ def to_device(ops: list[Op], device: torch.device, dtype: torch.dtype) -> None:
     for op in ops:
         if isinstance(op, Conv) and op.weight.device != device:
             op.weight = op.weight.to(device=device, dtype=dtype)
+            op._abs = op._phases = None
+            op._jac = {}

@@ -56,8 +56,8 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from certaudit.defenses.lipschitz.conv import ConvGeometry, ConvOperator, full_kernel, power_iteration
 from certaudit.defenses.lipschitz.dense import (
-    DENSE_LIMIT, GRAM_INFLATION, SAFETY, U32, U64, abs_schur_sq, gamma, gram_bound, linear_bound, normalize_bound,
-    psd_batch_bound,
+    DENSE_LIMIT, GRAM_INFLATION, SAFETY, SLACK_INFLATION, U32, U64, abs_schur_sq, gamma, gram_bound, linear_bound,
+    normalize_bound, psd_batch_bound,
 )
 
 EXACT_LIMIT = 2 ** 24
@@ -293,5 +293,5 @@ def conv_bound(weight: torch.Tensor, geom: ConvGeometry, limit: int = EXACT_LIMI
 __all__ = [
     "ConvGeometry", "ConvOperator", "gram_bound", "psd_batch_bound", "conv_circulant_bound", "conv_exact_bound", "conv_bound",
     "linear_bound", "normalize_bound", "power_iteration", "polyphase_symbols", "full_kernel", "banded_gram",
-    "EXACT_LIMIT", "DENSE_LIMIT", "SAFETY", "U32", "U64", "gamma", "GRAM_INFLATION", "POWER_CHECK_ITERS",
+    "EXACT_LIMIT", "DENSE_LIMIT", "SAFETY", "SLACK_INFLATION", "U32", "U64", "gamma", "GRAM_INFLATION", "POWER_CHECK_ITERS",
 ]

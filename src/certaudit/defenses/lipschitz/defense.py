@@ -17,7 +17,9 @@ model (whatever the model's dtype), with a magnitude pass that bounds the forwar
 propagated through ``|W|``). The margins are reduced by ``2(e_y + e_j)``: once for the evaluation at
 ``x``, once (to first order) for the evaluation at any point of the ball. (In float32 the same
 worst-case bound is ~1e4 times the actual error and costs points of clean accuracy; in float64 it is
-below 1e-9.) Bounds are computed once per input shape and weight version
+below 1e-9.) That float64 evaluation is the *reference*; ``certify``/``accept``/``certify_checks``
+reach its decisions from a float32 evaluation with a proven rounding bound (:mod:`.fast`) and run it
+only where that bound cannot settle them. Bounds are computed once per input shape and weight version
 (parameters' ``data_ptr`` and ``_version``) and cached; :meth:`LipschitzDefense.refresh` forces it.
 """
 
@@ -35,13 +37,14 @@ from torch import nn
 
 from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels
 from certaudit.defenses.lipschitz.bounds import (
-    EXACT_LIMIT, SAFETY, U64, conv_bound, gamma, linear_bound, normalize_bound,
+    EXACT_LIMIT, SAFETY, SLACK_INFLATION, U64, conv_bound, gamma, linear_bound, normalize_bound,
 )
+from certaudit.defenses.lipschitz.fast import FastCertifier, decision_radii, row_distances
 from certaudit.defenses.lipschitz.network import Layer, walk
 from certaudit.errors import InputError
 
 DEFAULT_BATCH = 1024
-SLACK_INFLATION = 1.01  # the magnitude pass is itself computed in float32
+ARITHMETIC = ("fast", "float64")
 CUDA_SLACK_FACTOR = 16.0  # cuDNN may pick other summation algorithms than direct/GEMM
 
 
@@ -81,6 +84,7 @@ class _State:
     layers: list[Layer]  # of the float64 copy of the model: the network the defense evaluates
     pairwise: torch.Tensor  # (C, C) float64 on the model's device
     abs_weights: list[torch.Tensor | None]
+    fast: FastCertifier | None = None  # built on first use (the float32 decision path)
 
 
 def certified_report(model: nn.Module, input_shape: Sequence[int], num_classes: int,
@@ -108,11 +112,7 @@ def certified_report(model: nn.Module, input_shape: Sequence[int], num_classes: 
         w = layers[-1].module.weight.detach().to(torch.float64).cpu()  # type: ignore[union-attr]
         if not bool(torch.isfinite(w).all()):
             raise InputError("the logit layer has NaN or infinite weights")
-        # explicit differences: cdist's ‖a‖² + ‖b‖² − 2a·b form (used above 25 rows) cancels to 0
-        # for nearly equal rows, which would certify unbounded radii
-        dist = (w.unsqueeze(1) - w.unsqueeze(0)).norm(dim=2)  # (C, C) ‖w_i − w_j‖, float64
-        dist = dist * (1.0 + SAFETY * w.shape[1] * U64)
-        dist.fill_diagonal_(0.0)
+        dist = row_distances(w)  # (C, C) ‖w_i − w_j‖, float64, inflated (explicit differences, no cdist)
     return LipschitzReport(tuple(int(s) for s in input_shape), out, prod, prod * dist), layers
 
 
@@ -122,7 +122,12 @@ class LipschitzDefense(Defense):
     ``eps`` is the default radius of :meth:`accept` and :meth:`gloro_logits`; ``input_shape``
     (C, H, W) fixes the shape the convolution bounds are computed for (else taken from the first
     batch); ``exact_limit`` caps the banded Gram matrices of the Cholesky certificate (0: circulant
-    bound only).
+    bound only). ``arithmetic="fast"`` (default) decides ``certify``/``accept``/``certify_checks`` from
+    a float32 evaluation with a proven rounding bound and re-evaluates in float64 only the images it
+    cannot settle, with the float64 reference's labels and verdicts at every decision radius
+    (``decision_radii``: default ε/2, ε, 2ε and the reports' ℓ2 table; the radii asked for are
+    always added); ``"float64"`` evaluates every image in float64. ``counts`` tallies images
+    certified and re-evaluated in float64.
     """
 
     norm = Norm.L2
@@ -130,8 +135,14 @@ class LipschitzDefense(Defense):
 
     def __init__(self, model: nn.Module, num_classes: int, eps: float | None = None, *,
                  input_shape: Sequence[int] | None = None, exact_limit: int = EXACT_LIMIT,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, arithmetic: str = "fast",
+                 decision_radii: Sequence[float] | None = None):
         super().__init__(model, num_classes)
+        if arithmetic not in ARITHMETIC:
+            raise InputError(f"arithmetic must be one of {', '.join(ARITHMETIC)}, got {arithmetic!r}")
+        self.arithmetic = arithmetic
+        self.decision_radii = None if decision_radii is None else tuple(check_eps(r, "decision radius") for r in decision_radii)
+        self.counts = {"images": 0, "residuals": 0, "float64": 0}
         walk(model, None, self.num_classes)  # refuse unsupported layers now
         self.eps = None if eps is None else check_eps(eps)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
@@ -167,11 +178,16 @@ class LipschitzDefense(Defense):
         if eps is None and getattr(meta, "method", None) == "gloro" and (getattr(meta, "norm", None) or "l2") == "l2":
             eps = getattr(meta, "eps", None)
         return cls(model, int(meta.num_classes), eps, input_shape=tuple(meta.input_shape),
-                   exact_limit=int(options.get("exact_limit", EXACT_LIMIT)), batch_size=options.get("batch_size"))
+                   exact_limit=int(options.get("exact_limit", EXACT_LIMIT)), batch_size=options.get("batch_size"),
+                   arithmetic=str(options.get("arithmetic") or "fast"))
 
     def settings(self) -> dict[str, Any]:
-        return {"eps": self.eps, "norm": "l2", "exact_limit": self.exact_limit,
-                "arithmetic": "float64", "float_slack": "2*(e_y+e_j), magnitude pass"}
+        out = {"eps": self.eps, "norm": "l2", "exact_limit": self.exact_limit,
+               "arithmetic": "float64", "float_slack": "2*(e_y+e_j), magnitude pass"}
+        if self.arithmetic == "fast":  # same labels and verdicts; radius R_lo <= the float64 one elsewhere
+            out["arithmetic"] = "float32 with proven rounding bound, float64 near decision radii"
+            out["decision_radii"] = list(self._decision_radii(()))
+        return out
 
     def diagnostics(self) -> dict[str, Any]:
         """The certified per-layer bounds, L and the largest K (computed from the weights)."""
@@ -217,7 +233,12 @@ class LipschitzDefense(Defense):
     # ---------------------------------------------------------------------------- forward
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x.detach())
+        quick = isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.numel() > 0
+        if quick:  # one pass; NaN propagates through aminmax and ±inf fail the range, so both get the full check
+            lo, hi = torch.aminmax(x.detach())
+            quick = bool(lo >= 0) and bool(hi <= 1)
+        if not quick:
+            check_images(x.detach())
         shape = tuple(int(s) for s in x.shape[1:])
         if self.input_shape is not None and shape != self.input_shape:
             raise InputError(f"x has image shape {shape}, the defense was built for {self.input_shape}")
@@ -266,26 +287,74 @@ class LipschitzDefense(Defense):
 
     def certify(self, x: torch.Tensor, *, seed: int | None = None,
                 indices: Sequence[int] | None = None) -> Certificates:
-        """Predicted label and certified ℓ2 radius ``min_j (f_y − f_j − 2(e_y+e_j)) / K_{y,j}``;
-        ABSTAIN (radius 0) where not even that is positive (float ties)."""
-        x = self._check_x(x)
-        state = self._state(tuple(int(s) for s in x.shape[1:]))
-        labels, radii, runners, gaps = [], [], [], []
-        with torch.no_grad():
-            for a in range(0, x.shape[0], self.batch_size):
-                f, e = self._forward(x[a:a + self.batch_size], state)
-                lab, rad, run, gap = _radius(f, e, state.pairwise)  # type: ignore[arg-type]
-                labels.append(lab)
-                radii.append(rad)
-                runners.append(run)
-                gaps.append(gap)
-        return Certificates(torch.cat(labels), torch.cat(radii), Norm.L2,
-                            {"runner_up": torch.cat(runners), "logit_margin": torch.cat(gaps)})
+        """Predicted label and certified ℓ2 radius ``min_j (f_y − f_j − 2(e_y+e_j)) / K_{y,j}`` of the
+        float64 reference; ABSTAIN (radius 0) where not even that is positive (float ties). With
+        ``arithmetic="fast"`` decided from float32 (docs/lipschitz.md): the same labels and verdicts at
+        the decision radii; the radius is the reference's where re-evaluated, else a lower bound of it."""
+        return self._certify(x, ())
+
+    def certify_checks(self, x: torch.Tensor, radii: Sequence[float] = (), *, full_radius: bool = True,
+                       seed: int | None = None, indices: Sequence[int] | None = None, **options: Any) -> Certificates:
+        """:meth:`certify` with the check at exactly each of ``radii`` (decided like the reference's)."""
+        if options:
+            raise TypeError(f"unexpected options for the lipschitz defense: {', '.join(sorted(options))}")
+        radii = [check_eps(r, "radius") for r in radii]
+        return self._certify(x, radii).with_checks(radii)
 
     def accept(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """Algorithm 2.1: the label where the certified radius is at least ``eps`` (default: the
         defense's ε), else ABSTAIN."""
-        return self.certify(x).accept(self._eps(eps))
+        eps_v = self._eps(eps)
+        return self._certify(x, (eps_v,)).accept(eps_v)
+
+    def _decision_radii(self, radii: Sequence[float]) -> tuple[float, ...]:
+        """Radii at which the fast path gives the reference's verdict (:func:`.fast.decision_radii`)."""
+        return decision_radii(self.eps, self.decision_radii, radii)
+
+    def _fast(self, x: torch.Tensor, state: _State) -> FastCertifier | None:
+        """The float32 decision path where it applies: CPU, a float32 model, float32-exact inputs."""
+        if self.arithmetic != "fast" or x.device.type != "cpu":
+            return None
+        dtypes = {t.dtype for t in list(self.model.parameters()) + list(self.model.buffers())}
+        if dtypes != {torch.float32} or x.dtype == torch.float64 and not torch.equal(x.float().double(), x):
+            return None
+        if state.fast is None:
+            layers = walk(self.model, tuple(int(s) for s in x.shape[1:]), self.num_classes)
+            state.fast = FastCertifier(layers, [b.bound for b in state.report.layers], self.exact_limit)
+        return state.fast
+
+    def _certify(self, x: torch.Tensor, radii: Sequence[float]) -> Certificates:
+        x = self._check_x(x)
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        fast = self._fast(x, state)
+        thresholds = self._decision_radii(radii)
+        parts: list[tuple[torch.Tensor, ...]] = []
+        with torch.no_grad():
+            for a in range(0, x.shape[0], self.batch_size):
+                xb = x[a:a + self.batch_size]
+                if fast is None:
+                    f, e = self._forward(xb, state)
+                    parts.append(_radius(f, e, state.pairwise))  # type: ignore[arg-type]
+                    self.counts["float64"] += xb.shape[0]
+                    continue
+                d = fast.decide(xb.float(), state.pairwise, thresholds)
+                out = [d.label, d.radius, d.runner, d.gap]
+                idx = d.todo.nonzero().flatten()
+                if idx.numel():  # the reference, for the images the bound cannot settle
+                    f, e = self._forward(xb[idx], state)
+                    ref = _radius(f, e, state.pairwise)  # type: ignore[arg-type]
+                    if not bool(fast.reference_settled(f, d.bounds.rows(idx), state.pairwise, thresholds).all()):
+                        f, e = self._forward(xb, state)  # a verdict within the reference's own batch-size noise:
+                        ref = tuple(v[idx] for v in _radius(f, e, state.pairwise))  # type: ignore[arg-type]
+                        self.counts["float64"] += xb.shape[0] - int(idx.numel())  # decide it as the reference does
+                    for t, v in zip(out, ref):
+                        t[idx] = v.to(t.dtype)
+                parts.append(tuple(out))
+                self.counts["float64"] += int(idx.numel())
+                self.counts["residuals"] += d.checked
+        self.counts["images"] += x.shape[0]
+        lab, rad, run, gap = (torch.cat([p[i] for p in parts]) for i in range(4))
+        return Certificates(lab, rad, Norm.L2, {"runner_up": run, "logit_margin": gap})
 
     def margin(self, x: torch.Tensor, eps: float | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Differentiable (B,) ``f_t − max_{j≠t} (f_j + 2(e_t+e_j) + ε·K_{t,j})``: > 0 iff ``target``

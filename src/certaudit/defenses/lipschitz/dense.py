@@ -24,6 +24,8 @@ U32 = 2.0 ** -24
 """Unit roundoff of float32."""
 SAFETY = 4.0
 """Multiplier on every rounding constant γ_n (blocked algorithms, FMA, library variants)."""
+SLACK_INFLATION = 1.01
+"""On the float64 reference's magnitude pass (the defense's logit slack ``e``)."""
 GRAM_INFLATION = 1e-9
 """Smallest relative inflation of Gram-iteration results for their float64 rounding (the size-dependent
 term ``4·SAFETY·(m+n)·√min(m,n)·u`` is used when larger)."""

@@ -1,0 +1,66 @@
+"""The report's explanations: what every figure means, and the papers they come from (plain text,
+rendered by :mod:`certaudit.report` into the HTML page and the Markdown file)."""
+
+from __future__ import annotations
+
+PAPERS = (
+    "Cohen, Rosenfeld & Kolter, Certified Adversarial Robustness via Randomized Smoothing, ICML 2019 (arXiv:1902.02918)",
+    "Leino, Wang & Fredrikson, Globally-Robust Neural Networks (GloRo Nets), ICML 2021 (arXiv:2102.08452)",
+    "Degradation Attacks on Certifiably Robust Neural Networks, TMLR 2022 (Algorithms 2.1, 3.1, 3.2, B.1; §3.3, §4.1)",
+    "Ghiasi, Shafahi & Goldstein, Breaking Certified Defenses: Semantic Adversarial Examples with Spoofed "
+    "Robustness Certificates, ICLR 2020 (arXiv:2003.08937)",
+    "Tramèr, Detecting Adversarial Examples Is (Nearly) As Hard As Classifying Them, ICML 2022 (arXiv:2107.11630)",
+)
+
+FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("clean acc. (model)", "accuracy of the undefended model's argmax on the audited images."),
+    ("clean acc. (defense)", "fraction of images whose certified label (at any radius ≥ 0) is correct; an abstention "
+                             "(⊥) counts as an error (randomized smoothing abstains when CERTIFY's lower bound is < ½)."),
+    ("VRA@ε, VRA@2ε", "verified robust accuracy: fraction of images certified with the correct label at radius ε "
+                      "(resp. 2ε). |testR| = VRA@ε × images."),
+    ("rejected@ε", "fraction of clean images the run-time defense (Algorithm 2.1: predict if certified at ε, else ⊥) "
+                   "rejects."),
+    ("FPR lower", "|testA_lower| / |testR|: fraction of correctly certified images for which an ε-bounded attack found "
+                  "x' that the defense rejects (a false positive: nothing was wrong with x). A lower bound: attacks are "
+                  "incomplete."),
+    ("FPR upper (proven)", "|testA_upper| / |testR|: fraction of correctly certified images the defense did not "
+                           "prove non-degradable. GloRo: the 2ε check with a margin for float64 rounding (Appendix A); "
+                           "IBP and CROWN: IBP on the 2ε box with a margin for rounding (IBP is inclusion-monotone and "
+                           "CROWN's bound is never below IBP's). Randomized smoothing and CROWN-IBP have no proof: –."),
+    ("FPR 2ε check", "fraction of correctly certified images that the run-time method itself does not certify at 2ε "
+                     "(§3.3.2). Equal to the proven bound for monotone certifiers; for CROWN-style bounds and smoothing "
+                     "it is a heuristic, not a bound (an attack may degrade an image that passes it)."),
+    ("utility red.", "|testA| / |test| = VRA@ε × FPR: the accuracy an adversary can take away from the defended "
+                     "model by forcing rejections, lower and upper bound."),
+    ("lower ⊆ upper", "every degraded image must lie in the proven testA_upper; a violation is a bug of the defense, "
+                      "its proof or the attack (reported as such in summary.json)."),
+    ("spoof budget", "the perceptual budget the Shadow Attack is held to while it optimizes: ℓ∞ ≤ τ (no pixel "
+                     "changes by more than τ; δ is projected after every step) and SSIM(x, x+δ) ≥ s (structural "
+                     "similarity, pytorch-msssim, 11×11 window, 5×5 on images under 11 pixels; a penalty, and a check "
+                     "of the judged image). 'unbounded': no budget, the paper's attack."),
+    ("spoof success (within budget)", "Shadow Attack: fraction of attacked images (not abstained) whose perturbed "
+                                      "image x+δ is within the budget and gets a fresh certificate for a wrong label "
+                                      "(the surrogate loss never decides success). As in the paper, an image the "
+                                      "defense already labels wrong counts too; the spoofing table says how many."),
+    ("spoof success (unbounded: any picture)", "the same without any budget. Not a perceptual spoof: an unbounded "
+                                               "δ may turn the image into a different picture (saturated pixels, "
+                                               "‖δ‖∞ up to 1), which a certificate for its label does not "
+                                               "misrepresent."),
+    ("r̄ natural, r̄ spoofed", "mean certified radius of the natural images (not abstained) and of the successful "
+                               "spoofed images (within budget, resp. unbounded): a large spoofed radius is a "
+                               "confident certificate for a wrong label."),
+    ("SSIM, ‖δ‖∞", "per judged spoof: SSIM(x, x+δ) (1 = identical) and the largest change of any pixel (×255 in the "
+                   "tables: 8-bit steps)."),
+    ("spoof success against budget", "the attack run again, in the same batch, under each ℓ∞ budget of the sweep "
+                                     "(with the SSIM bound) and unbounded: success and mean spoofed radius per budget, "
+                                     "next to the mean natural radius."),
+    ("robust error / attack error", "Table 2 of the Shadow Attack paper at ε: fraction of images not certified correct "
+                                    "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
+                                    "label at ε within the budget (lower = stronger attack)."),
+    ("FPR curve", "the 2r check recomputed for every radius r from the certification rows: correct images certified "
+                  "at r but not at 2r over correct images certified at r (Figs. 2–3 of the degradation paper). Not "
+                  "called a bound: the proven upper bound is given at ε only; for interval bounds the radii off ε "
+                  "and 2ε are bisection points."),
+)
+
+__all__ = ["FIGURE_MEANINGS", "PAPERS"]
