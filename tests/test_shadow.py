@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -410,7 +411,16 @@ def test_grid_is_written(tmp_path):
 
 # ------------------------------------------------------------------- perceptual budget (issue 19)
 
-from certaudit.attacks.budget import SMALL_WINDOW, Budget, ssim, ssim_window, sweep_budgets  # noqa: E402
+from certaudit.attacks.budget import (  # noqa: E402
+    SMALL_WINDOW,
+    Budget,
+    linf_text,
+    parse_linf_list,
+    ssim,
+    ssim_at_least,
+    ssim_window,
+    sweep_budgets,
+)
 
 
 class StepSpy:
@@ -459,18 +469,21 @@ def test_ssim_is_one_on_identical_images_and_falls_with_noise():
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 200.0), ("adam", 0.5)])
 def test_linf_projection_holds_at_every_step(optimizer, lr):
     """Every image the loss sees, and the returned δ, lie within the ℓ∞ box and in [0, 1]; a 1-channel
-    δ on an RGB image keeps every channel in [0, 1]."""
+    δ on an RGB image keeps every channel in [0, 1]; no step moves δ by more than τ/4 in ℓ∞."""
     model = tiny_net()
     x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(7))
     x[0, :, :2] = 1.0  # saturated pixels: the box meets [0, 1]
     tau = 8 / 255
     for channels in (1, 3):
         spy = StepSpy(model)
-        cfg = ShadowConfig(steps=6, channels=channels, lr=lr, optimizer=optimizer, max_linf=tau)
+        cfg = ShadowConfig(steps=8, channels=channels, lr=lr, optimizer=optimizer, max_linf=tau, lambda_c=0.0,
+                           lambda_tv=0.0, lambda_s=0.0)  # only the spoofing loss, which pushes out of any box
         res = shadow_attack(spy, x, torch.tensor([1, 2]), cfg, seed=0)
-        assert len(spy.seen) == 6
+        assert len(spy.seen) == 8
         for seen in spy.seen:
             assert float((seen - x).abs().max()) <= tau + 1e-6
+        for before, after in zip(spy.seen, spy.seen[1:]):  # the step cap (the box leaves x + δ unclipped)
+            assert float((after - before).abs().max()) <= tau / 4 + 1e-6
         assert float(res.delta.abs().max()) <= tau + 1e-7
         assert float((x + res.delta).min()) >= 0.0 and float((x + res.delta).max()) <= 1.0
         torch.testing.assert_close(res.x_adv, x + res.delta)  # nothing left to clip
@@ -513,19 +526,37 @@ def test_min_ssim_penalty_keeps_a_feasible_iterate():
 
 def test_budget_validation_and_labels():
     assert Budget(16 / 255, 0.9).label == "ℓ∞ ≤ 16/255, SSIM ≥ 0.9" and Budget().label == "unbounded"
-    assert Budget(16 / 255, 0.9).contains(Budget(8 / 255, 0.95)) and not Budget(8 / 255).contains(Budget(16 / 255))
-    assert Budget().contains(Budget(8 / 255, 0.9)) and not Budget(8 / 255, 0.9).contains(Budget())
     assert [b.label for b in sweep_budgets([None, 16 / 255, 4 / 255], 0.9)] == [
         "ℓ∞ ≤ 4/255, SSIM ≥ 0.9", "ℓ∞ ≤ 16/255, SSIM ≥ 0.9", "unbounded"]
-    for kwargs in ({"max_linf": 0.0}, {"max_linf": -0.1}, {"max_linf": float("nan")}, {"min_ssim": 0.0},
-                   {"min_ssim": 1.5}, {"min_ssim": float("nan")}):
+    assert sorted([Budget(), Budget(None, 0.9), Budget(1.0, 0.9)], key=Budget.sort_key)[-1] == Budget()
+    assert Budget(1.0).label == "ℓ∞ ≤ 255/255"  # τ = 1 is allowed (no ℓ∞ bound in effect), above it is not
+    for kwargs in ({"max_linf": 0.0}, {"max_linf": -0.1}, {"max_linf": float("nan")}, {"max_linf": 2.0},
+                   {"max_linf": 1e308}, {"max_linf": 1e-300}, {"max_linf": 1e-7}, {"min_ssim": 0.0},
+                   {"min_ssim": 1.5}, {"min_ssim": float("nan")}, {"min_ssim": 1e-300}):
         with pytest.raises(InputError):
             ShadowConfig(**kwargs)
+    for text in ("1e308", "2", "1e-300", "0.0156862745,4/255", "0.1,0.10001", "none,inf"):
+        with pytest.raises(InputError, match="--sweep-linf"):
+            parse_linf_list(text, "--sweep-linf")
+    with pytest.raises(InputError, match="twice"):
+        sweep_budgets([4 / 255, 0.0156862745], 0.9)
+    assert linf_text(1e308) == "1e+308"  # no OverflowError, whatever reaches it
 
 
-def test_success_counts_only_spoofs_within_the_budget():
+def test_ssim_bound_is_compared_in_float32_by_attack_and_judge():
+    """One rule: an SSIM of exactly float32(0.9) = 0.89999998 satisfies SSIM ≥ 0.9 both for the attack's
+    feasible iterate and for the judge."""
+    s32 = float(torch.tensor(0.9, dtype=torch.float32))
+    assert s32 < 0.9 and ssim_at_least(s32, 0.9) and Budget(None, 0.9).within(0.0, s32)
+    assert bool(ssim_at_least(torch.tensor([s32]), torch.tensor([0.9], dtype=torch.float64)).all())
+    assert not Budget(None, 0.9).within(0.0, 0.8999)
+
+
+def test_success_counts_only_spoofs_within_the_budget(monkeypatch):
     """The liar certifies class 1 for everything: without a budget every image not of class 1 is
-    'spoofed'; with SSIM ≥ 1 (nothing but x itself) none is, though the judged label is wrong."""
+    'spoofed'. With SSIM ≥ 1 the only feasible point is x itself (δ = 0): the 'successes' are then
+    exactly the images the defense already labelled wrong, which the summary counts apart. A judged
+    image outside the budget is never a success, whatever its label."""
     model = tiny_net()
     x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2])
@@ -535,11 +566,24 @@ def test_success_counts_only_spoofs_within_the_budget():
     strict = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, min_ssim=1.0),
                          skip_abstained=False, eps=0.5)
     assert [r["spoofed_prediction"] for r in strict.rows] == [1, 1, 1]
-    assert [r["within_budget"] for r in strict.rows] == [False, False, False]
-    assert [r["success"] for r in strict.rows] == [False, False, False]
+    assert float(strict.delta.abs().max()) == 0.0  # the feasible start, halved to 0, and nothing better
+    assert [r["within_budget"] for r in strict.rows] == [True, True, True]
+    assert [r["success"] for r in strict.rows] == [True, False, True]
     s = summarize(strict.rows, eps=0.5)
+    assert s["successes"] == 2 and s["successes_natural_wrong"] == 2  # no attack needed for either
+    assert s["attacked_natural_correct"] == 1 and s["success_rate_natural_correct"] == 0.0
+    assert s["budget_label"] == "SSIM ≥ 1" and s["ssim_mean"] == 1.0 and s["unbounded"] is None
+    # the judge recomputes SSIM on the judged image: one it finds below the bound is no success
+    import certaudit.audits.spoofing as spoofing_mod
+
+    monkeypatch.setattr(spoofing_mod, "ssim", lambda a, b: torch.full((a.shape[0],), 0.5))
+    judged = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, min_ssim=0.9),
+                         skip_abstained=False, eps=0.5)
+    assert [r["spoofed_prediction"] for r in judged.rows] == [1, 1, 1]
+    assert [r["within_budget"] for r in judged.rows] == [False, False, False]
+    assert [r["success"] for r in judged.rows] == [False, False, False]
+    s = summarize(judged.rows, eps=0.5)
     assert s["success_rate"] == 0.0 and s["attack_error"] == 1.0 and s["within_budget_rate"] == 0.0
-    assert s["budget_label"] == "SSIM ≥ 1" and s["ssim_mean"] < 1.0 and s["unbounded"] is None
     boxed = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, max_linf=4 / 255),
                         skip_abstained=False)
     assert [r["success"] for r in boxed.rows] == [True, False, True]
@@ -572,3 +616,122 @@ def test_budget_sweep_rows_and_summary():
     assert s["sweep"][0]["linf_max"] <= 4 / 255 + 1e-6 and s["ssim_mean"] is not None
     # the liar labels every natural image 1: images 0 and 2 were certified wrong before any attack
     assert s["successes_natural_wrong"] == 2 and s["sweep"][2]["successes_natural_wrong"] == 2
+    assert all(e["primary"] == (e["label"] == "ℓ∞ ≤ 16/255, SSIM ≥ 0.5") for e in s["sweep"])
+    assert s["sweep"][1]["natural_radius_mean_successes"] == pytest.approx(1.0)  # the liar's radius, images 0, 2
+    assert s["natural_radius_mean_attacked"] == pytest.approx(1.0) and s["natural_certified"] == 3
+    # a primary budget the sweep does not name is listed in the sweep's table all the same
+    out = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, max_linf=8 / 255,
+                                                                         min_ssim=0.5),
+                      skip_abstained=False, sweep=sweep)
+    s = summarize(out.rows)
+    assert [e["label"] for e in s["sweep"]] == ["ℓ∞ ≤ 4/255, SSIM ≥ 0.5", "ℓ∞ ≤ 8/255, SSIM ≥ 0.5",
+                                              "ℓ∞ ≤ 16/255, SSIM ≥ 0.5", "unbounded"]
+    assert [e["primary"] for e in s["sweep"]] == [False, True, False, False]
+    assert s["sweep"][1]["success_rate"] == s["success_rate"] and s["sweep"][1]["linf_max"] == s["linf_max"]
+
+
+class NetDefense(Defense):
+    """A deterministic defense whose certificate depends on the input: the tiny net's label, radius =
+    its top-2 logit gap (a Lipschitz-1 certificate), and the matching differentiable margin."""
+
+    norm = Norm.L2
+
+    def __init__(self, model):
+        super().__init__(model, 4)
+        self.calls: list[torch.Tensor] = []
+
+    def certify(self, x, *, seed=None, indices=None):
+        self.calls.append(x.detach().clone())
+        with torch.no_grad():
+            top = self.model(x).topk(2, dim=1)
+        return Certificates(top.indices[:, 0], (top.values[:, 0] - top.values[:, 1]).double(), Norm.L2)
+
+    def margin(self, x, eps, target):
+        z = self.model(x)
+        other = z.masked_fill(F.one_hot(target, z.shape[1]).bool(), -math.inf).amax(dim=1)
+        return z.gather(1, target[:, None])[:, 0] - other - eps
+
+
+def test_images_without_a_target_are_not_attacked():
+    """With candidates = {1}, image 1 (label 1) has no (image, target) pair: it is not attacked, is
+    never judged on another image's candidate, and enters no spoof figure."""
+    model = tiny_net()
+    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    liar = ConstantDefense(model, label=1)
+    for sweep in (None, sweep_budgets([8 / 255, None], 0.5)):
+        liar.calls.clear()
+        out = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3), candidates=[1],
+                          skip_abstained=False, sweep=sweep)
+        n_bud = len({(b.max_linf, b.min_ssim) for b in (sweep or [])} | {(None, None)})
+        assert [c.shape[0] for c in liar.calls] == [3, 2 * n_bud, 2 * n_bud]  # images 0 and 2 only
+        row = out.rows[1]
+        assert row["attacked"] is False and row["target"] is None and row["success"] is False
+        assert row["spoofed_prediction"] is None and row["spoofed_radius"] is None and "sweep" not in row
+        assert float(out.delta[1].abs().max()) == 0.0 and torch.equal(out.x_adv[1], x[1])
+        assert [r["target"] for r in out.rows] == [1, None, 1]
+        s = summarize(out.rows)
+        assert s["attacked"] == 2 and s["successes"] == 2 and s["success_rate"] == 1.0
+        if sweep is not None:
+            assert all(e["attacked"] == 2 for e in s["sweep"])
+    # no image with a target at all: nothing is attacked (no empty attack, no error)
+    out = spoof_batch(liar, DefenseMargin(liar, 0.5), x[1:2], y[1:2], ShadowConfig(steps=2), candidates=[1],
+                      skip_abstained=False)
+    assert out.rows[0]["attacked"] is False and summarize(out.rows)["attacked"] == 0
+
+
+def test_selection_refuses_a_group_without_candidates():
+    from certaudit.audits.spoofing import _select
+
+    group = np.array([0, 0, 2])
+    ok = np.array([True, False, True])
+    with pytest.raises(RuntimeError, match="no candidate"):
+        _select(group, ok, ok, np.ones(3), np.zeros(3), 3)
+    assert _select(np.array([0, 1, 1]), ok, ok, np.array([1.0, 0.5, 0.7]), np.zeros(3), 2) == [0, 2]
+
+
+def test_each_budget_is_its_own_attack():
+    """A budget's row is the same whether or not other budgets were swept with it (no candidate is
+    borrowed), and the sweep's unbounded entry is the paper's attack run alone."""
+    model = tiny_net(seed=3)
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(4)) * 0.6 + 0.2
+    y = torch.tensor([0, 1, 2, 3])
+    net = NetDefense(model)
+    cfg = ShadowConfig(steps=6, channels=3, lr=0.5, max_linf=16 / 255, min_ssim=0.5)
+    keys = ("target", "spoofed_prediction", "spoofed_radius", "success", "within_budget", "linf", "ssim")
+
+    def run(config, sweep=None):
+        return spoof_batch(net, DefenseMargin(net, 0.0), x, y, config, skip_abstained=False, sweep=sweep).rows
+
+    alone = run(cfg)
+    swept = run(cfg, sweep_budgets([4 / 255, 8 / 255, 64 / 255, None], 0.5))
+    for a, b in zip(alone, swept):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys})
+    paper = run(cfg.with_(max_linf=None, min_ssim=None))
+    for a, b in zip(paper, swept):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b["sweep"][-1][k] for k in keys})
+
+
+def test_budgeted_steps_keep_the_smooth_direction_and_start_feasible():
+    """With the CROWN-IBP preset's lr = 200, an uncapped step lands every pixel on a corner of the ±τ
+    box (a sign attack). Capped at τ/4 per step, the attack keeps its direction: on a small smooth
+    RGB case fewer than half the pixels end at |δ| = τ; the start is feasible (SSIM ≥ s at the first
+    step), every step moves δ by at most τ/4, the result is within the budget and not δ = 0, also
+    from ``init = 0``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 4)).eval()
+    ramp = torch.linspace(0.2, 0.8, 16)
+    x = torch.stack([torch.stack([ramp[None, :].expand(16, 16), ramp[:, None].expand(16, 16),
+                                  torch.full((16, 16), c)]) for c in (0.3, 0.6)])  # (2, 3, 16, 16), smooth
+    tau, s = 16 / 255, 0.9
+    for init in (0.5, 0.0):
+        spy = StepSpy(net)
+        cfg = ShadowConfig.crown_ibp(steps=12, init=init, max_linf=tau, min_ssim=s)
+        res = shadow_attack(spy, x, torch.tensor([1, 2]), cfg, seed=0)
+        assert bool((ssim(x, spy.seen[0]) >= s).all())  # feasible start
+        for before, after in zip(spy.seen, spy.seen[1:]):
+            assert float((after - before).abs().max()) <= tau / 4 + 1e-6
+        at_corner = (res.delta.abs() >= tau - 1e-6).float().mean(dim=(1, 2, 3))
+        assert bool((at_corner < 0.5).all()), at_corner
+        assert bool(ssim_at_least(res.ssim, s).all()) and float(res.delta.abs().max()) <= tau + 1e-7
+        assert bool((res.delta.flatten(1).abs().amax(dim=1) > tau / 8).all())  # it moved, from δ0 = 0 too

@@ -157,7 +157,7 @@ def test_budget_and_sweep_rows_summary_and_resume(gauss_model, tmp_path, capsys)
     summary = json.loads(capsys.readouterr().out)
     header, rows = read_rows(out)
     assert header["config"]["shadow"]["max_linf"] == pytest.approx(16 / 255)
-    assert header["config"]["shadow"]["min_ssim"] == 0.9 and header["config"]["row_format"] == 2
+    assert header["config"]["shadow"]["min_ssim"] == 0.9 and header["config"]["row_format"] == 3
     assert [b["max_linf"] for b in header["config"]["sweep"]] == [pytest.approx(8 / 255), pytest.approx(16 / 255), None]
     for r in (r for r in rows if r["attacked"]):
         assert r["linf"] <= 16 / 255 + 1e-6 and 0 < r["ssim"] <= 1
@@ -168,12 +168,86 @@ def test_budget_and_sweep_rows_summary_and_resume(gauss_model, tmp_path, capsys)
     assert [e["label"] for e in summary["sweep"]] == ["ℓ∞ ≤ 8/255, SSIM ≥ 0.9", "ℓ∞ ≤ 16/255, SSIM ≥ 0.9", "unbounded"]
     assert summary["ssim_mean"] is not None and summary["linf_max"] <= 16 / 255 + 1e-6
     assert summary["unbounded"]["success_rate"] == summary["sweep"][2]["success_rate"]
-    # nested budgets: a spoof within 8/255 is one within 16/255, so success does not fall with the budget
-    rates = [e["success_rate"] for e in summary["sweep"]]
-    assert rates[0] <= rates[1] <= rates[2]
+    # each budget is its own attack (no candidate borrowed): the row's budget is the sweep's 16/255 entry
+    for r in (r for r in rows if r["attacked"]):
+        assert {k: r["sweep"][1][k] for k in ("target", "spoofed_radius", "success", "linf", "ssim")} == \
+            {k: r[k] for k in ("target", "spoofed_radius", "success", "linf", "ssim")}
+    assert [e["primary"] for e in summary["sweep"]] == [False, True, False]
     assert grid.read_bytes()[:4] == b"\x89PNG"
     # a changed budget is refused, not mixed into these rows
     assert _spoof(gauss_model, "--limit", "4", "--max-linf", "8/255", "--min-ssim", "0.9", "--sweep-linf",
                   "8/255,16/255,none", "--out", str(out)) == 2
     assert _spoof(gauss_model, "--limit", "4", "--out", str(out)) == 2  # no budget: refused too
     assert _spoof(gauss_model, "--limit", "4", *budget, "--out", str(out)) == 0  # the same: resumes (nothing to do)
+
+
+HOSTILE_BUDGETS = [
+    (["--max-linf", "1e308"], "--max-linf"),
+    (["--max-linf", "2"], "--max-linf"),
+    (["--max-linf", "1e20"], "--max-linf"),
+    (["--max-linf", "1e-300"], "--max-linf"),
+    (["--max-linf", "nan"], "--max-linf"),
+    (["--min-ssim", "1e-300"], "--min-ssim"),
+    (["--min-ssim", "nan"], "--min-ssim"),
+    (["--min-ssim", "1e308"], "--min-ssim"),
+    (["--sweep-linf", "1e308"], "--sweep-linf"),
+    (["--sweep-linf", "8/255,2"], "--sweep-linf"),
+    (["--sweep-linf", "1e-300,none"], "--sweep-linf"),
+    (["--sweep-linf", "nan"], "--sweep-linf"),
+    (["--sweep-linf", "0.0156862745,4/255"], "--sweep-linf"),  # two budgets labelled 4/255
+    (["--sweep-linf", "0.1,0.10001"], "--sweep-linf"),  # two budgets labelled 0.1
+    (["--sweep-linf", "none,inf"], "--sweep-linf"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", HOSTILE_BUDGETS)
+def test_hostile_budget_is_refused_before_anything_loads(tmp_path, extra, needle, capsys):
+    """One line naming the flag, exit 2, before the model is read (the model path does not exist)."""
+    capsys.readouterr()
+    rc = main(["spoof", "--model", str(tmp_path / "missing.safetensors"), "--defense", "smoothing", *FAST, *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("certaudit: error:") and needle in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--spoof-max-linf", "1e308"], "--spoof-max-linf"),
+    (["--spoof-max-linf", "2"], "--spoof-max-linf"),
+    (["--spoof-max-linf", "1e-300"], "--spoof-max-linf"),
+    (["--spoof-min-ssim", "1e-300"], "--spoof-min-ssim"),
+    (["--spoof-sweep", "1e308"], "--spoof-sweep"),
+    (["--spoof-sweep", "2"], "--spoof-sweep"),
+    (["--spoof-sweep", "1e-300"], "--spoof-sweep"),
+    (["--spoof-sweep", "nan"], "--spoof-sweep"),
+    (["--spoof-sweep", "0.0156862745,4/255,none"], "--spoof-sweep"),
+])
+def test_hostile_audit_budget_is_refused_before_anything_loads(tmp_path, extra, needle, capsys):
+    capsys.readouterr()
+    rc = main(["audit", "--model", str(tmp_path / "missing.safetensors"), "--defense", "lipschitz", "--eps", "0.25",
+               "--out", str(tmp_path / "a"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("certaudit: error:") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "a").exists()  # nothing ran
+
+
+def test_image_whose_label_is_the_only_target_is_not_attacked(tmp_path, capsys):
+    """--targets 6 and an image labelled 6: it has no (image, target) pair, so it is not attacked and is
+    judged on no other image's spoof (the GloRo zoo model: deterministic, every image attacked else)."""
+    from certaudit import zoo
+
+    out = tmp_path / "rows.jsonl"
+    capsys.readouterr()
+    rc = main(["spoof", "--model", str(zoo.model_path("digits_gloro_eps")), "--defense", "lipschitz", "--eps", "0.25",
+               "--dataset", "digits", "--limit", "3", "--steps", "2", "--targets", "6", "--device", "cpu",
+               "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    _, rows = read_rows(out)
+    assert [r["label"] for r in rows] == [4, 5, 6]
+    odd = rows[2]
+    assert odd["attacked"] is False and odd["target"] is None and odd["success"] is False
+    assert odd["spoofed_prediction"] is None and odd["spoofed_radius"] is None and odd.get("candidates") is None
+    assert all(r["attacked"] and r["target"] == 6 and r["candidates"] == 1 for r in rows[:2])
+    assert summary["attacked"] == 2 and summary["successes"] == sum(r["success"] for r in rows[:2])
+    assert summary["natural_radius_mean_attacked"] == pytest.approx(
+        sum(r["natural_radius"] for r in rows[:2]) / 2)
+    assert summary["l2_mean"] == pytest.approx(sum(r["l2"] for r in rows[:2]) / 2)

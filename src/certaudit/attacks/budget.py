@@ -4,9 +4,9 @@ A Shadow Attack spoof is only a spoof if the perturbed image still *is* the natu
 the paper judged that by eye. certaudit states a budget instead and holds the attack to it:
 
 * ``max_linf`` τ: the largest change of any pixel (``‖x_adv − x‖∞ ≤ τ``, pixels in [0, 1]); the attack
-  projects δ onto ``[−τ, τ] ∩ [−x, 1 − x]`` after every step;
-* ``min_ssim`` s: ``SSIM(x, x_adv) ≥ s`` (structural similarity, Wang et al. 2004), a penalty during the
-  attack and a check on the final image.
+  caps each step at ℓ∞ norm τ/4 and projects δ onto ``[−τ, τ] ∩ [−x, 1 − x]`` after every step;
+* ``min_ssim`` s: ``SSIM(x, x_adv) ≥ s`` (structural similarity, Wang et al. 2004): a feasible start, a
+  penalty during the attack and a check on the final image.
 
 SSIM comes from ``pytorch_msssim.ssim`` (data range 1, K = (0.01, 0.03), Gaussian window, the mean of
 the SSIM map, averaged over channels). The standard window is 11×11 with σ = 1.5; images smaller than
@@ -16,6 +16,18 @@ the smoothing and compare pixels one by one). Sides below 5 use the largest odd 
 
 A budget is :class:`Budget` (``None`` = no bound of that kind); ``Budget()`` is *unbounded*: the
 paper's attack, whose "spoofs" may be any picture at all.
+
+Bounds: τ must lie in [1e-6, 1] (pixels live in [0, 1], so τ = 1 already bounds nothing; below
+:data:`LINF_TOL` the bound would be smaller than the judge's rounding tolerance), s in (0, 1] and not
+0 once rounded to float32. Both checks name the flag (:func:`check_linf`, :func:`check_ssim`), so the
+command line refuses a bad budget before anything is loaded.
+
+One comparison rule (:func:`ssim_at_least`): SSIM is computed in float32, so "SSIM ≥ s" compares in
+float32, SSIM against s rounded to float32, both while the attack keeps its feasible iterates and when
+the judge decides ``within_budget``. An iterate the attack kept as feasible is therefore judged within
+the budget (float32(0.9) = 0.89999998: comparing the float32 SSIM with the float64 0.9 would refuse an
+iterate at exactly float32(0.9) that the attack took as feasible). The ℓ∞ bound is judged with the
+tolerance :data:`LINF_TOL`.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from pytorch_msssim import ssim as _msssim_ssim
 
@@ -34,6 +47,7 @@ SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. (2004), pytorch-msssim's defaul
 SMALL_WINDOW, SMALL_SIGMA = 5, 1.0  # images smaller than SSIM_WINDOW on a side
 SSIM_K = (0.01, 0.03)
 LINF_TOL = 1e-6  # float32 rounding of (x + δ) − x; a projected δ is within τ exactly
+MIN_LINF = LINF_TOL  # smaller τ would be below the judge's tolerance
 DEFAULT_SWEEP = (4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255, None)  # None: unbounded
 
 
@@ -56,10 +70,39 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                         win_sigma=sigma, K=SSIM_K).reshape(x.shape[0])
 
 
+def check_linf(value: Any, name: str) -> float:
+    """An ℓ∞ budget τ in [1e-6, 1] (``name``: the flag or field named in the error)."""
+    tau = validate.number(value, name, low=0.0, low_open=True, high=1.0)
+    if tau < MIN_LINF:
+        raise InputError(f"{name} must be at least {MIN_LINF:g} (smaller bounds are below the float32 rounding "
+                         f"tolerance of the judge), got {value!r}")
+    return tau
+
+
+def check_ssim(value: Any, name: str) -> float:
+    """An SSIM bound s in (0, 1], not 0 in float32 (``name``: the flag or field named in the error)."""
+    s = validate.number(value, name, low=0.0, low_open=True, high=1.0)
+    if float(np.float32(s)) <= 0.0:
+        raise InputError(f"{name} rounds to 0 in float32 (SSIM is compared in float32), got {value!r}")
+    return s
+
+
+def ssim_at_least(value: Any, bound: Any) -> Any:
+    """``SSIM ≥ s`` under the one rule of this module: both rounded to float32, then compared.
+
+    Tensors give a bool tensor (``bound`` −inf: no bound, always true), numbers a bool."""
+    if isinstance(value, torch.Tensor):
+        b = torch.as_tensor(bound, device=value.device)
+        return value.to(torch.float32) >= b.to(torch.float32)
+    return bool(np.float32(value) >= np.float32(bound))
+
+
 def linf_text(tau: float | None) -> str:
     """τ as the reader thinks of it: ``16/255`` when it is a whole number of 8-bit steps, else ``0.05``."""
     if tau is None:
         return "∞"
+    if not math.isfinite(tau) or abs(tau) > 1e6:
+        return f"{tau:.4g}"
     steps = tau * 255
     if abs(steps - round(steps)) < 1e-6 and round(steps) > 0:
         return f"{int(round(steps))}/255"
@@ -68,17 +111,16 @@ def linf_text(tau: float | None) -> str:
 
 @dataclass(frozen=True)
 class Budget:
-    """A perceptual budget: ``max_linf`` τ (> 0) and ``min_ssim`` s in (0, 1]; ``None`` = no bound."""
+    """A perceptual budget: ``max_linf`` τ in [1e-6, 1] and ``min_ssim`` s in (0, 1]; ``None`` = no bound."""
 
     max_linf: float | None = None
     min_ssim: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_linf is not None:
-            object.__setattr__(self, "max_linf", validate.positive(self.max_linf, "max_linf"))
+            object.__setattr__(self, "max_linf", check_linf(self.max_linf, "max_linf"))
         if self.min_ssim is not None:
-            object.__setattr__(self, "min_ssim", validate.number(self.min_ssim, "min_ssim", low=0.0, low_open=True,
-                                                                 high=1.0))
+            object.__setattr__(self, "min_ssim", check_ssim(self.min_ssim, "min_ssim"))
 
     @property
     def unbounded(self) -> bool:
@@ -98,33 +140,33 @@ class Budget:
         return {"max_linf": self.max_linf, "min_ssim": self.min_ssim}
 
     def sort_key(self) -> tuple[float, float]:
+        """Tighter first: by τ (none last), then by s (higher first, none last); unbounded is last."""
         return (math.inf if self.max_linf is None else self.max_linf,
-                -math.inf if self.min_ssim is None else -self.min_ssim)
-
-    def contains(self, other: "Budget") -> bool:
-        """Is every perturbation within ``other`` within this budget? (τ' ≤ τ and s' ≥ s)"""
-        linf_ok = self.max_linf is None or (other.max_linf is not None and other.max_linf <= self.max_linf)
-        ssim_ok = self.min_ssim is None or (other.min_ssim is not None and other.min_ssim >= self.min_ssim)
-        return linf_ok and ssim_ok
+                math.inf if self.min_ssim is None else -self.min_ssim)
 
     def within(self, linf: float, ssim_value: float | None) -> bool:
-        """Is a perturbation with these ℓ∞ and SSIM inside the budget? (ℓ∞ up to :data:`LINF_TOL`)."""
+        """Is a perturbation with these ℓ∞ and SSIM inside the budget? (ℓ∞ up to :data:`LINF_TOL`, SSIM by
+        :func:`ssim_at_least`)."""
         if self.max_linf is not None and not linf <= self.max_linf + LINF_TOL:
             return False
-        if self.min_ssim is not None and (ssim_value is None or not ssim_value >= self.min_ssim):
+        if self.min_ssim is not None and (ssim_value is None or not ssim_at_least(ssim_value, self.min_ssim)):
             return False
         return True
 
 
 def sweep_budgets(linfs: Iterable[float | None], min_ssim: float | None) -> list[Budget]:
     """The budgets of a sweep over ℓ∞: each finite τ with ``min_ssim``; ``None`` is the unbounded
-    attack (no ℓ∞ bound and no SSIM bound). Sorted by τ, unbounded last, duplicates dropped."""
-    out = {Budget() if t is None else Budget(t, min_ssim) for t in linfs}
+    attack (no ℓ∞ bound and no SSIM bound). Sorted by τ, unbounded last. Two entries with one label
+    (equal, or equal once printed: ``0.0156862745`` and ``4/255``) are refused."""
+    out = [Budget() if t is None else Budget(t, min_ssim) for t in linfs]
+    _refuse_same_labels(out, "the budget sweep", list(linfs))
     return sorted(out, key=Budget.sort_key)
 
 
 def parse_linf_list(text: str, name: str) -> list[float | None]:
-    """A comma list of ℓ∞ budgets (``4/255,8/255,0.1,none``); ``none``/``unbounded``/``inf`` = no budget."""
+    """A comma list of ℓ∞ budgets (``4/255,8/255,0.1,none``); ``none``/``unbounded``/``inf`` = no budget.
+
+    Each τ must lie in [1e-6, 1] (:func:`check_linf`); two entries with the same label are refused."""
     parts = [p for p in str(text).replace(" ", "").split(",")]
     if not parts or not all(parts):
         raise InputError(f"{name} must be a comma list like 4/255,8/255,16/255,none, got {text!r}")
@@ -133,10 +175,16 @@ def parse_linf_list(text: str, name: str) -> list[float | None]:
         if p.lower() in ("none", "unbounded", "inf", "∞"):
             out.append(None)
         else:
-            out.append(validate.positive(p, name))
-    if len(set(out)) != len(out):
-        raise InputError(f"{name} lists a budget twice: {text!r}")
+            out.append(check_linf(p, name))
+    _refuse_same_labels([Budget(t) for t in out], name, text)
     return out
+
+
+def _refuse_same_labels(budgets: Sequence[Budget], name: str, given: Any) -> None:
+    labels = [b.label for b in budgets]
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        raise InputError(f"{name} lists a budget twice ({', '.join(twice)}): {given!r}")
 
 
 def run_budgets(primary: Budget, sweep: Sequence[Budget] | None) -> list[Budget]:
@@ -148,5 +196,6 @@ def run_budgets(primary: Budget, sweep: Sequence[Budget] | None) -> list[Budget]
     return out
 
 
-__all__ = ["Budget", "DEFAULT_SWEEP", "LINF_TOL", "SSIM_WINDOW", "SSIM_SIGMA", "SMALL_WINDOW", "SMALL_SIGMA",
-           "linf_text", "parse_linf_list", "run_budgets", "ssim", "ssim_window", "sweep_budgets"]
+__all__ = ["Budget", "DEFAULT_SWEEP", "LINF_TOL", "MIN_LINF", "SSIM_WINDOW", "SSIM_SIGMA", "SMALL_WINDOW",
+           "SMALL_SIGMA", "check_linf", "check_ssim", "linf_text", "parse_linf_list", "run_budgets", "ssim",
+           "ssim_at_least", "ssim_window", "sweep_budgets"]

@@ -36,9 +36,13 @@ all targets of the image, fixed for the whole run as in the authors' code, or fr
 Results therefore depend on the seed and the image indices, not on batch composition or chunking.
 
 Perceptual budget (:mod:`certaudit.attacks.budget`): with ``max_linf`` τ the perturbation is projected
-onto ``[−τ, τ] ∩ [−x, 1 − x]`` after every step, so the optimization never leaves the budget; with
-``min_ssim`` s the objective subtracts ``λ_ssim · max(0, s − SSIM(x, x + δ))`` and each pair ends at
-its best iterate with SSIM ≥ s. Budgets may differ per pair, so a sweep over budgets is one batch.
+onto ``[−τ, τ] ∩ [−x, 1 − x]`` after every step, so the optimization never leaves the budget, and each
+step is *scaled down* (direction kept) so that its ℓ∞ norm is at most ``τ/4`` (:data:`STEP_FRACTION`):
+the smooth Shadow direction of ``lr·∇`` survives instead of every step landing on a corner of the box
+(with the CROWN-IBP preset's lr = 200 an unscaled step would turn the attack into ℓ∞ sign-PGD). With
+``min_ssim`` s the objective subtracts ``λ_ssim · max(0, s − SSIM(x, x + δ))``, the random start is
+halved until it is feasible (:data:`START_HALVINGS` times, then 0), and each pair ends at its best
+iterate with SSIM ≥ s. Budgets may differ per pair, so a sweep over budgets is one batch.
 
 What counts as *success* is not decided here: a spoof succeeds only when the real defense's
 CERTIFY, run afresh on ``x + δ``, returns a wrong label (see :mod:`certaudit.audits.spoofing`).
@@ -58,7 +62,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from certaudit.attacks.budget import Budget, ssim
+from certaudit.attacks.budget import Budget, ssim, ssim_at_least
 from certaudit.attacks.shadow_config import (
     COLOR_MODES,
     OPTIMIZERS,
@@ -83,6 +87,8 @@ from certaudit.attacks.shadow_losses import (
 from certaudit.errors import InputError
 
 _RESULT_FIELDS = ("loss", "objective", "color", "tv", "dissim", "ssim")
+STEP_FRACTION = 0.25  # with an ℓ∞ budget τ, each step's ℓ∞ norm is at most STEP_FRACTION·τ (direction kept)
+START_HALVINGS = 8  # with an SSIM bound, the random start is halved up to this many times, then set to 0
 
 
 # --------------------------------------------------------------------------------------- attack
@@ -178,9 +184,11 @@ def shadow_attack(loss: SpoofLoss, x: torch.Tensor, target: torch.Tensor, config
 
     ``max_linf`` / ``min_ssim`` (P,): a perceptual budget per pair (``inf`` / ``−inf``: none; default:
     the config's for every pair), so one call optimizes the same (image, target) under several budgets
-    (a budget sweep) as one batch. A pair with a finite ``max_linf`` τ is projected onto
-    ``[−τ, τ] ∩ [−x, 1 − x]`` after every step; one with ``min_ssim`` gets the SSIM penalty and its
-    best feasible iterate (see :class:`ShadowConfig`).
+    (a budget sweep) as one batch. A pair with a finite ``max_linf`` τ takes steps of ℓ∞ norm at most
+    ``τ/4`` (the optimizer's step scaled down, direction kept) and is projected onto
+    ``[−τ, τ] ∩ [−x, 1 − x]`` after every step; one with ``min_ssim`` starts from a feasible point (its
+    random start halved until SSIM ≥ s), gets the SSIM penalty and returns its best feasible iterate
+    (see :class:`ShadowConfig`).
 
     Images are processed in groups (all pairs of an image in the same group) of
     ``images_per_group`` (default: what the loss's memory budget allows, ``loss.max_images``);
@@ -224,8 +232,10 @@ def _pair_budgets(config: ShadowConfig, max_linf: Any, min_ssim: Any, p_count: i
 
     tau = per_pair(max_linf, config.max_linf, math.inf, "max_linf")
     sim = per_pair(min_ssim, config.min_ssim, -math.inf, "min_ssim")
-    if bool((tau <= 0).any()) or bool((torch.isfinite(sim) & ((sim <= 0) | (sim > 1))).any()):
-        raise InputError("max_linf must be > 0 and min_ssim in (0, 1] for every pair")
+    if bool(((tau <= 0) | (torch.isfinite(tau) & (tau > 1))).any()) or \
+            bool((torch.isfinite(sim) & ((sim <= 0) | (sim > 1))).any()):
+        raise InputError("max_linf must lie in (0, 1] (inf: none) and min_ssim in (0, 1] (-inf: none) for every "
+                         "pair, after rounding to float32")
     return (tau if bool(torch.isfinite(tau).any()) else None), (sim if bool(torch.isfinite(sim).any()) else None)
 
 
@@ -271,12 +281,17 @@ def _ascend(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor, target: 
     """``config.steps`` optimizer steps on Eq. 3, updating ``delta`` in place; returns the objective
     (P,) and the spoofing loss (P,) at the last evaluated step (or of the kept feasible iterate).
 
-    ``tau`` (P,): δ is projected onto its ℓ∞ box ∩ [−x, 1 − x] at the start and after every step.
-    ``min_ssim`` (P,): the SSIM penalty, and pairs with a bound end at their best feasible iterate.
+    ``tau`` (P,): δ is projected onto its ℓ∞ box ∩ [−x, 1 − x] at the start and after every step, and
+    each step of a pair with a finite τ is scaled so that its ℓ∞ norm is at most ``STEP_FRACTION · τ``.
+    ``min_ssim`` (P,): the start is made feasible (:func:`_feasible_start`), the SSIM penalty is added,
+    and pairs with a bound end at their best feasible iterate.
     """
     box = None if tau is None else _box(x_pair, tau, delta.shape[1])
     if box is not None:
         _project(delta, box)
+    if min_ssim is not None:
+        _feasible_start(delta, x_pair, min_ssim)
+    step_cap = None if tau is None else STEP_FRACTION * tau  # (P,), inf where unbounded
     delta.requires_grad_(True)
     opt: torch.optim.Optimizer
     if config.optimizer == "adam":
@@ -291,8 +306,10 @@ def _ascend(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor, target: 
         if keep is not None:
             keep.offer(delta, objective, value, parts["ssim"])
         delta.grad = grad
+        before = None if step_cap is None else delta.detach().clone()
         opt.step()
-        if box is not None:
+        if step_cap is not None:
+            _cap_step(delta, before, step_cap)
             _project(delta, box)
         if on_step is not None:
             on_step(int(target.shape[0]))
@@ -323,6 +340,40 @@ def _project(delta: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> Non
         delta.copy_(torch.clamp(delta, box[0], box[1]))
 
 
+def _cap_step(delta: torch.Tensor, before: torch.Tensor, cap: torch.Tensor) -> None:
+    """Scale each pair's step ``delta − before`` down to ℓ∞ norm ``cap`` (P,) where it is larger.
+
+    The whole step of the pair is multiplied by one factor, so its direction (the smooth Shadow
+    direction of ``lr·∇``, or Adam's) is kept: this is a step-size rule, not a sign attack. Pairs whose
+    step is within the cap, and pairs without a budget (cap = inf), keep their iterate bit for bit.
+    """
+    with torch.no_grad():
+        step = delta - before
+        size = step.flatten(1).abs().amax(dim=1)  # (P,)
+        shrink = size > cap
+        if bool(shrink.any()):
+            factor = torch.where(shrink, cap / size.clamp_min(torch.finfo(size.dtype).tiny), 1.0).view(-1, 1, 1, 1)
+            delta.copy_(torch.where(shrink.view(-1, 1, 1, 1), before + step * factor, delta))
+
+
+def _feasible_start(delta: torch.Tensor, x_pair: torch.Tensor, min_ssim: torch.Tensor) -> None:
+    """Halve the start of every pair with an SSIM bound until ``SSIM(x, clip(x + δ0)) ≥ s``, at most
+    :data:`START_HALVINGS` times; a start still infeasible then is set to 0 (δ = 0 has SSIM 1).
+
+    Halving keeps δ inside its ℓ∞ box (the box contains 0 and is convex). Each pair's start depends on
+    its own image only, so the result does not depend on the batch.
+    """
+    bounded = torch.isfinite(min_ssim)
+    with torch.no_grad():
+        for k in range(START_HALVINGS + 1):
+            sim = ssim(x_pair, (x_pair + expand_delta(delta, x_pair.shape[1])).clamp(0.0, 1.0))
+            bad = bounded & ~ssim_at_least(sim, min_ssim)
+            if not bool(bad.any()):
+                return
+            factor = 0.0 if k == START_HALVINGS else 0.5
+            delta.mul_(torch.where(bad, factor, 1.0).view(-1, 1, 1, 1))
+
+
 class _BestFeasible:
     """Per pair with an SSIM bound, the iterate with the best objective among those with SSIM ≥ s."""
 
@@ -335,7 +386,7 @@ class _BestFeasible:
         self.found = torch.zeros_like(self.bounded)
 
     def offer(self, delta: torch.Tensor, objective: torch.Tensor, value: torch.Tensor, sim: torch.Tensor) -> None:
-        better = self.bounded & (sim >= self.min_ssim) & (objective > self.objective)  # (P,)
+        better = self.bounded & ssim_at_least(sim, self.min_ssim) & (objective > self.objective)  # (P,)
         self.delta[better] = delta.detach()[better]
         self.objective = torch.where(better, objective, self.objective)
         self.value = torch.where(better, value.float(), self.value)
@@ -386,4 +437,5 @@ __all__ = [
     "Budget", "ShadowConfig", "ShadowResult", "SpoofLoss", "SmoothedCrossEntropy", "DefenseMargin", "shadow_attack",
     "shadow_objective", "wrong_class_pairs", "color_penalty", "tv_penalty", "dissim_penalty", "penalty_terms",
     "expand_delta", "delta_channels", "mix_seed", "noise_key", "base_seed", "COLOR_MODES", "OPTIMIZERS", "NOISE_MODES",
+    "STEP_FRACTION", "START_HALVINGS",
 ]

@@ -76,7 +76,10 @@ class _Grid:
     def take(self, result: Any) -> None:
         for b, row in enumerate(result.rows):
             if row["attacked"] and len(self.shown) < self.limit:
-                spoof = (f"{self.caption(row['label'], row['spoofed_prediction'], row['spoofed_radius'])}\n"
+                # a success on an image the defense already labelled wrong needed no attack: say so
+                already = row["success"] and row["natural_prediction"] not in (row["label"], ABSTAIN)
+                spoof = (f"{self.caption(row['label'], row['spoofed_prediction'], row['spoofed_radius'])}"
+                         f"{' (natural already wrong)' if already else ''}\n"
                          f"SSIM {row['ssim']:.3f}, ℓ∞ {row['linf'] * 255:.1f}/255"
                          f"{'' if row['within_budget'] else ' (over budget)'}")
                 captions = (self.caption(row["label"], row["natural_prediction"], row["natural_radius"]), spoof)
@@ -162,7 +165,7 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
                "spoof_loss": loss_settings, **s.run_fields(run, out), **summarize(run.rows, eps)}
     if grid is not None:
         if shown.shown:
-            shown.save(grid, f"Shadow Attack spoofs, budget: {config.budget.label}")
+            shown.save(grid, f"Shadow Attack, attacked images (successes and failures), budget: {config.budget.label}")
             summary["grid"] = str(grid)
         elif not quiet:
             err_console.print("no image was attacked in this run: no grid written")

@@ -13,7 +13,14 @@ For each image ``x`` with label ``y``, :func:`spoof_batch`
 
 A perceptual budget (``max_linf``, ``min_ssim``: :mod:`certaudit.attacks.budget`) binds the attack
 while it optimizes, and a spoof succeeds only if the judged image is within it; a *sweep* runs the
-same attack under several budgets in one batch (``sweep`` in each row).
+same attack under several budgets in one batch (``sweep`` in each row). Each budget is an independent
+attack, selected and judged on its own candidates only: the unbounded entry is the paper's attack (no
+ℓ∞ bound, no SSIM term), a budget's figure does not depend on which other budgets were swept, and
+success is not forced to grow with the budget (the curve may dip where one attack is luckier).
+
+Images are attacked only when they have a target: an image whose natural CERTIFY abstains (with
+``skip_abstained``) or for which no candidate class differs from its label (``candidates`` = only its
+own class) keeps ``attacked = False`` and enters no spoof figure.
 
 Rows hold, per image: the budget, the natural and spoofed labels and radii, the chosen target, the
 perturbation actually applied (``x_adv − x``: ℓ2, ℓ∞ = the largest per-pixel change, TV, colour and
@@ -36,7 +43,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from certaudit.attacks.budget import LINF_TOL, Budget, run_budgets, ssim
+from certaudit.attacks.budget import LINF_TOL, Budget, run_budgets, ssim, ssim_at_least
 from certaudit.attacks.degradation import is_randomized
 from certaudit.attacks.shadow import (
     ShadowConfig,
@@ -52,7 +59,10 @@ from certaudit.audits.spoofing_summary import summarize, summarize_sweep
 from certaudit.defenses.base import ABSTAIN, Certificates, radius_key
 from certaudit.errors import InputError
 
-ROW_FORMAT = 2  # 2: rows hold the budget, SSIM and within_budget (results files of format 1 are refused, not mixed)
+# 2: rows hold the budget, SSIM and within_budget; 3: budgeted steps capped at τ/4, a feasible start under an SSIM
+# bound, each budget selected on its own candidates, images without a target not attacked. Rows of an older format
+# were computed otherwise: their files are refused, not mixed.
+ROW_FORMAT = 3
 ROLE_SELECT = 101  # seed role of the selection CERTIFY
 ROLE_FINAL = 102  # seed role of the fresh, judging CERTIFY
 
@@ -105,9 +115,9 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
     Budgets: the row's spoof is the one under ``config.budget`` (``max_linf``, ``min_ssim``; success
     needs a wrong certified label *and* the judged image within the budget). ``sweep`` (budgets): the
     same attack under each of them too, every (image, target, budget) in one batched attack, one
-    selection and one judging CERTIFY; row field ``sweep`` holds one entry per budget. Budgets are
-    nested: a budget's selection also weighs the candidates of every budget inside it (a spoof within
-    8/255 is one within 16/255), so success does not fall as the budget grows.
+    selection and one judging CERTIFY; row field ``sweep`` holds one entry per budget. Each budget is
+    judged on the candidates of its own attack only (no candidate is borrowed from another budget).
+    Images without a wrong-class target among ``candidates`` are not attacked.
     """
     b_count = int(x.shape[0])
     y = torch.as_tensor(y).long().flatten()
@@ -127,7 +137,10 @@ def spoof_batch(defense: Any, loss: SpoofLoss, x: torch.Tensor, y: torch.Tensor,
     delta_best = torch.zeros_like(x)
     x_best = x.detach().clone()
 
-    todo = [b for b in range(b_count) if not (skip_abstained and rows[b]["natural_prediction"] == ABSTAIN)]
+    image0, _ = wrong_class_pairs(y, int(defense.num_classes), candidates)  # checks candidates, too
+    has_target = set(image0.tolist())  # images with at least one wrong-class target
+    todo = [b for b in range(b_count) if b in has_target
+            and not (skip_abstained and rows[b]["natural_prediction"] == ABSTAIN)]
     if todo:
         sub = torch.tensor(todo, dtype=torch.long)
         xs, ys = x[sub.to(x.device)], y[sub]
@@ -171,7 +184,9 @@ def _attack(defense: Any, loss: SpoofLoss, xs: torch.Tensor, ys: torch.Tensor, c
             budgets: list[Budget], indices: list[int], seed: int, candidates: Sequence[int] | None,
             images_per_group: int | None, on_step: Callable[[int], None] | None,
             sel_opts: dict[str, Any]) -> _Attack:
-    """One batched Shadow Attack over every (image, wrong class, budget), then the selection CERTIFY."""
+    """One batched Shadow Attack over every (image, wrong class, budget), then the selection CERTIFY.
+
+    Every image of ``xs`` must have a wrong-class target (:func:`spoof_batch` attacks only those)."""
     n_img, n_bud = int(xs.shape[0]), len(budgets)
     image0, target0 = wrong_class_pairs(ys, int(defense.num_classes), candidates)  # (P0,), (P0,)
     image, target = image0.repeat(n_bud), target0.repeat(n_bud)  # budget-major, (P,)
@@ -185,18 +200,13 @@ def _attack(defense: Any, loss: SpoofLoss, xs: torch.Tensor, ys: torch.Tensor, c
     # selection: one CERTIFY of every candidate (the noise of an (image, target) is shared by its budgets)
     pair_ids = [indices[i] * int(defense.num_classes) + t for i, t in zip(pairs.image, pairs.target)]
     sel = certify_images(defense, res.x_adv, seed=mix_seed(seed, ROLE_SELECT), indices=pair_ids, **sel_opts)
-    # nested budgets: a budget's candidates are those of every budget inside it (a spoof within 8/255 is one
-    # within 16/255), its own first; each is judged against the group's budget
-    cand, grp = _nested_candidates(budgets, image, bud, n_img)  # (E,), (E,)
+    # each budget is its own attack: group (budget b, image a) holds the pairs of a attacked under b only
+    g = (bud * n_img + image).numpy()  # (P,)
     linf = (res.x_adv - xs[image.to(dev)]).flatten(1).abs().amax(dim=1).double().cpu()  # (P,)
-    g_bud = grp // n_img
-    within = ((linf[cand] <= tau[g_bud] + LINF_TOL) & (res.ssim.double().cpu()[cand] >= sim[g_bud])).numpy()
-    label, radius = sel.label.cpu().numpy()[cand.numpy()], sel.radius.detach().cpu().double().numpy()[cand.numpy()]
-    y_c = ys.numpy()[image.numpy()[cand.numpy()]]
-    good = (label != y_c) & (label != ABSTAIN) & (radius > 0) & within
-    g = grp.numpy()
-    pick = _select(g, good, within, radius, np.asarray(pairs.objective, dtype=np.float64)[cand.numpy()], n_bud * n_img)
-    best = cand.numpy()[np.asarray(pick)].tolist()
+    within = ((linf <= tau[bud] + LINF_TOL) & ssim_at_least(res.ssim.cpu(), sim[bud])).numpy()  # the judge's rule
+    label, radius = sel.label.cpu().numpy(), sel.radius.detach().cpu().double().numpy()
+    good = (label != ys.numpy()[image.numpy()]) & (label != ABSTAIN) & (radius > 0) & within
+    best = _select(g, good, within, radius, np.asarray(pairs.objective, dtype=np.float64), n_bud * n_img)
     return _Attack(res, pairs, sel, best, np.bincount(g, minlength=n_bud * n_img),
                    np.bincount(g, weights=good, minlength=n_bud * n_img))
 
@@ -206,19 +216,6 @@ def _budget_tensors(budgets: list[Budget]) -> tuple[torch.Tensor, torch.Tensor]:
     tau = torch.tensor([math.inf if b.max_linf is None else b.max_linf for b in budgets], dtype=torch.float64)
     sim = torch.tensor([-math.inf if b.min_ssim is None else b.min_ssim for b in budgets], dtype=torch.float64)
     return tau, sim
-
-
-def _nested_candidates(budgets: list[Budget], image: torch.Tensor, bud: torch.Tensor, n_img: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidate pair, group) for every group (budget b, image a) and every pair of image a attacked
-    under a budget inside b (b's own pairs first)."""
-    cand, grp = [], []
-    for b, outer in enumerate(budgets):
-        inner = [b] + [k for k, other in enumerate(budgets) if k != b and outer.contains(other)]
-        sel = torch.cat([torch.nonzero(bud == k).flatten() for k in inner])
-        cand.append(sel)
-        grp.append(b * n_img + image[sel])
-    return torch.cat(cand), torch.cat(grp)
 
 
 def _fill_attacked_rows(rows: list[dict[str, Any]], todo: list[int], att: _Attack, final: Certificates,
@@ -299,13 +296,19 @@ def _select(group: np.ndarray, good: np.ndarray, within: np.ndarray, radius: np.
     """Per group, the candidate whose selection certificate is a wrong label with the largest radius
     (and within the group's budget); where none is, the one with the largest surrogate objective among
     those within the budget (else among all). Ties: the first candidate. Returns positions in the
-    candidate arrays."""
+    candidate arrays. Every group must have a candidate: a group without one is a bug upstream (an image
+    with no target must not be attacked), and raises rather than borrow another group's candidate."""
+    present = np.bincount(group, minlength=n_groups)[:n_groups] > 0
+    if group.size == 0 or not present.all() or int(group.max()) >= n_groups:
+        missing = np.flatnonzero(~present).tolist()
+        raise RuntimeError(f"spoof selection: groups {missing[:5]} have no candidate (an image without a target "
+                           "was attacked)")
     pos = np.arange(group.shape[0])
     rad_key = np.where(good, radius, -np.inf)
     obj_key = np.where(np.isfinite(objective), objective, -np.inf)
     order = np.lexsort((-pos, obj_key, rad_key, within, good, group))  # the last of each group is its best
     last = np.r_[group[order][1:] != group[order][:-1], True]
-    best = np.full(n_groups, -1, dtype=np.int64)
+    best = np.empty(n_groups, dtype=np.int64)
     best[group[order][last]] = order[last]
     return best.tolist()
 

@@ -21,15 +21,23 @@ def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[
     """Table 1 (and, at ``eps``, Table 2) of the Shadow Attack paper from spoofing rows.
 
     * ``budget`` / ``budget_label``: the perceptual budget of the rows' spoofs (``unbounded``: none);
-    * ``natural_radius_mean/std``: over images whose natural CERTIFY does not abstain (and, for
-      deterministic defenses that always return a label, certifies a radius > 0);
+    * ``natural_radius_mean/std`` (the paper's Table 1 column), also as ``natural_radius_mean_certified``:
+      over the rows' images whose natural CERTIFY does not abstain and certifies a radius > 0
+      (``natural_certified`` of them). These are the images of the *spoof rows* (in an audit: the spoof
+      stage's images, not every certified image of the audit);
+    * ``natural_radius_mean_attacked``: the natural radius over the attacked images (0 where the
+      natural image had no certificate), i.e. over the images behind ``success_rate``;
     * ``success_rate``: fraction of the attacked images whose fresh CERTIFY of ``x + δ`` gives a
       wrong label (not ABSTAIN) with a radius > 0, *and* whose ``x + δ`` is within the budget;
     * ``shadow_radius_mean/std``: the spoofed radius over the successful images
       (``shadow_radius_mean_all`` counts failures as radius 0, over all attacked images);
+      ``natural_radius_mean_successes``: the natural radius of those same successful images, the
+      figure to set ``shadow_radius_mean`` against (the successes differ from budget to budget);
     * ``spoofed_beats_natural``: fraction of attacked images with success and ``r_adv ≥ r_nat``;
     * ``successes_natural_wrong``: of the successes, images whose natural label was already wrong
-      (the defense certified a wrong label before any attack; the paper counts them as successes);
+      (the defense labelled them wrong before any attack; the paper counts them as successes, and so
+      does ``success_rate``); ``attacked_natural_correct`` and ``success_rate_natural_correct``: the
+      attacked images whose natural label was right, and the success rate over them only;
     * the perturbation of the judged images (all attacked): ``l2_mean``, ``linf_mean`` and ``linf_max``
       (ℓ∞ = the largest change of any pixel), ``tv_mean``, ``ssim_mean`` and ``ssim_min``
       (SSIM(x, x + δ)), ``within_budget_rate``;
@@ -37,7 +45,8 @@ def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[
       label, ABSTAIN or radius < eps); ``attack_error`` = fraction of all images whose shadow image
       is not certified with a *wrong* label at eps within the budget (correct label, ABSTAIN, radius
       < eps, outside the budget or not attacked). Lower attack error = stronger attack (Table 2);
-    * ``sweep``: the same figures per budget of a sweep (:func:`summarize_sweep`); ``unbounded``:
+    * ``sweep``: the same figures per budget of a sweep (:func:`summarize_sweep`; the rows' own budget is
+      listed there too, ``primary: true``, even when the sweep did not name it); ``unbounded``:
       success rate and mean spoofed radius of the unbounded attack (from the sweep, or the rows' own
       figures when their budget is unbounded), else None.
 
@@ -60,8 +69,11 @@ def summarize(rows: Sequence[dict[str, Any]], eps: float | None = None) -> dict[
     out["natural_accuracy"] = float(np.mean(nat_pred == label))
     attacked = [r for r in rows if r.get("attacked")]
     out["attacked"] = len(attacked)
+    out["natural_certified"] = int(certified.sum())
     out["natural_radius_mean"] = _mean(nat_rad[certified])
     out["natural_radius_std"] = _std(nat_rad[certified])
+    out["natural_radius_mean_certified"] = out["natural_radius_mean"]
+    out["natural_radius_mean_attacked"] = _mean(np.array([float(r["natural_radius"]) for r in attacked]))
     out.update(spoof_stats(attacked, [float(r["natural_radius"]) for r in attacked], _natural_correct(attacked)))
     if eps is not None:
         out.update(_table2(rows, float(eps), nat_pred, nat_rad, label))
@@ -82,7 +94,8 @@ def spoof_stats(entries: Sequence[dict[str, Any]], natural_radius: Sequence[floa
     """Success and perturbation figures of the judged spoofs ``entries`` (one per attacked image, with
     ``success``, ``spoofed_radius``, ``l2``, ``linf``, ``tv``, ``ssim``, ``within_budget``).
     ``natural_correct``: per entry, whether the natural image's label was correct; the successes on
-    images the defense already labelled wrong (no attack needed) are counted apart."""
+    images the defense already labelled wrong (no attack needed) are counted apart, and the success
+    rate over the others is given too."""
     m = len(entries)
     ok = np.array([bool(e.get("success")) for e in entries], dtype=bool)
     adv = np.array([float(e.get("spoofed_radius") or 0.0) for e in entries], dtype=np.float64)
@@ -91,10 +104,14 @@ def spoof_stats(entries: Sequence[dict[str, Any]], natural_radius: Sequence[floa
         "successes": int(ok.sum()), "success_rate": float(ok.mean()) if m else None,
         "shadow_radius_mean": _mean(adv[ok]), "shadow_radius_std": _std(adv[ok]),
         "shadow_radius_mean_all": _mean(np.where(ok, adv, 0.0)),
+        "natural_radius_mean_successes": _mean(nat[ok]),
         "spoofed_beats_natural": float(np.mean(ok & (adv >= nat))) if m else None,
     }
     if natural_correct is not None:
-        out["successes_natural_wrong"] = int((ok & ~np.asarray(natural_correct, dtype=bool)).sum())
+        right = np.asarray(natural_correct, dtype=bool)
+        out["successes_natural_wrong"] = int((ok & ~right).sum())
+        out["attacked_natural_correct"] = int(right.sum())
+        out["success_rate_natural_correct"] = float(ok[right].mean()) if right.any() else None
     for key in ("l2", "linf", "tv", "ssim"):
         vals = [float(e[key]) for e in entries if e.get(key) is not None]
         out[f"{key}_mean"] = float(np.mean(vals)) if vals else None
@@ -108,20 +125,28 @@ def spoof_stats(entries: Sequence[dict[str, Any]], natural_radius: Sequence[floa
 
 
 def summarize_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per budget of the rows' sweep (in the rows' order, unbounded last): the budget, ``attacked``
-    and :func:`spoof_stats` over the attacked images. Empty when the rows hold no sweep."""
+    """Per budget of the rows' sweep, tightest first (unbounded last): the budget, ``attacked``,
+    ``primary`` (the rows' own budget, the headline's) and :func:`spoof_stats` over the attacked
+    images. The rows' own budget is always listed (from the rows' own fields when the sweep did not
+    name it). Each budget is an independent attack, so success need not grow along the list. Empty
+    when the rows hold no sweep."""
     attacked = [r for r in rows if r.get("attacked") and r.get("sweep")]
     if not attacked:
         return []
     keys = [(e.get("max_linf"), e.get("min_ssim")) for e in attacked[0]["sweep"]]
     if any([(e.get("max_linf"), e.get("min_ssim")) for e in r["sweep"]] != keys for r in attacked):
         raise InputError("spoofing rows hold different budget sweeps: rerun them with one configuration")
+    primary = _rows_budget(rows)
+    listed: list[tuple[Budget, int | None]] = [(Budget(tau, s), j) for j, (tau, s) in enumerate(keys)]
+    if primary not in [b for b, _ in listed]:
+        listed.append((primary, None))  # None: the rows' own fields
+    listed.sort(key=lambda bj: bj[0].sort_key())
     nat, correct = [float(r["natural_radius"]) for r in attacked], _natural_correct(attacked)
     out = []
-    for j, (tau, s) in enumerate(keys):
-        budget = Budget(tau, s)
-        out.append({**budget.as_dict(), "label": budget.label, "attacked": len(attacked),
-                    **spoof_stats([r["sweep"][j] for r in attacked], nat, correct)})
+    for budget, j in listed:
+        entries = [r if j is None else r["sweep"][j] for r in attacked]
+        out.append({**budget.as_dict(), "label": budget.label, "primary": budget == primary,
+                    "attacked": len(attacked), **spoof_stats(entries, nat, correct)})
     return out
 
 
@@ -142,8 +167,9 @@ def _unbounded(out: dict[str, Any], budget: Budget, sweep: list[dict[str, Any]])
     src = out if budget.unbounded else next((e for e in sweep if e["max_linf"] is None and e["min_ssim"] is None), None)
     if src is None:
         return None
-    return {k: src.get(k) for k in ("successes", "success_rate", "successes_natural_wrong", "shadow_radius_mean",
-                                    "shadow_radius_std", "l2_mean", "linf_mean", "ssim_mean")}
+    return {k: src.get(k) for k in ("successes", "success_rate", "successes_natural_wrong",
+                                    "success_rate_natural_correct", "shadow_radius_mean", "shadow_radius_std",
+                                    "natural_radius_mean_successes", "l2_mean", "linf_mean", "ssim_mean")}
 
 
 def _table2(rows: Sequence[dict[str, Any]], eps: float, nat_pred: np.ndarray, nat_rad: np.ndarray,

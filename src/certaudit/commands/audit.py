@@ -16,8 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from certaudit import validate
-from certaudit.attacks.budget import parse_linf_list
+from certaudit.attacks.budget import check_linf, check_ssim, parse_linf_list
 from certaudit.audits.audit_job import audit_job
 from certaudit.audits.pipeline import AuditSettings
 from certaudit.commands import options as o
@@ -92,11 +91,9 @@ def _spoof_budget(max_linf: str | None, min_ssim: str | None, sweep: str | None)
     none = ("none", "unbounded", "off")
     out: dict[str, Any] = {}
     if max_linf is not None:
-        out["spoof_max_linf"] = None if max_linf.strip().lower() in none else \
-            parse_number(max_linf, "--spoof-max-linf", positive=True, allow_zero=False)
+        out["spoof_max_linf"] = None if max_linf.strip().lower() in none else check_linf(max_linf, "--spoof-max-linf")
     if min_ssim is not None:
-        out["spoof_min_ssim"] = None if min_ssim.strip().lower() in none else \
-            validate.number(min_ssim, "--spoof-min-ssim", low=0.0, low_open=True, high=1.0)
+        out["spoof_min_ssim"] = None if min_ssim.strip().lower() in none else check_ssim(min_ssim, "--spoof-min-ssim")
     if sweep is not None:
         out["spoof_sweep"] = None if sweep.strip().lower() == "off" else tuple(parse_linf_list(sweep, "--spoof-sweep"))
     return out

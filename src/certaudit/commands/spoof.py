@@ -18,8 +18,7 @@ from typing import Optional
 
 import typer
 
-from certaudit import validate
-from certaudit.attacks.budget import parse_linf_list
+from certaudit.attacks.budget import check_linf, check_ssim, parse_linf_list
 from certaudit.audits.spoof_job import spoof_job
 from certaudit.commands import options as o
 from certaudit.commands._common import parse_number, print_json
@@ -67,8 +66,8 @@ def spoof_cmd(
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid natural | δ | x+δ (images attacked in this run)"),
     grid_images: int = typer.Option(8, "--grid-images", help="rows of the grid"),
     max_linf: Optional[str] = typer.Option(None, "--max-linf", help="perceptual budget: largest change of any pixel, "
-                                                                     "e.g. 16/255 (δ projected every step); "
-                                                                     "default: none"),
+                                                                     "e.g. 16/255, in [1e-6, 1] (δ projected and "
+                                                                     "steps capped at τ/4); default: none"),
     min_ssim: Optional[str] = typer.Option(None, "--min-ssim", help="perceptual budget: SSIM(x, x+δ) >= s, s in "
                                                                      "(0, 1] (a penalty, and a check of the judged "
                                                                      "image); default: none"),
@@ -84,10 +83,12 @@ def spoof_cmd(
                             ("lambda_c", lambda_c, "--lambda-c"), ("lambda_s", lambda_s, "--lambda-s"),
                             ("lambda_ssim", lambda_ssim, "--lambda-ssim")):
         shadow[key] = None if text is None else parse_number(text, flag)
+    # the budget is checked here, naming the flag, before any model or data is loaded
     if max_linf is not None:
-        shadow["max_linf"] = parse_number(max_linf, "--max-linf", positive=True, allow_zero=False)
+        shadow["max_linf"] = check_linf(max_linf, "--max-linf")
     if min_ssim is not None:
-        shadow["min_ssim"] = validate.number(min_ssim, "--min-ssim", low=0.0, low_open=True, high=1.0)
+        shadow["min_ssim"] = check_ssim(min_ssim, "--min-ssim")
+    sweep = None if sweep_linf is None else parse_linf_list(sweep_linf, "--sweep-linf")
     summary = spoof_job(
         model, weights=weights, defense=defense, shadow=shadow, preset=preset, loss=loss_name, samples=samples,
         noise=noise, method=method, eps=None if eps is None else parse_number(eps, "--eps", positive=True,
@@ -97,7 +98,7 @@ def spoof_cmd(
                          "alpha": parse_number(alpha, "--alpha"), "batch_size": batch_size},
         select_n=select_n, seed=seed, device=device, dataset=dataset, split=split, limit=limit, skip=skip,
         stride=stride, chunk=chunk, data_root=data_root, out=out, grid=grid, grid_images=grid_images,
-        sweep=None if sweep_linf is None else parse_linf_list(sweep_linf, "--sweep-linf"), quiet=as_json)
+        sweep=sweep, quiet=as_json)
     if summary is not None:
         print_json(summary) if as_json else print_spoof(summary)
 
