@@ -2,7 +2,7 @@
 
 The device machine sees the working tree and the paths named in ``carry`` (64 MiB in all), not
 ``../shared``, and it has no package registry. One command copies the rest into ``.device/``
-(ignored by ``.gitignore``, about 35 MiB)::
+(ignored by ``.gitignore``, about 33 MiB)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/stage_device_data.py
 
@@ -19,7 +19,7 @@ It writes
 * ``kw/fashion_mnist.pth``, ``kw/cifar_small_8px.pth``: Wong & Kolter's models (copied as they are);
 * ``site/``: pure-Python packages that the device image lacks, copied from this environment:
   ``pytorch_msssim`` (imported by ``certaudit.attacks``), ``convex_adversarial`` (the interval
-  baseline) and auto_LiRPA with ``appdirs`` and ``graphviz`` (from ``$HOME/.cache/alirpa/site``, see
+  baseline) and auto_LiRPA with ``appdirs``, ``graphviz`` and ``tqdm`` (from ``$HOME/.cache/alirpa/site``, see
   ``benchmarks/README.md``) where found; the suite appends ``site/`` to ``sys.path`` *after* the
   machine's own packages;
 * ``MANIFEST.json``: what was staged, with sizes and SHA-256 sums.
@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ALIRPA_SITE = Path.home() / ".cache" / "alirpa" / "site"
-SITE_PACKAGES = ("pytorch_msssim", "convex_adversarial", "auto_LiRPA", "appdirs", "graphviz")
+SITE_PACKAGES = ("pytorch_msssim", "convex_adversarial", "auto_LiRPA", "appdirs", "graphviz", "tqdm")
 KW_FILES = ("fashion_mnist.pth", "cifar_small_8px.pth")
 FMNIST_TEST = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
