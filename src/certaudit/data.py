@@ -4,6 +4,9 @@
 
 * ``digits``: scikit-learn's embedded 8x8 digits (values 0..16 scaled to [0, 1]); a fixed, seeded
   80/20 train/test split (1437 / 360 images).
+* ``fashion-mnist-1k``: 1,000 images of the official Fashion-MNIST test set shipped inside the
+  package (:mod:`certaudit.zoo`: the first 100 of each class in index order; MIT licence, © Zalando
+  SE); a test split only, never read from outside the package.
 * ``mnist`` and ``fashion-mnist``: the four IDX files (gzipped or not) from ``root``; else, for
   Fashion-MNIST, Debian's ``dataset-fashion-mnist`` location; else the cache folder; else a download
   checked against the official SHA-256 sums.
@@ -95,14 +98,14 @@ SOURCES: dict[str, dict[str, Remote]] = {
 }
 
 _GREY = ((0.0,), (1.0,))
+_FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot")
+EMBEDDED_FASHION = "fashion-mnist-1k"
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", (1, 8, 8), 10, tuple(str(i) for i in range(10)), *_GREY),
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, tuple(str(i) for i in range(10)), *_GREY),
-    "fashion-mnist": DatasetInfo(
-        "fashion-mnist", (1, 28, 28), 10,
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        *_GREY,
-    ),
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, _FASHION_CLASSES, *_GREY),
+    EMBEDDED_FASHION: DatasetInfo(EMBEDDED_FASHION, (1, 28, 28), 10, _FASHION_CLASSES, *_GREY),
     "cifar10": DatasetInfo(
         "cifar10", (3, 32, 32), 10,
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
@@ -113,7 +116,8 @@ DATASETS: dict[str, DatasetInfo] = {
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),  # the torchvision / Cohen et al. normalization
     ),
 }
-_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar": "cifar10"}
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar": "cifar10",
+            "fashion_mnist_1k": EMBEDDED_FASHION, "fmnist-1k": EMBEDDED_FASHION}
 
 
 def canonical_name(name: str) -> str:
@@ -179,6 +183,16 @@ def _load_digits(split: str, root: Path | None, download: bool) -> tuple[torch.T
     if split == "train":
         idx = np.sort(idx)
     return torch.from_numpy(x[idx][:, None].copy()), torch.from_numpy(y[idx].copy())
+
+
+def _load_embedded_fashion(split: str, root: Path | None, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,000 Fashion-MNIST test images shipped in :mod:`certaudit.zoo` (checked against its manifest)."""
+    if split != "test":
+        raise InputError(f"{EMBEDDED_FASHION} is the 1,000-image subset of the Fashion-MNIST test set shipped with "
+                         "certaudit: it has a test split only (train on `fashion-mnist`)")
+    from certaudit import zoo  # the package's own files; zoo imports nothing of this module
+
+    return zoo.load_data("fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------ IDX files
@@ -462,6 +476,7 @@ _LOADERS: dict[str, Callable[[str, Path | None, bool], tuple[torch.Tensor, torch
     "digits": _load_digits,
     "mnist": _idx_loader("mnist"),
     "fashion-mnist": _idx_loader("fashion-mnist"),
+    EMBEDDED_FASHION: _load_embedded_fashion,
     "cifar10": _load_cifar10,
     "imagenet": _load_imagenet,
 }

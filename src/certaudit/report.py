@@ -4,10 +4,14 @@
 :func:`certaudit.audits.pipeline.run_audit`: ``summary.json``, ``rows/*.jsonl``, ``images/*.npz``)
 and writes ``report.html`` and ``report.md``. The page has no external resource (no scripts,
 stylesheets, fonts or images fetched from anywhere), so a reviewer can open it offline. Sections
-(:data:`SECTIONS`): the headline table; certified accuracy against radius with ε and 2ε marked; the
+(:data:`SECTIONS`, always there): the headline tables (one row per audit at a glance, then every
+headline figure); then one section per audit (``audit-<folder>``: what was audited and its detail
+tables); certified accuracy against radius with ε and 2ε marked (one panel per norm); the
 false-positive-rate bounds against radius (Figs. 2/3 of the degradation paper); natural against
 spoofed certified radii (Fig. 9 of the Shadow Attack paper); example grids of successful
-degradation and spoofing; what the certificate does and does not cover; the configuration.
+degradation and spoofing; with ``detector=`` (verdicts of :mod:`certaudit.detection`), the
+detector-claims section (:data:`DETECTOR_SECTION`: Tramèr's reduction and the verdicts); what the
+certificate does and does not cover; the configuration.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,6 +68,69 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("spoof_success_rate_unbounded", "spoof success (unbounded: any picture)", "pct"),
     ("shadow_radius_mean_unbounded", "r̄ spoofed (unbounded)", "num"),
 )
+
+DETECTOR_SECTION = ("detector-claims", "Detector claims: Tramèr's reduction")
+"""The section written when :func:`write_report` gets detector verdicts (``certaudit demo`` does)."""
+
+DETECTOR_REDUCTION = (
+    "By Tramèr's reduction (ICML 2022, Theorem 4), a detector robust at radius ε (every input within ε of x is "
+    "labelled correctly or rejected) yields a classifier robust at ε/2 with at least the same robust accuracy: an "
+    "inefficient one, which searches the ε/2 ball, but it exists. So a detector claim at ε is a claim about robust "
+    "classification at ε/2, and one that beats the best known robust classifier there (FLAGGED) implies a "
+    "classifier far beyond the state of the art: the detector's evaluation is then the likelier to be wrong."
+)
+
+_METHOD_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "α-CROWN"}
+
+
+def _smoothing_label(st: dict[str, Any]) -> str:
+    sigma = st.get("sigma")
+    return "randomized smoothing" + ("" if sigma is None else f" (σ = {float(sigma):g}, n = {st.get('n')})")
+
+
+# display names only (the report reads summaries; nothing here talks to a defense)
+_DEFENSE_LABELS: dict[str, Any] = {
+    "smoothing": _smoothing_label,
+    "lipschitz": lambda st: "Lipschitz margin (GloRo)",
+    "interval": lambda st: f"interval bounds ({_METHOD_NAMES.get(str(st.get('method')), st.get('method'))})",
+}
+
+
+def defense_label(summary: dict[str, Any]) -> str:
+    """The defense of an audit in words, from its summary: family and run-time check."""
+    cfg = summary.get("config") or {}
+    d = str(cfg.get("defense", summary.get("headline", {}).get("defense", "")))
+    label = _DEFENSE_LABELS.get(d)
+    return d if label is None else label(cfg.get("defense_settings") or {})
+
+
+def _norm_sym(norm: str) -> str:
+    return "ℓ∞" if norm == "linf" else "ℓ2"
+
+
+def glance_header(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """Header of the one-row-per-audit headline table; the spoof budget is named in it when all audits share it."""
+    budgets = {s["headline"].get("spoof_budget") for s in summaries}
+    budget = f" ({budgets.pop()})" if len(budgets) == 1 and None not in budgets else ""
+    return ["audit", "defense", "ε", "clean accuracy", "certified accuracy at ε (VRA)",
+            "false-positive rate at ε: lower (attacks) – upper (proven)", f"spoof success within budget{budget}",
+            "spoof success unbounded (any picture)"]
+
+
+def glance_row(name: str, summary: dict[str, Any]) -> list[str]:
+    """One audit's row of the at-a-glance headline table (strings)."""
+    h = summary["headline"]
+    upper = "no proof" if h.get("fpr_upper") is None else fmt(h.get("fpr_upper"), "pct")
+    fpr = "–" if h.get("fpr_lower") is None and h.get("fpr_upper") is None else f"{fmt(h.get('fpr_lower'), 'pct')} – {upper}"
+    return [name, defense_label(summary), f"{float(h['eps']):.4g} ({_norm_sym(h['norm'])})",
+            fmt(h.get("clean_accuracy"), "pct"), fmt(h.get("vra_eps"), "pct"), fpr,
+            fmt(h.get("spoof_success_rate"), "pct"), fmt(h.get("spoof_success_rate_unbounded"), "pct")]
+
+
+def glance_rows(audits: Sequence["AuditData"]) -> tuple[list[str], list[list[str]]]:
+    """The at-a-glance headline table: one row per audit, across defenses."""
+    return glance_header([a.summary for a in audits]), [glance_row(a.name, a.summary) for a in audits]
+
 
 @dataclass
 class AuditData:
@@ -246,6 +314,11 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}figcaption{font-size:.85em;color:#444}img{max-width:100%;height:auto}
 .note{font-size:.9em;color:#444}.wide{overflow-x:auto}.wide table{font-size:.78em}code{background:#f5f5f5;padding:0 .2em}
 dl dt{font-weight:600;margin-top:.4em}dl dd{margin-left:1.2em}
+.glance table{font-size:.9em}.glance td{white-space:nowrap}.glance td:nth-child(-n+2){white-space:normal}.glance td:nth-child(-n+2),.glance th:nth-child(-n+2){text-align:left}
+.claims td:nth-child(-n+4),.claims th:nth-child(-n+4){text-align:left}.claims td{white-space:nowrap}
+.claims td:nth-child(2){white-space:normal}tr.flag td:last-child{color:#b00;font-weight:600}
+section.audit h2{font-size:1.12em}
+.examples{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:0 1.5em}
 """
 
 
@@ -258,32 +331,57 @@ def _table_html(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def _img(b64: str | None, alt: str, caption: str) -> str:
     if b64 is None:
         return f'<p class="note">({html.escape(alt)}: no data in this audit.)</p>'
-    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">{cap}</figure>'
 
 
-def render_html(audits: Sequence[AuditData], title: str = "certaudit report") -> str:
-    """The self-contained page: every section of :data:`SECTIONS`, in order, figures inlined."""
+def render_html(audits: Sequence[AuditData], title: str = "certaudit report", detector: Sequence[Any] | None = None) -> str:
+    """The self-contained page: every section of :data:`SECTIONS`, in order, figures inlined; one section
+    per audit after the headline; the detector-claims section when ``detector`` verdicts are given."""
     if not audits:
         raise InputError("no audits to report")
-    parts = _html_head(audits, title)
+    parts = _html_head(audits, title, detector is not None)
     parts += _headline_section(audits)
+    parts += _audit_sections(audits)
     parts += _figure_sections(audits)
     parts += _example_sections(audits)
+    if detector is not None:
+        parts += _detector_section(detector)
     parts += _coverage_section(audits)
     parts += _meanings_section()
     parts += _configuration_section(audits)
     return "\n".join(parts)
 
 
-_TITLES = dict(SECTIONS)
+_TITLES = dict(SECTIONS + (DETECTOR_SECTION,))
 
 
 def _open_section(sid: str) -> str:
     return f'<section id="{sid}"><h2>{_TITLES[sid]}</h2>'
 
 
-def _html_head(audits: Sequence[AuditData], title: str) -> list[str]:
+def audit_section_ids(audits: Sequence[AuditData]) -> list[str]:
+    """One section id per audit, ``audit-<folder name>`` (letters, digits and dashes; made unique)."""
+    ids: list[str] = []
+    for k, a in enumerate(audits, start=1):
+        slug = re.sub(r"[^a-z0-9]+", "-", a.folder.name.lower()).strip("-") or str(k)
+        sid, j = f"audit-{slug}", 2
+        while sid in ids or sid in _TITLES:
+            sid, j = f"audit-{slug}-{j}", j + 1
+        ids.append(sid)
+    return ids
+
+
+def _toc(audits: Sequence[AuditData], detector: bool) -> list[tuple[str, str]]:
+    toc = [SECTIONS[0]] + [(sid, f"Audit: {a.name}") for sid, a in zip(audit_section_ids(audits), audits)]
+    rest = list(SECTIONS[1:])
+    if detector:
+        at = [sid for sid, _ in rest].index("coverage")
+        rest.insert(at, DETECTOR_SECTION)
+    return toc + rest
+
+
+def _html_head(audits: Sequence[AuditData], title: str, detector: bool = False) -> list[str]:
     """Document head, title, what was audited, and the table of contents."""
     first = audits[0].summary
     return [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
@@ -291,19 +389,55 @@ def _html_head(audits: Sequence[AuditData], title: str) -> list[str]:
             f'<p class="note">{len(audits)} audit(s) of {html.escape(str(first["config"]["dataset"]))} '
             f'({html.escape(str(first["config"]["split"]))} split); certaudit {html.escape(str(first["versions"]["certaudit"]))}, '
             f'torch {html.escape(str(first["versions"]["torch"]))}, device {html.escape(str(first["device"]["type"]))}.</p>',
-            '<nav><ul>' + "".join(f'<li><a href="#{sid}">{html.escape(t)}</a></li>' for sid, t in SECTIONS)
+            '<nav><ul>' + "".join(f'<li><a href="#{sid}">{html.escape(t)}</a></li>' for sid, t in _toc(audits, detector))
             + "</ul></nav>"]
 
 
+_GLANCE_NOTE = ("One row per audit. Certified accuracy: certified with the correct label at ε by the defense's own "
+                "check. False-positive rate: of the correctly certified images, those an ε-bounded degradation attack "
+                "made the run-time defense reject (lower bound), and those the defense did not prove non-degradable "
+                "(upper bound; 'no proof': the defense has none). Spoof success: fresh certificates of a wrong label "
+                "after the Shadow Attack, within the stated perceptual budget and without any budget.")
+
+
 def _headline_section(audits: Sequence[AuditData]) -> list[str]:
-    """The headline table, then each audit's detail tables."""
+    """The at-a-glance table (one row per audit), then every headline figure."""
+    gh, gb = glance_rows(audits)
     header, body = headline_rows(audits)
-    parts = [_open_section("headline"), '<div class="wide">' + _table_html(header, body) + "</div>"]
-    for a in audits:
-        parts.append(f"<h3>{html.escape(a.name)}</h3>")
+    return [_open_section("headline"), f'<p class="note">{html.escape(_GLANCE_NOTE)}</p>',
+            '<div class="wide glance">' + _table_html(gh, gb) + "</div>",
+            "<h3>Every headline figure</h3>", '<div class="wide">' + _table_html(header, body) + "</div>",
+            "</section>"]
+
+
+def audit_description(a: AuditData) -> str:
+    """What one audit audited, in a sentence: defense, radius, model (and its training), images."""
+    cfg = a.summary["config"]
+    extra = cfg.get("extra") or {}
+    train = extra.get("training") or {}
+    trained = ""
+    if train:
+        radius = (f"σ = {train['sigma']:g}" if train.get("sigma") is not None else
+                  f"ε = {train['eps']:g} ({_norm_sym(str(train.get('norm', a.norm)))})" if train.get("eps") is not None
+                  else "")
+        acc = "" if train.get("test_accuracy") is None else f", test accuracy {fmt(train['test_accuracy'], 'pct')}"
+        trained = f"; trained with {train.get('method', '?')} {radius}{acc}".rstrip()
+    sha = str(cfg.get("model_sha256") or "")
+    return (f"Defense: {defense_label(a.summary)}, {_norm_sym(a.norm)} ε = {a.eps:.4g}. Model: {cfg.get('model')} "
+            f"({cfg.get('arch') or '?'}{', SHA-256 ' + sha[:12] + '…' if sha else ''}{trained}). Images: "
+            f"{cfg.get('images')} of {cfg.get('dataset')} ({cfg.get('split')})"
+            + (f"; {extra['data_rule']}" if extra.get("data_rule") else "") + ".")
+
+
+def _audit_sections(audits: Sequence[AuditData]) -> list[str]:
+    """One section per audit: what was audited, then its detail tables."""
+    parts = []
+    for sid, a in zip(audit_section_ids(audits), audits):
+        parts.append(f'<section id="{sid}" class="audit"><h2>Audit: {html.escape(a.name)}</h2>'
+                     f'<p class="note">{html.escape(audit_description(a))}</p>')
         for cap, h, b in _detail_tables(a):
             parts.append(f'<p class="note">{html.escape(cap)}</p>' + _table_html(h, b))
-    parts.append("</section>")
+        parts.append("</section>")
     return parts
 
 
@@ -338,24 +472,26 @@ def _figure_sections(audits: Sequence[AuditData]) -> list[str]:
 
 _EXAMPLE_SECTIONS = (
     ("degradation-examples", "degrade",
-     "Each row: a correctly certified image x, the perturbation x'−x (scaled, red +, blue −) and "
-     "x' within ε of x, which the defense rejects (re-found for display and re-checked)."),
+     "Each row: a correctly certified image x with its label and certified radius; the perturbation x′−x on its "
+     "own colour scale (the bar, in 8-bit steps of 1/255: red brightens a pixel, blue darkens it); and x′, within "
+     "ε of x, which the run-time defense rejects (re-found for display and re-checked)."),
     ("spoofing-examples", "spoof",
-     "Each row: a natural image, the Shadow Attack perturbation δ (scaled) and x+δ with its "
-     "certified wrong label and radius, its SSIM to x and its largest pixel change; successful spoofs "
-     "within the budget named above the grid."),
+     "Each row: a natural image with its true label; the Shadow Attack perturbation δ on its own colour scale "
+     "(the bar, in 8-bit steps of 1/255), its largest pixel change and SSIM(x, x+δ); and x+δ with the wrong label "
+     "the defense certifies for it and the certified radius. Successful spoofs within the budget named above "
+     "each grid."),
 )
 
 
 def _example_sections(audits: Sequence[AuditData]) -> list[str]:
-    """The example grids of degradation and spoofing, one per audit."""
+    """The example grids of degradation and spoofing, one per audit, side by side where the page is wide."""
     parts = []
     for sid, kind, what in _EXAMPLE_SECTIONS:
-        parts.append(_open_section(sid))
+        parts.append(_open_section(sid) + f'<p class="note">{html.escape(what)}</p><div class="examples">')
         for a in audits:
-            parts.append(f"<h3>{html.escape(a.name)}</h3>")
-            parts.append(_img(figure_examples(a, kind), f"{kind} examples of {a.name}", what))
-        parts.append("</section>")
+            parts.append(f"<div><h3>{html.escape(a.name)}</h3>"
+                         + _img(figure_examples(a, kind), f"{kind} examples of {a.name}", "") + "</div>")
+        parts.append("</div></section>")
     return parts
 
 
@@ -373,6 +509,57 @@ _CERTIFICATE_LIMITS = (
     "<li>Only the threat model's norm ball is covered: rotations, colour shifts, blur or any semantic "
     "change of large ℓp size are not (the Shadow Attack's perturbations are smooth but large).</li></ul>"
 )
+
+
+def detector_rows(verdicts: Sequence[Any]) -> tuple[list[str], list[list[str]], list[str]]:
+    """The detector-claims table: header, one row per claim, and the references the rows cite ([k])."""
+    header = ["#", "detector (claim)", "data", "norm, ε", "claimed robust accuracy with detection at ε", "ε/2",
+              "best known robust classification at ε/2", "margin (points)", "verdict"]
+    refs: list[str] = []
+    body = []
+    for i, v in enumerate(verdicts, start=1):
+        c = v.claim
+        claim = ("≥ " if c.accuracy_source == "eq4" else "") + fmt(c.robust_accuracy_with_detection, "pct")
+        if c.kind.value == "certified":
+            claim += " (certified)"
+        if v.reference is None:
+            best = "–"
+        else:
+            if v.reference.citation not in refs:
+                refs.append(v.reference.citation)
+            best = f"{fmt(v.reference.robust_accuracy, 'pct')} [{refs.index(v.reference.citation) + 1}]"
+            if v.basis == "smaller-radius":
+                best += f" at {v.reference.eps_text}"
+        margin = "–" if v.margin is None else f"{100 * v.margin:+.1f}"
+        verdict = {"flagged": "FLAGGED", "not flagged": "not flagged", "no reference": "no reference"}[v.status]
+        body.append([str(i), c.defense or "–", c.dataset, f"{_norm_sym(c.norm.value)} {c.eps_text}", claim,
+                     c.implied_eps_text, best, margin, verdict])
+    return header, body, refs
+
+
+def _detector_counts(verdicts: Sequence[Any]) -> str:
+    from certaudit.detection import summarize_verdicts
+
+    c = summarize_verdicts(verdicts)
+    return (f"{c['flagged']} of {c['claims']} claims flagged ({c['defenses_flagged']} of {c['defenses']} detector "
+            f"defenses), {c['not_flagged']} not flagged, {c['no_reference']} without a reference row. Claims: "
+            "Tramèr 2022, Table 1 (certaudit check-detector --example table1); '≥': bounded from the reported "
+            "FPR, FNR and clean error by Equation 4. Your own claims: certaudit check-detector --claims FILE.")
+
+
+def _detector_section(verdicts: Sequence[Any]) -> list[str]:
+    """Tramèr's reduction in two sentences, the verdicts on the claims, the references."""
+    header, body, refs = detector_rows(verdicts)
+    trs = []
+    for row in body:
+        cls = ' class="flag"' if row[-1] == "FLAGGED" else ""
+        trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    return [_open_section(DETECTOR_SECTION[0]), f"<p>{html.escape(DETECTOR_REDUCTION)}</p>",
+            f'<p class="note">{html.escape(_detector_counts(verdicts))}</p>',
+            f'<div class="wide claims"><table><thead><tr>{th}</tr></thead><tbody>{"".join(trs)}</tbody></table></div>',
+            '<p class="note">References (best known robust classification):</p><ol class="note">'
+            + "".join(f"<li>{html.escape(r)}</li>" for r in refs) + "</ol></section>"]
 
 
 def _coverage_section(audits: Sequence[AuditData]) -> list[str]:
@@ -417,17 +604,25 @@ def _table_md(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(audits: Sequence[AuditData], title: str = "certaudit report") -> str:
+def render_markdown(audits: Sequence[AuditData], title: str = "certaudit report",
+                    detector: Sequence[Any] | None = None) -> str:
     if not audits:
         raise InputError("no audits to report")
-    out = [f"# {title}", "", "## Headline figures", ""]
+    out = [f"# {title}", "", "## Headline figures", "", _GLANCE_NOTE, ""]
+    gh, gb = glance_rows(audits)
+    out += [_table_md(gh, gb), "", "### Every headline figure", ""]
     header, body = headline_rows(audits)
     out += [_table_md(header, body), ""]
     for a in audits:
-        out += [f"## {a.name}", ""]
+        out += [f"## Audit: {a.name}", "", audit_description(a), ""]
         for cap, h, b in _detail_tables(a):
             out += [f"**{cap}**", "", _table_md(h, b), ""]
         out += ["What the certificate covers: " + " ".join(coverage_text(a)), ""]
+    if detector is not None:
+        dh, db, refs = detector_rows(detector)
+        out += [f"## {DETECTOR_SECTION[1]}", "", DETECTOR_REDUCTION, "", _detector_counts(detector), "",
+                _table_md(dh, db), ""]
+        out += [f"{k}. {r}" for k, r in enumerate(refs, start=1)] + [""]
     out += ["## What every figure means", ""]
     out += [f"- **{t}**: {m}" for t, m in FIGURE_MEANINGS]
     return "\n".join(out) + "\n"
@@ -436,8 +631,10 @@ def render_markdown(audits: Sequence[AuditData], title: str = "certaudit report"
 # ------------------------------------------------------------------------------------- write
 
 def write_report(folders: Sequence[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike | None = None, *,
-                 names: Sequence[str] | None = None, title: str = "certaudit report") -> dict[str, Path]:
-    """Write ``report.html`` and ``report.md`` for one audit folder (into it) or several (into ``out``)."""
+                 names: Sequence[str] | None = None, title: str = "certaudit report",
+                 detector: Sequence[Any] | None = None) -> dict[str, Path]:
+    """Write ``report.html`` and ``report.md`` for one audit folder (into it) or several (into ``out``);
+    ``detector``: verdicts of :func:`certaudit.detection.check_claims` for the detector-claims section."""
     if isinstance(folders, (str, os.PathLike)):
         folders = [folders]
     folders = [Path(f) for f in folders]
@@ -448,13 +645,14 @@ def write_report(folders: Sequence[str | os.PathLike] | str | os.PathLike, out: 
     dest = Path(out) if out is not None else folders[0]
     dest.mkdir(parents=True, exist_ok=True)
     paths = {"html": dest / "report.html", "md": dest / "report.md"}
-    for key, text in (("html", render_html(audits, title)), ("md", render_markdown(audits, title))):
+    for key, text in (("html", render_html(audits, title, detector)), ("md", render_markdown(audits, title, detector))):
         tmp = paths[key].with_name(paths[key].name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, paths[key])
     return paths
 
 
-__all__ = ["SECTIONS", "AuditData", "load_audit", "render_html", "render_markdown", "write_report", "headline_rows",
+__all__ = ["SECTIONS", "DETECTOR_SECTION", "DETECTOR_REDUCTION", "AuditData", "audit_section_ids", "audit_description",
+           "defense_label", "glance_header", "glance_row", "glance_rows", "detector_rows", "load_audit", "render_html", "render_markdown", "write_report", "headline_rows",
            "figure_certified_accuracy", "figure_fpr", "figure_radius_histograms", "figure_examples",
            "figure_spoof_budget", "FIGURE_MEANINGS", "PAPERS"]

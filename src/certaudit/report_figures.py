@@ -35,6 +35,28 @@ def _norm_label(norm: str) -> str:
     return "ℓ∞" if norm == "linf" else "ℓ2"
 
 
+def _by_norm(audits: Sequence[AuditData]) -> list[tuple[str, list[AuditData]]]:
+    """Audits grouped by norm (ℓ2 first): radii of different norms never share an axis."""
+    norms = sorted({a.norm for a in audits}, key=lambda n: (n != "l2", n))
+    return [(n, [a for a in audits if a.norm == n]) for n in norms]
+
+
+def _grid(plt: Any, n: int, w: float, h: float) -> tuple[Any, list[Any]]:
+    """A figure with ``n`` panels: one row up to 3, else 2 columns; the unused panels hidden."""
+    cols = n if n <= 3 else 2
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+def _colors(audits: Sequence[AuditData]) -> dict[int, str]:
+    """One colour per audit, the same in every panel."""
+    return {id(a): f"C{k}" for k, a in enumerate(audits)}
+
+
 def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
     from certaudit.audits.certified import accuracy_curve
 
@@ -42,53 +64,63 @@ def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
     if not have:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for a in have:
-        grid, acc = accuracy_curve(a.rows["certify"])
-        ax.step(grid, acc, where="post", label=a.name)
-    for e in sorted({a.eps for a in have}):
-        ax.axvline(e, color="grey", linestyle="--", linewidth=1)
-        ax.axvline(2 * e, color="grey", linestyle=":", linewidth=1)
-        ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
-        ax.text(2 * e, 1.01, " 2ε", fontsize=8, color="grey", va="bottom")
-    ax.set_xlabel(f"radius r ({_norm_label(have[0].norm)})")
-    ax.set_ylabel("certified accuracy (VRA at r)")
-    ax.set_ylim(0, 1.08)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    groups = _by_norm(have)
+    color = _colors(audits)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 3.8), squeeze=False)
+    for ax, (norm, group) in zip(axes[0], groups):
+        for a in group:
+            grid, acc = accuracy_curve(a.rows["certify"])
+            ax.step(grid, acc, where="post", label=a.name, color=color[id(a)])
+        for e in sorted({a.eps for a in group}):
+            ax.axvline(e, color="grey", linestyle="--", linewidth=1)
+            ax.axvline(2 * e, color="grey", linestyle=":", linewidth=1)
+            ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
+            ax.text(2 * e, 1.01, " 2ε", fontsize=8, color="grey", va="bottom")
+        ax.set_xlabel(f"radius r ({_norm_label(norm)})")
+        ax.set_ylabel("certified accuracy (VRA at r)")
+        ax.set_ylim(0, 1.08)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if len(groups) > 1:
+            ax.set_title(f"{_norm_label(norm)} certificates", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
 
 def figure_fpr(audits: Sequence[AuditData]) -> str | None:
     """The FPR's 2r check against radius (line) and, at ε, the lower bound by attack and the proven
-    upper bound (markers)."""
+    upper bound (markers); one panel per norm."""
     have = [a for a in audits if a.summary.get("fpr_curve")]
     if not have:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for k, a in enumerate(have):
-        color = f"C{k}"
-        pts = a.summary["fpr_curve"]
-        ax.plot([p["radius"] for p in pts],
-                [np.nan if p.get("fpr_2r_check") is None else p["fpr_2r_check"] for p in pts],
-                color=color, label=f"{a.name}: 2r check")
-        d = a.summary.get("degradation") or {}
-        if d.get("fpr_lower") is not None:
-            ax.plot([a.eps], [d["fpr_lower"]], marker="v", color=color, linestyle="none", markersize=8,
-                    label=f"{a.name}: lower bound at ε (attacks)")
-        if d.get("fpr_upper") is not None:
-            ax.plot([a.eps], [d["fpr_upper"]], marker="^", color=color, linestyle="none", markersize=8,
-                    markerfacecolor="none")
-    for e in sorted({a.eps for a in have}):
-        ax.axvline(e, color="grey", linestyle="--", linewidth=1)
-        ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
-    ax.set_xlabel(f"radius ε of the run-time defense ({_norm_label(have[0].norm)})")
-    ax.set_ylabel("false-positive rate |testA| / |testR|")
-    ax.set_ylim(0, 1.08)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5)
+    groups = _by_norm(have)
+    color = _colors(audits)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 3.8), squeeze=False)
+    for ax, (norm, group) in zip(axes[0], groups):
+        for a in group:
+            c = color[id(a)]
+            pts = a.summary["fpr_curve"]
+            ax.plot([p["radius"] for p in pts],
+                    [np.nan if p.get("fpr_2r_check") is None else p["fpr_2r_check"] for p in pts],
+                    color=c, label=f"{a.name}: 2r check")
+            d = a.summary.get("degradation") or {}
+            if d.get("fpr_lower") is not None:
+                ax.plot([a.eps], [d["fpr_lower"]], marker="v", color=c, linestyle="none", markersize=8,
+                        label=f"{a.name}: lower bound at ε (attacks)")
+            if d.get("fpr_upper") is not None:
+                ax.plot([a.eps], [d["fpr_upper"]], marker="^", color=c, linestyle="none", markersize=8,
+                        markerfacecolor="none")
+        for e in sorted({a.eps for a in group}):
+            ax.axvline(e, color="grey", linestyle="--", linewidth=1)
+            ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
+        ax.set_xlabel(f"radius ε of the run-time defense ({_norm_label(norm)})")
+        ax.set_ylabel("false-positive rate |testA| / |testR|")
+        ax.set_ylim(0, 1.08)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5)
+        if len(groups) > 1:
+            ax.set_title(f"{_norm_label(norm)} certificates", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
@@ -98,8 +130,8 @@ def figure_radius_histograms(audits: Sequence[AuditData]) -> str | None:
     if not have:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(have), figsize=(3.6 * len(have), 3.2), squeeze=False)
-    for ax, a in zip(axes[0], have):
+    fig, axes = _grid(plt, len(have), 4.2, 3.3)
+    for ax, a in zip(axes, have):
         r = a.rows["spoof"]
         nat = [float(x["natural_radius"]) for x in r if int(x["natural_prediction"]) != -1]
         adv = [float(x["spoofed_radius"]) for x in r if x.get("success")]
@@ -123,8 +155,8 @@ def figure_spoof_budget(audits: Sequence[AuditData]) -> str | None:
     if not have:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(have), figsize=(4.2 * len(have), 4.2), squeeze=False)
-    for ax, a in zip(axes[0], have):
+    fig, axes = _grid(plt, len(have), 4.8, 4.2)
+    for ax, a in zip(axes, have):
         sp = a.summary["spoofing"]
         sweep = sp["sweep"]
         finite = [e["max_linf"] * 255 for e in sweep if e["max_linf"] is not None]
@@ -159,19 +191,34 @@ def figure_spoof_budget(audits: Sequence[AuditData]) -> str | None:
     return _png(fig)
 
 
-def _show(ax: Any, img: np.ndarray, title: str, diverging: bool = False) -> None:
-    if diverging:
-        ax.imshow(img, cmap="RdBu_r", vmin=-1, vmax=1)
-    elif img.shape[0] == 1:
+def _show(ax: Any, img: np.ndarray, title: str) -> None:
+    """An image in [0, 1] (C, H, W), pixels as squares, with a title."""
+    if img.shape[0] == 1:
         ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
         ax.imshow(np.transpose(img[:3], (1, 2, 0)).clip(0, 1), interpolation="nearest")
-    ax.set_title(title, fontsize=6.5)
-    ax.axis("off")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
-def figure_examples(a: AuditData, kind: str, limit: int = 6, classes: Sequence[str] | None = None) -> str | None:
-    """Grid: one row per example; natural | perturbation (scaled) | perturbed image."""
+def _show_delta(fig: Any, ax: Any, delta: np.ndarray, title: str) -> None:
+    """The perturbation (mean over channels) in 8-bit steps (×255) on a symmetric diverging scale, with its
+    colour bar: red brightens a pixel, blue darkens it; the bar says by how much."""
+    d = delta.mean(axis=0) * 255.0  # (H, W) in 1/255 steps
+    top = float(np.abs(d).max()) or 1.0
+    im = ax.imshow(d, cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.ax.tick_params(labelsize=6.5)
+    bar.set_label("change (×1/255)", fontsize=6.5)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def figure_examples(a: AuditData, kind: str, limit: int = 4, classes: Sequence[str] | None = None) -> str | None:
+    """Grid: one row per example; natural x with its label | the perturbation (colour scale in 8-bit
+    steps, labelled) | the perturbed image with what the defense says about it."""
     recs = []
     for chunk in a.examples.get(kind, []):
         for j in range(len(chunk["index"])):
@@ -181,28 +228,35 @@ def figure_examples(a: AuditData, kind: str, limit: int = 6, classes: Sequence[s
         return None
     classes = classes or a.summary["config"].get("classes")
     name = (lambda c: "⊥" if int(c) == -1 else (classes[int(c)] if classes else str(int(c))))
+    norm = "∞" if a.norm == "linf" else "₂"
     plt = _plt()
-    fig, axes = plt.subplots(len(recs), 3, figsize=(4.8, 1.7 * len(recs)), squeeze=False)
+    fig, axes = plt.subplots(len(recs), 3, figsize=(6.6, 2.35 * len(recs)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.22, 1]})
     for row, rec in zip(axes, recs):
         nat, adv = rec["natural"].astype(np.float32), rec["adv"].astype(np.float32)
         delta = adv - nat
-        scale = float(np.abs(delta).max()) or 1.0
-        shown = delta.mean(axis=0) / scale  # (H, W), in [-1, 1]
+        linf = 255 * float(np.abs(delta).max())
         if kind == "degrade":
-            _show(row[0], nat, f"#{int(rec['index'])}: {name(rec['prediction'])}, r={float(rec['radius']):.3f}")
-            _show(row[1], shown, f"x'−x (×{1 / scale:.3g})", diverging=True)
-            _show(row[2], adv, f"x': ⊥ (rejected), ‖x'−x‖={float(rec['distance']):.3f}")
+            r = float(rec["radius"])
+            cert = f"certified, r = {r:.3f}" if r > 0 else f"certified at ε = {a.eps:.3g}"  # no radius: checks only
+            _show(row[0], nat, f"x (#{int(rec['index'])}): {name(rec['prediction'])}\n{cert}")
+            _show_delta(fig, row[1], delta, f"x′ − x: ‖·‖{norm} = {float(rec['distance']):.3f}\n"
+                                            f"largest pixel change {linf:.1f}/255")
+            _show(row[2], adv, f"x′ (within ε = {a.eps:.3g}):\nrejected (⊥)")
         else:
-            _show(row[0], nat, f"#{int(rec['index'])}: true {name(rec['label'])}")
-            _show(row[1], shown, f"δ (×{1 / scale:.3g})", diverging=True)
-            extra = "" if "ssim" not in rec else (f"\nSSIM {float(rec['ssim']):.3f}, "
-                                                  f"‖δ‖∞ {255 * float(rec['linf']):.1f}/255")
-            _show(row[2], adv, f"x+δ: {name(rec['prediction'])}, r={float(rec['radius']):.3f}{extra}")
+            _show(row[0], nat, f"x (#{int(rec['index'])}): true {name(rec['label'])}")
+            ssim = "" if "ssim" not in rec else f", SSIM {float(rec['ssim']):.3f}"
+            _show_delta(fig, row[1], delta, f"δ: ‖δ‖∞ = {linf:.1f}/255{ssim}")
+            _show(row[2], adv, f"x + δ: certified {name(rec['prediction'])}\nr = {float(rec['radius']):.3f} "
+                               f"(wrong label)")
     top = 1.0
     if kind == "spoof":
         budget = (a.summary.get("spoofing") or {}).get("budget_label", "unbounded")
-        fig.suptitle(f"budget: {budget}", fontsize=8)
-        top = 1 - 0.3 / (1.7 * len(recs))
+        fig.suptitle(f"{a.name}: spoofs within the budget {budget}", fontsize=8.5)
+        top = 1 - 0.35 / (2.35 * len(recs))
+    else:
+        fig.suptitle(f"{a.name}: degraded at {_norm_label(a.norm)} ε = {a.eps:.3g}", fontsize=8.5)
+        top = 1 - 0.35 / (2.35 * len(recs))
     fig.tight_layout(rect=(0, 0, 1, top))
     return _png(fig)
 

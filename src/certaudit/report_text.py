@@ -208,6 +208,22 @@ def print_sweep(sweep: list[dict[str, Any]], natural_mean: Any = None) -> None:
     console.print(table)
 
 
+def print_glance(items: list[tuple[str, dict[str, Any]]]) -> None:
+    """The at-a-glance headline table (the report's first table) on stdout, turned for a terminal: one
+    column per audit, one row per figure."""
+    from certaudit.report import glance_header, glance_row
+
+    header = glance_header([s for _, s in items])
+    rows = [glance_row(name, s) for name, s in items]
+    table = Table(title="certaudit: what is the certificate worth?")
+    table.add_column("")
+    for row in rows:
+        table.add_column(row[0], justify="right")
+    for i, title in enumerate(header[1:], start=1):
+        table.add_row(title, *[row[i] for row in rows])
+    console.print(table)
+
+
 def print_headline(items: list[tuple[str, dict[str, Any]]]) -> None:
     """The headline table on stdout: one row per figure, one column per audit (fits a terminal)."""
     table = Table(title="certaudit: what is the certificate worth?")

@@ -105,19 +105,26 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def run_demo_audit(job: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    """One audit of the demo on the shipped zoo model ``job["model_name"]`` (no report: the demo writes one)."""
+    """One audit of the demo on the shipped zoo model ``job["model_name"]`` of the zoo ``job["zoo"]`` (default
+    ``digits``) on that zoo's shipped test images (no report: the demo writes one)."""
     torch.set_num_threads(int(job["threads"]))
-    man = zoo.manifest()
-    info = dataset_info(man["dataset"])
-    x, y = zoo.load_data()
+    key = zoo.zoo_key(job.get("zoo"))
+    man = zoo.manifest(key)
+    data = man["data"]
+    info = dataset_info(data.get("name") or man["dataset"])  # fashion-mnist-1k; digits
+    x, y = zoo.load_data(key)
     path = zoo.model_path(job["model_name"])
     dev = torch.device(job["device"])
     net, meta = load_checkpoint(path, dev)
     settings = AuditSettings(eps=job["eps"], seed=job["seed"], chunk=200, attack_steps=job["attack_steps"],
                              spoof_steps=job["spoof_steps"], examples=4, **job["extra"]).check()
+    extra = {"data": f"certaudit/zoo/{data['file']}", "data_sha256": data["sha256"], "zoo_model": job["model_name"],
+             "training": {k: v for k, v in man["models"][job["model_name"]].items() if k not in ("file", "sha256")}}
+    if data.get("rule"):
+        extra["data_rule"] = f"{data['source']}: {data['rule']}"
     source = AuditSource(model=f"zoo:{job['model_name']}", model_sha256=sha256_file(path), defense=job["defense"],
                          dataset=info.name, split="test", indices=list(range(job["limit"])), arch=meta.arch,
-                         extra={"data": f"certaudit/zoo/{man['data']['file']}", "zoo_model": job["model_name"]})
+                         extra=extra)
     summary = run_and_report(Path(job["out"]), net, meta, source, x, y, settings, dev, classes=info.classes,
                              quiet=not progress, name=job["title"], report=False)
     if summary is None:
