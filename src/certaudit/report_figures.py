@@ -133,11 +133,12 @@ def figure_radius_histograms(audits: Sequence[AuditData]) -> str | None:
     fig, axes = _grid(plt, len(have), 4.2, 3.3)
     for ax, a in zip(axes, have):
         r = a.rows["spoof"]
-        nat = [float(x["natural_radius"]) for x in r if int(x["natural_prediction"]) != -1]
+        nat = [float(x["natural_radius"]) for x in r
+               if int(x["natural_prediction"]) != -1 and float(x["natural_radius"]) > 0]  # as natural_certified
         adv = [float(x["spoofed_radius"]) for x in r if x.get("success")]
         top = max(nat + adv + [1e-6])
         bins = np.linspace(0, top * 1.02, 16)
-        ax.hist(nat, bins=bins, alpha=0.6, label=f"natural (n={len(nat)})", color="C0")
+        ax.hist(nat, bins=bins, alpha=0.6, label=f"natural, certified r > 0 (n={len(nat)})", color="C0")
         ax.hist(adv, bins=bins, alpha=0.6, label=f"spoofed within budget, wrong label (n={len(adv)})", color="C3")
         ax.axvline(a.eps, color="grey", linestyle="--", linewidth=1)
         ax.set_title(a.name, fontsize=8)
@@ -150,7 +151,8 @@ def figure_radius_histograms(audits: Sequence[AuditData]) -> str | None:
 
 def figure_spoof_budget(audits: Sequence[AuditData]) -> str | None:
     """Per audit: spoof success and mean spoofed radius against the ℓ∞ budget of the sweep (∞ = unbounded),
-    with the mean natural radius; the headline's budget marked."""
+    each point annotated with its number of successes, and the mean natural radius of those same successful
+    images per budget; the headline's budget (``primary``) marked."""
     have = [a for a in audits if (a.summary.get("spoofing") or {}).get("sweep")]
     if not have:
         return None
@@ -172,12 +174,25 @@ def figure_spoof_budget(audits: Sequence[AuditData]) -> str | None:
         ax.set_ylabel("spoof success (within budget)")
         head = sp.get("budget") or {}
         for x, e, r in zip(xs, sweep, rate):
-            if e["max_linf"] == head.get("max_linf") and e["min_ssim"] == head.get("min_ssim"):
+            primary = e.get("primary")
+            if primary is None:  # summaries written before sweep entries carried it
+                primary = e["max_linf"] == head.get("max_linf") and e["min_ssim"] == head.get("min_ssim")
+            if primary:
                 ax.plot([x], [r], marker="D", color="k", markersize=7, linestyle="none", label=f"headline: {e['label']}")
         ax2 = ax.twinx()
-        ax2.plot(xs, rad, marker="s", color="C0", linestyle="--", label="r̄ spoofed")
-        if sp.get("natural_radius_mean") is not None:
-            ax2.axhline(sp["natural_radius_mean"], color="C0", linestyle=":", linewidth=1, label="r̄ natural")
+        ax2.plot(xs, rad, marker="s", color="C0", linestyle="--", label="r̄ spoofed (n = successes)")
+        for x, e, y in zip(xs, sweep, rad):
+            if e.get("successes") is not None and np.isfinite(y):
+                ax2.annotate(f"n={int(e['successes'])}", (x, y), textcoords="offset points", xytext=(0, 5),
+                             ha="center", fontsize=6, color="C0")
+        nat_s = [np.nan if e.get("natural_radius_mean_successes") is None else e["natural_radius_mean_successes"]
+                 for e in sweep]
+        if any(np.isfinite(v) for v in nat_s):
+            ax2.plot(xs, nat_s, marker="^", color="C0", linestyle=":", linewidth=1,
+                     label="r̄ natural (same images as r̄ spoofed)")
+        elif sp.get("natural_radius_mean") is not None:  # older summaries: the natural mean over certified images
+            ax2.axhline(sp["natural_radius_mean"], color="C0", linestyle=":", linewidth=1,
+                        label="r̄ natural (spoof images, certified)")
         ax2.set_ylabel(f"mean certified radius ({_norm_label(a.norm)})", fontsize=8)
         ax2.set_ylim(bottom=0)
         ssim_s = next((e["min_ssim"] for e in sweep if e["min_ssim"] is not None), None)
@@ -244,7 +259,9 @@ def figure_examples(a: AuditData, kind: str, limit: int = 4, classes: Sequence[s
                                             f"largest pixel change {linf:.1f}/255")
             _show(row[2], adv, f"x′ (within ε = {a.eps:.3g}):\nrejected (⊥)")
         else:
-            _show(row[0], nat, f"x (#{int(rec['index'])}): true {name(rec['label'])}")
+            wrong = "natural_prediction" in rec and int(rec["natural_prediction"]) != int(rec["label"])
+            _show(row[0], nat, f"x (#{int(rec['index'])}): true {name(rec['label'])}"
+                               + (f"\n(natural already wrong: {name(rec['natural_prediction'])})" if wrong else ""))
             ssim = "" if "ssim" not in rec else f", SSIM {float(rec['ssim']):.3f}"
             _show_delta(fig, row[1], delta, f"δ: ‖δ‖∞ = {linf:.1f}/255{ssim}")
             _show(row[2], adv, f"x + δ: certified {name(rec['prediction'])}\nr = {float(rec['radius']):.3f} "

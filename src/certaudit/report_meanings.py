@@ -35,7 +35,7 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
     ("lower ⊆ upper", "every degraded image must lie in the proven testA_upper; a violation is a bug of the defense, "
                       "its proof or the attack (reported as such in summary.json)."),
     ("spoof budget", "the perceptual budget the Shadow Attack is held to while it optimizes: ℓ∞ ≤ τ (no pixel "
-                     "changes by more than τ; δ is projected after every step) and SSIM(x, x+δ) ≥ s (structural "
+                     "changes by more than τ; δ is projected after every step, and each step is capped at τ/4 in ℓ∞) and SSIM(x, x+δ) ≥ s (structural "
                      "similarity, pytorch-msssim, 11×11 window, 5×5 on images under 11 pixels; a penalty, and a check "
                      "of the judged image). 'unbounded': no budget, the paper's attack."),
     ("spoof success (within budget)", "Shadow Attack: fraction of attacked images (not abstained) whose perturbed "
@@ -46,14 +46,17 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
                                                "δ may turn the image into a different picture (saturated pixels, "
                                                "‖δ‖∞ up to 1), which a certificate for its label does not "
                                                "misrepresent."),
-    ("r̄ natural, r̄ spoofed", "mean certified radius of the natural images (not abstained) and of the successful "
-                               "spoofed images (within budget, resp. unbounded): a large spoofed radius is a "
-                               "confident certificate for a wrong label."),
+    ("r̄ natural (spoof images, certified), r̄ natural (same images as r̄ spoofed), r̄ spoofed",
+     "mean certified radius of the spoof stage's natural images that are certified (natural, certified r > 0: not "
+     "abstained and a radius above 0); of the natural images of the successful spoofs (the images behind r̄ spoofed, "
+     "which differ from budget to budget); and of the successful spoofed images (within budget, resp. unbounded): "
+     "a large spoofed radius is a confident certificate for a wrong label."),
     ("SSIM, ‖δ‖∞", "per judged spoof: SSIM(x, x+δ) (1 = identical) and the largest change of any pixel (×255 in the "
                    "tables: 8-bit steps)."),
     ("spoof success against budget", "the attack run again, in the same batch, under each ℓ∞ budget of the sweep "
                                      "(with the SSIM bound) and unbounded: success and mean spoofed radius per budget, "
-                                     "next to the mean natural radius."),
+                                     "next to the mean natural radius of the same successful images. Each budget is "
+                                     "an independent attack (its own candidates only), so the curve need not rise."),
     ("robust error / attack error", "Table 2 of the Shadow Attack paper at ε: fraction of images not certified correct "
                                     "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
                                     "label at ε within the budget (lower = stronger attack)."),

@@ -163,9 +163,11 @@ def print_spoof(s: dict[str, Any]) -> None:
     t1.add_column("")
     t1.add_column("mean", justify="right")
     t1.add_column("std", justify="right")
-    t1.add_row("natural (not abstained)", _fmt3(s.get("natural_radius_mean")), _fmt3(s.get("natural_radius_std")))
+    t1.add_row(f"natural, certified r > 0 (n = {s.get('natural_certified', '-')})", _fmt3(s.get("natural_radius_mean")),
+               _fmt3(s.get("natural_radius_std")))
     t1.add_row("shadow (successful, within budget)", _fmt3(s.get("shadow_radius_mean")),
                _fmt3(s.get("shadow_radius_std")))
+    t1.add_row("natural, of the same successful images", _fmt3(s.get("natural_radius_mean_successes")), "")
     console.print(t1)
     stats = Table(show_header=False, box=None)
     stats.add_column("what")
@@ -179,6 +181,8 @@ def print_spoof(s: dict[str, Any]) -> None:
             stats.add_row("success rate, unbounded attack (not a perceptual spoof)",
                           _fmt3(s["unbounded"]["success_rate"], ".4f"))
         stats.add_row("of the successes: natural image already labelled wrong", str(s.get("successes_natural_wrong")))
+        stats.add_row(f"success rate over images whose natural label was right (n = {s.get('attacked_natural_correct')})",
+                      _fmt3(s.get("success_rate_natural_correct"), ".4f"))
         stats.add_row("spoofed radius >= natural radius", _fmt3(s.get("spoofed_beats_natural"), ".4f"))
         stats.add_row("mean ‖δ‖₂ / ‖δ‖∞ / TV", f"{_fmt3(s.get('l2_mean'))} / {_fmt3(s.get('linf_mean'))} / {_fmt3(s.get('tv_mean'))}")
         stats.add_row("SSIM(x, x+δ): mean / min", f"{_fmt3(s.get('ssim_mean'))} / {_fmt3(s.get('ssim_min'))}")
@@ -196,25 +200,37 @@ def print_spoof(s: dict[str, Any]) -> None:
         print_sweep(s["sweep"], s.get("natural_radius_mean"))
 
 
+def _pct_sign(v: Any) -> str:
+    """A percentage with its sign ("12.5%"); the sweep table's (``_pct``, shared by other tables, has none)."""
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
 def print_sweep(sweep: list[dict[str, Any]], natural_mean: Any = None) -> None:
-    """Spoof success against the perceptual budget: one line per budget of the sweep."""
-    table = Table(title=f"Spoof success against budget (r̄ natural = {_fmt3(natural_mean)})")
-    for col in ("budget", "attacked", "success", "r̄ spoofed", "mean SSIM", "mean ‖δ‖∞ ×255", "within budget"):
+    """Spoof success against the perceptual budget: one line per budget of the sweep (an independent attack
+    per budget); ◆ marks the headline's budget."""
+    table = Table(title=f"Spoof success against budget, an independent attack per budget "
+                        f"(r̄ natural, spoof images, certified = {_fmt3(natural_mean)}; ◆: the headline's budget)")
+    for col in ("budget", "attacked", "success", "r̄ spoofed", "r̄ natural (same images)", "mean SSIM",
+                "mean ‖δ‖∞ ×255", "within budget"):
         table.add_column(col, justify="right")
     for e in sweep:
-        table.add_row(e["label"], str(e["attacked"]), _pct(e.get("success_rate")), _fmt3(e.get("shadow_radius_mean")),
-                      _fmt3(e.get("ssim_mean")), _fmt3(None if e.get("linf_mean") is None else 255 * e["linf_mean"], ".1f"),
-                      _pct(e.get("within_budget_rate")))
+        table.add_row(("◆ " if e.get("primary") else "") + e["label"], str(e["attacked"]),
+                      _pct_sign(e.get("success_rate")), _fmt3(e.get("shadow_radius_mean")),
+                      _fmt3(e.get("natural_radius_mean_successes")), _fmt3(e.get("ssim_mean")),
+                      _fmt3(None if e.get("linf_mean") is None else 255 * e["linf_mean"], ".1f"),
+                      _pct_sign(e.get("within_budget_rate")))
     console.print(table)
 
 
 def print_glance(items: list[tuple[str, dict[str, Any]]]) -> None:
     """The at-a-glance headline table (the report's first table) on stdout, turned for a terminal: one
     column per audit, one row per figure."""
-    from certaudit.report import glance_header, glance_row
+    from certaudit.report import glance_header, glance_row, shared_spoof_budget
 
-    header = glance_header([s for _, s in items])
-    rows = [glance_row(name, s) for name, s in items]
+    summaries = [s for _, s in items]
+    header = glance_header(summaries)
+    in_cell = shared_spoof_budget(summaries) is None  # the audits' budgets differ: each cell names its own
+    rows = [glance_row(name, s, in_cell) for name, s in items]
     table = Table(title="certaudit: what is the certificate worth?")
     table.add_column("")
     for row in rows:

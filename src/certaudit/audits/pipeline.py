@@ -377,7 +377,8 @@ def _keep_spoof_examples(out: Path, res: Any, first: int, room: int) -> int:
     sel = torch.tensor(pick, dtype=torch.long)
     _save_examples(out / "images" / f"spoof_{first:07d}.npz", res.natural[sel].cpu(), res.x_adv[sel].cpu(), meta_rows,
                    extra={"ssim": np.array([float(r["ssim"]) for r in rows]),
-                          "linf": np.array([float(r["linf"]) for r in rows])})
+                          "linf": np.array([float(r["linf"]) for r in rows]),
+                          "natural_prediction": np.array([int(r["natural_prediction"]) for r in rows], dtype=np.int64)})
     return len(pick)
 
 
@@ -390,7 +391,7 @@ def _save_examples(path: Path, natural: torch.Tensor, adv: torch.Tensor,
                    meta_rows: list[tuple[int, int, int, float, float, str]],
                    extra: dict[str, np.ndarray] | None = None) -> None:
     """Atomic npz: natural and perturbed images (K, C, H, W) float32, one record per image and
-    ``extra`` arrays (K,) (spoofs: ``ssim``, ``linf``)."""
+    ``extra`` arrays (K,) (spoofs: ``ssim``, ``linf``, ``natural_prediction``)."""
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, natural=natural.float().numpy(), adv=adv.float().numpy(),
                         index=np.array([m[0] for m in meta_rows], dtype=np.int64),
