@@ -122,7 +122,8 @@ def test_report_states_the_spoof_budget_and_draws_the_curve(report):
     assert head["spoof_budget"] == "ℓ∞ ≤ 16/255, SSIM ≥ 0.9"
     assert head["spoof_success_rate_unbounded"] is not None
     header, body = headline_rows([audit])
-    for title in ("spoof budget", "spoof success (within budget)", "spoof success (unbounded: any picture)"):
+    for title in ("spoof budget", "spoof success (within budget; wrong label certified at any radius > 0)",
+                  "spoof success (unbounded: any picture)"):
         assert title in header
     assert "ℓ∞ ≤ 16/255, SSIM ≥ 0.9" in body[0]
     for text in (page, md):

@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
@@ -63,7 +64,7 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("utility_reduction_upper", "utility red. upper (proven)", "pct"),
     ("spoof_budget", "spoof budget", "text"),
     ("spoof_attacked", "spoof attacked", "int"),
-    ("spoof_success_rate", "spoof success (within budget)", "pct"),
+    ("spoof_success_rate", "spoof success (within budget; wrong label certified at any radius > 0)", "pct"),
     ("spoof_successes_natural_wrong", "of which natural already wrong", "int"),
     ("spoof_success_rate_natural_correct", "spoof success (natural label correct)", "pct"),
     ("natural_radius_mean", "r̄ natural (spoof images, certified)", "num"),
@@ -77,19 +78,29 @@ DETECTOR_SECTION = ("detector-claims", "Detector claims: Tramèr's reduction")
 """The section written when :func:`write_report` gets detector verdicts (``certaudit demo`` does)."""
 
 DETECTOR_REDUCTION = (
-    "By Tramèr's reduction (ICML 2022, Theorem 4), a detector robust at radius ε (every input within ε of x is "
-    "labelled correctly or rejected) yields a classifier robust at ε/2 with at least the same robust accuracy: an "
-    "inefficient one, which searches the ε/2 ball, but it exists. So a detector claim at ε is a claim about robust "
-    "classification at ε/2, and one that beats the best known robust classifier there (FLAGGED) implies a "
-    "classifier far beyond the state of the art: the detector's evaluation is then the likelier to be wrong."
+    "By Tramèr's reduction (ICML 2022, Theorem 4), a detector robust at radius ε on x (x itself is classified "
+    "correctly and not rejected, and every input within ε of x is classified correctly or rejected) yields a "
+    "classifier robust at ε/2 with at least the same robust accuracy: an inefficient one, which searches the ε/2 "
+    "ball, but it exists. So a detector claim at ε is a claim about robust classification at ε/2, and one that beats "
+    "the best known robust classifier there (FLAGGED) implies a classifier beyond the state of the art: the "
+    "detector's evaluation is then the likelier to be wrong."
 )
 
 _METHOD_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "α-CROWN"}
 
 
 def _smoothing_label(st: dict[str, Any]) -> str:
+    """σ, n, α and the largest radius CERTIFY can give with them, σ·Φ⁻¹(α^(1/n)) (all n samples on the top
+    class): figures at radii near or above it are capped by n, not by the model."""
     sigma = st.get("sigma")
-    return "randomized smoothing" + ("" if sigma is None else f" (σ = {float(sigma):g}, n = {st.get('n')})")
+    if sigma is None:
+        return "randomized smoothing"
+    n, alpha = st.get("n"), st.get("alpha")
+    extra = ""
+    if n is not None and alpha is not None:
+        cap = float(sigma) * NormalDist().inv_cdf(float(alpha) ** (1.0 / int(n)))
+        extra = f", α = {float(alpha):g}; largest certifiable radius {cap:.3g}"
+    return f"randomized smoothing (σ = {float(sigma):g}, n = {n}{extra})"
 
 
 # display names only (the report reads summaries; nothing here talks to a defense)
@@ -124,7 +135,8 @@ def glance_header(summaries: Sequence[dict[str, Any]]) -> list[str]:
     shared = shared_spoof_budget(summaries)
     budget = "" if shared is None else f" ({shared})"
     return ["audit", "defense", "ε", "clean accuracy", "certified accuracy at ε (VRA)",
-            "false-positive rate at ε: lower (attacks) – upper (proven)", f"spoof success within budget{budget}",
+            "false-positive rate at ε: lower (attacks) – upper (proven)",
+            f"spoof success within budget{budget}: wrong label certified, any radius > 0",
             "of which natural already wrong", "spoof success unbounded (any picture)"]
 
 
@@ -246,7 +258,8 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
                  fmt(d.get("fpr_lower"), "pct"), fmt(d.get("utility_reduction_lower"), "pct")]]
         for name, p in (d.get("per_attack") or {}).items():
             if p.get("tried"):
-                rows.append([f"  first found by {name}", "", str(p.get("first")), fmt(p.get("fpr_lower"), "pct"),
+                rows.append([f"  degraded by {name} (first to find it: {p.get('first')})", "", str(p.get("succeeded")),
+                             fmt(p.get("fpr_lower"), "pct"),
                              fmt(p.get("utility_reduction_lower"), "pct")])
         rows.append(["upper bound (proven: not proven non-degradable)", fmt(d.get("vra_eps"), "pct"),
                      fmt(d.get("testA_upper")), fmt(d.get("fpr_upper"), "pct"),
