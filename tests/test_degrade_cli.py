@@ -109,6 +109,7 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     ["--eps", "-1"],
     ["--limit", "0"],
     ["--from-log", "nowhere.tsv"],  # with --model: refused
+    ["--proofs", "bab"],  # not a proof of the lipschitz defense
 ])
 def test_bad_input_is_one_line_exit_2(gloro_model, tmp_path, capsys, args):
     capsys.readouterr()

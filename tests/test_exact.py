@@ -102,17 +102,19 @@ def test_linf_exact_lies_between_crown_and_pgd(tiny):
         assert np.abs(w - as_flat(x[i])).max() <= EPS_INF + 1e-12 and w.min() >= 0 and w.max() <= 1
 
 
-def test_l2_exact_lies_between_lipschitz_bound_and_pgd(tiny):
+def test_l2_exact_lies_between_lipschitz_and_crown_bounds_and_pgd(tiny):
     net, enet, x, _ = tiny
     y, j = _runner_up(net, x[:3])
     attack = _pgd_margin(net, x[:3], EPS_L2, "l2", y, j)
     defense = LipschitzDefense(net, 10, EPS_L2, input_shape=(1, 8, 8))
     k = defense.lipschitz_constants().pairwise
+    crown = margin_bounds(enet.network, x[:3], EPS_L2, y, "crown", norm="l2").gather(1, j[:, None])[:, 0]
     for i in range(3):
         res = min_margin(enet, x[i], EPS_L2, "l2", int(y[i]), int(j[i]), time_limit=20, cuts=0)
         f = enet.forward(as_flat(x[i]))[0]
         lip = f[int(y[i])] - f[int(j[i])] - EPS_L2 * float(k[y[i], j[i]])
         assert lip <= res.bound + TOL and res.bound <= res.value + 1e-9
+        assert float(crown[i]) <= res.value + TOL  # CROWN over the ℓ2 ball lies below the exact minimum
         assert res.value <= float(attack[i]) + TOL
         assert res.status in ("optimal", "bracket") and res.gap <= 1e-4 * (1 + abs(res.value))
         assert np.linalg.norm(res.witness - as_flat(x[i])) <= EPS_L2 * (1 + 1e-9)

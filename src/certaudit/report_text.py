@@ -125,6 +125,18 @@ def print_degrade(s: dict[str, Any]) -> None:
     stats.add_row("testR (certified and correct at ε)", str(s["testR"]))
     stats.add_row(f"VRA at 2ε = {2 * s['eps']:.4g}", _pct(s["vra_2eps"]))
     stats.add_row("upper bound", s["upper_bound"])
+    sp = s.get("split")
+    if sp:
+        by = ", ".join(f"{k} {v}" for k, v in sp["proven_by"].items()) or "none"
+        stats.add_row("testR: degraded / proven non-degradable / undecided",
+                      f"{sp['degraded']} / {sp['proven']} ({by}) / {sp['undecided']}")
+        fl, at = sp.get("undecided_proof_floor_minus_eps"), sp.get("undecided_attack_radius_minus_eps")
+        if fl:
+            stats.add_row("undecided: proven radius floor − ε (median, 10–90 %)",
+                          f"{fl['median']:+.3g} ({fl['q10']:+.3g} … {fl['q90']:+.3g})")
+        if at:
+            stats.add_row("undecided: smallest radius the attacks reached − ε (median, 10–90 %)",
+                          f"{at['median']:+.3g} ({at['q10']:+.3g} … {at['q90']:+.3g})")
     inv = s["invariant"]
     if inv["lower_subset_upper"] is None:
         verdict = "nothing to check (no proven upper bound)"

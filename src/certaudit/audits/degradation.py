@@ -45,7 +45,7 @@ from certaudit.defenses.base import Defense, check_eps, radius_key
 from certaudit.errors import InputError
 
 RECHECK_SEED_OFFSET = 0x5EED_0000_D1CE  # re-check noise for candidates: seed + offset + attack number
-ROW_FORMAT = 2  # rows with checks at exactly ε / 2ε, proofs, one judging CERTIFY (resume refuses format 1)
+ROW_FORMAT = 3  # + proven_by and radius_floor (the costlier proofs); 2: checks at exactly ε / 2ε, one judging CERTIFY
 JUDGE_SEED_OFFSET = 0x5EED_0000_1D6E  # smoothing: the one judging CERTIFY of each input's chosen candidate
 
 
@@ -79,7 +79,8 @@ def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indi
 
 def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str = "all",
                   seed: int = 0, indices: Sequence[int] | None = None, exhaustive: bool = False,
-                  prune: bool = False, full_radius: bool = True, **attack_options: Any) -> list[dict[str, Any]]:
+                  prune: bool = False, full_radius: bool = True, proofs: Sequence[str] | None = None,
+                  **attack_options: Any) -> list[dict[str, Any]]:
     """Audit one batch: certify, attack the inputs certified at ε, re-check every candidate.
 
     ``attack`` is one of ``pgd``, ``pgd-2eps``, ``spgd`` (smoothing), ``margin`` or ``all`` (each in
@@ -91,7 +92,10 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     :class:`~certaudit.attacks.degradation.AttackConfig` (steps, restarts, step_size, schedule,
     samples, check_every, targeted, tol). ``full_radius=False`` lets a defense whose radius is a
     search (interval bisection) skip it: rows then carry ``radius`` null (the figures at ε and 2ε
-    come from the checks either way).
+    come from the checks either way). ``proofs``: the defense's proofs of non-degradability to run
+    (names from :attr:`Defense.proof_methods`, default all): the first on every input accepted at ε
+    before the attacks, the costlier ones afterwards on the inputs no attack degraded and no earlier
+    proof settled, so every input of testR ends degraded, proven or undecided.
 
     Randomized smoothing: each attack's candidate is first re-checked with its own *selection*
     CERTIFY (stream ``seed + RECHECK_SEED_OFFSET + k``; the verdicts in ``attacks``); per input the
@@ -104,8 +108,10 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
 
     Returns one row per image: ``index``, ``label``, ``prediction``, ``radius`` (NaN-free: 0 where
     ABSTAIN), ``correct``, ``certified`` and ``certified_2eps`` (the defense's own checks at exactly
-    ε and 2ε), ``proven_nondegradable`` (True/False from the defense's proof, None where it has
-    none), ``degraded_by``, ``distance`` (of the counted x', else None), ``attacks`` ({name: bool}
+    ε and 2ε), ``proven_nondegradable`` (True/False from the defense's proofs, None where it has
+    none), ``proven_by`` (the proof that succeeded), ``radius_floor`` (where the defense gives one: a
+    proven lower bound of the certified radius of the label over the ball, from the best proof run
+    on the input), ``degraded_by``, ``distance`` (of the counted x', else None), ``attacks`` ({name: bool}
     for attacks run), ``judged`` (smoothing: the attack whose candidate was judged), ``label_changed``
     (attack names whose x' was accepted with another label: broken certificate), ``radius_after``
     (certified radius of the label at the candidates, where the re-check computes radii in closed
@@ -120,15 +126,34 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
                          "randomized smoothing and CROWN-IBP have no such proof")
     t0 = time.perf_counter()
     x = x.to(defense.device)
+    methods = check_proofs(defense, proofs)
     clean = _clean_checks(defense, x, eps, seed, idx, full_radius)
-    proven = _proofs(defense, x, clean, eps, cfg.tol)
-    skip = torch.tensor([bool(prune and p) for p in proven], dtype=torch.bool)
+    proof = _Proofs.start(x.shape[0])
+    proof.run(defense, x, clean, clean.cert1, eps, cfg.tol, methods[:1])
+    skip = torch.tensor([bool(prune and p) for p in proof.proven], dtype=torch.bool)
     tally = _Tally.start(x, is_randomized(defense))
     _attack(defense, names, x, clean.label, clean.cert1 & ~skip, eps, cfg, seed, idx, exhaustive, tally)
     if tally.randomized:
         _judge_chosen(defense, x, clean.label, eps, cfg, seed, idx, tally)
+    if len(methods) > 1:  # the costlier proofs: only where the attacks and the cheap proof left it open
+        open_ = torch.tensor([bool(c) and p is False and d is None
+                              for c, p, d in zip(clean.cert1.tolist(), proof.proven, tally.degraded_by)])
+        proof.run(defense, x, clean, open_, eps, cfg.tol, methods)
     seconds = (time.perf_counter() - t0) / max(1, x.shape[0])
-    return _rows(idx, y, eps, clean, proven, skip, tally, seconds, monotone_certifier(defense))
+    return _rows(idx, y, eps, clean, proof, skip, tally, seconds, monotone_certifier(defense))
+
+
+def check_proofs(defense: Defense, proofs: Sequence[str] | None) -> list[str]:
+    """The proofs to run, in the defense's order (cheapest first); default all of them. The cheapest
+    is always run where the defense has one (it decides pruning and the lower ⊆ upper check)."""
+    have = list(defense.proof_methods)
+    if proofs is None:
+        return have
+    want = [str(p).strip().lower() for p in proofs if str(p).strip()]
+    unknown = [p for p in want if p not in have]
+    if unknown:
+        raise InputError(f"unknown proof {unknown[0]!r}; this defense has: {', '.join(have) or 'none'}")
+    return [p for p in have if p in want or p == have[0]]
 
 
 def _batch_labels(x: torch.Tensor, y: torch.Tensor, indices: Sequence[int] | None) -> tuple[torch.Tensor, list[int]]:
@@ -144,18 +169,37 @@ def _batch_labels(x: torch.Tensor, y: torch.Tensor, indices: Sequence[int] | Non
     return y, idx
 
 
-def _proofs(defense: Defense, x: torch.Tensor, clean: _CleanChecks, eps: float, tol: float) -> list[bool | None]:
-    """Per image, the defense's proof of non-degradability where it accepts at ε (None elsewhere, and
-    everywhere for a defense without a proof)."""
-    proven: list[bool | None] = [None] * x.shape[0]
-    sure = clean.cert1.nonzero().flatten()
-    if sure.numel() and defense.proof_name is not None:
-        with torch.no_grad():  # over the ball the success check admits: ‖x' − x‖ ≤ ε·(1 + tol)
-            proof = defense.prove_nondegradable(x[sure.to(x.device)], eps * (1.0 + float(tol)), clean.label[sure])
-        if proof is not None:
-            for j, i in enumerate(sure.tolist()):
-                proven[i] = bool(proof[j])
-    return proven
+@dataclass
+class _Proofs:
+    """Per image: proven (None: no proof ran or the defense has none), by which proof, radius floor."""
+
+    proven: list[bool | None]
+    by: list[str | None]
+    floor: list[float | None]
+
+    @classmethod
+    def start(cls, b: int) -> "_Proofs":
+        return cls([None] * b, [None] * b, [None] * b)
+
+    def run(self, defense: Defense, x: torch.Tensor, clean: _CleanChecks, which: torch.Tensor, eps: float,
+            tol: float, methods: Sequence[str]) -> None:
+        """Run ``methods`` (:meth:`Defense.prove`) on the images ``which`` accepted at ε, over the ball
+        the success check admits (‖x' − x‖ ≤ ε·(1 + tol)); keep the best radius floor."""
+        sure = (which & clean.cert1).nonzero().flatten()
+        if not sure.numel() or not methods or defense.proof_name is None:
+            return
+        with torch.no_grad():
+            res = defense.prove(x[sure.to(x.device)], eps * (1.0 + float(tol)), clean.label[sure], list(methods))
+        if res is None:
+            return
+        for j, i in enumerate(sure.tolist()):
+            ok = bool(res.proven[j])
+            self.proven[i] = ok or bool(self.proven[i])
+            if ok and self.by[i] is None:
+                self.by[i] = res.method[j]
+            f = float(res.radius_floor[j])
+            if math.isfinite(f):
+                self.floor[i] = f if self.floor[i] is None else max(self.floor[i], f)
 
 
 @dataclass
@@ -254,7 +298,7 @@ def _judge_chosen(defense: Defense, x: torch.Tensor, label: torch.Tensor, eps: f
             tally.radius_after[i] = float(verdict.radius[j])
 
 
-def _rows(idx: list[int], y: torch.Tensor, eps: float, clean: _CleanChecks, proven: list[bool | None],
+def _rows(idx: list[int], y: torch.Tensor, eps: float, clean: _CleanChecks, proof: _Proofs,
           skip: torch.Tensor, tally: _Tally, seconds: float, mono: bool) -> list[dict[str, Any]]:
     """One row per image (the schema of :func:`degrade_batch`)."""
     label, cert1, cert2 = clean.label, clean.cert1, clean.cert2
@@ -266,7 +310,7 @@ def _rows(idx: list[int], y: torch.Tensor, eps: float, clean: _CleanChecks, prov
             "radius": _finite_or_none(float(clean.radius[i])),
             "correct": pred == int(y[i]), "certified": bool(cert1[i]), "certified_2eps": bool(cert2[i]),
             "certified_at": {radius_key(eps): bool(cert1[i]), radius_key(2 * eps): bool(cert2[i])},
-            "proven_nondegradable": proven[i],
+            "proven_nondegradable": proof.proven[i], "proven_by": proof.by[i], "radius_floor": proof.floor[i],
             "degraded_by": tally.degraded_by[i], "distance": tally.distance[i], "attacks": tally.verdicts[i],
             "label_changed": tally.changed[i], "radius_after": tally.radius_after[i], "monotone": mono,
             "pruned": bool(skip[i] and cert1[i]),

@@ -113,6 +113,40 @@ def _radius_drop(rows: Sequence[dict[str, Any]], a_check: np.ndarray, eps: float
     return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2]), "images": len(drops)}
 
 
+def _split(rows: Sequence[dict[str, Any]], s: _Sets, eps: float) -> dict[str, Any]:
+    """testR in three: degraded (an attack's x' was rejected), proven non-degradable (and by which
+    proof), undecided (neither); for the undecided, how far apart the two sides stand where the rows
+    say it: the proof's radius floor and the attacks' smallest certified radius, both against ε."""
+    degraded = s.test_r & s.degraded
+    proven = s.test_r & s.proven & ~s.degraded
+    undecided = s.test_r & ~s.proven & ~s.degraded
+    k_r = int(s.test_r.sum())
+    by: dict[str, int] = {}
+    for r, p in zip(rows, proven):
+        if p:
+            name = str(r.get("proven_by") or "proof")
+            by[name] = by.get(name, 0) + 1
+    out: dict[str, Any] = {
+        "degraded": int(degraded.sum()), "proven": int(proven.sum()), "undecided": int(undecided.sum()),
+        "degraded_share": _ratio(int(degraded.sum()), k_r), "proven_share": _ratio(int(proven.sum()), k_r),
+        "undecided_share": _ratio(int(undecided.sum()), k_r), "proven_by": by,
+    }
+    floors = [float(r["radius_floor"]) - eps for r, u in zip(rows, undecided)
+              if u and isinstance(r.get("radius_floor"), (int, float))]
+    afters = [float(r["radius_after"]) - eps for r, u in zip(rows, undecided)
+              if u and isinstance(r.get("radius_after"), (int, float))]
+    if floors:
+        out["undecided_proof_floor_minus_eps"] = _quantiles(floors)
+    if afters:
+        out["undecided_attack_radius_minus_eps"] = _quantiles(afters)
+    return out
+
+
+def _quantiles(v: Sequence[float]) -> dict[str, Any]:
+    q = np.quantile(np.asarray(v, dtype=float), [0.1, 0.5, 0.9])
+    return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2]), "images": len(v)}
+
+
 def _invariant(rows: Sequence[dict[str, Any]], s: _Sets, monotone: bool | None) -> dict[str, Any]:
     """lower ⊆ proven upper: a degraded input proven non-degradable is a bug; one accepted at 2ε by
     a check that is not monotone is only counted."""
@@ -165,6 +199,8 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     if drop is not None:
         out["radius_drop_over_eps"] = drop
     out["invariant"] = _invariant(rows, s, monotone)
+    if s.has_proof:
+        out["split"] = _split(rows, s, eps)
     out["label_changed"] = [int(r["index"]) for r in rows if r.get("label_changed")]
     secs = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
     if secs and len(secs) == n:

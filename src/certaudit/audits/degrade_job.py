@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from certaudit.attacks.degradation import AttackConfig, attacks_for
 from certaudit.audits.degradation import (
-    ROW_FORMAT, default_curve_radii, degrade_batch, fpr_curve, plot_fpr_curves, read_certification_log,
+    ROW_FORMAT, check_proofs, default_curve_radii, degrade_batch, fpr_curve, plot_fpr_curves, read_certification_log,
     summarize_degradation, upper_from_log,
 )
 from certaudit.audits.session import Session, check_output, check_plot, check_range
@@ -36,7 +36,8 @@ def check_attack(attack: str) -> str:
 
 
 def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "lipschitz", attack: str = "all",
-                exhaustive: bool = False, prune: bool = False, attack_options: dict[str, Any] | None = None,
+                exhaustive: bool = False, prune: bool = False, proofs: Sequence[str] | None = None,
+                attack_options: dict[str, Any] | None = None,
                 defense_options: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
                 dataset: str | None = None, split: str = "test", limit: int | None = None, skip: int = 0,
                 chunk: int | None = None, data_root: Any = None, out: Any = None,
@@ -62,17 +63,18 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
                          "has no such proof")
     # a radius that costs a search (interval bisection: ~11 bound passes per image) only for the --plot curve
     full_radius = not guard.radius_is_search or plot is not None
+    methods = check_proofs(guard, proofs)
     cfg = AttackConfig.from_options({k: v for k, v in (attack_options or {}).items() if v is not None})
     x, y, wanted = s.data(split, data_root, skip=skip, limit=limit)
     settings = guard.settings()  # stable values only: computed constants are diagnostics, not in the hash
     config = {"verb": "degrade", "model_sha256": s.model_sha, "arch": s.meta.arch, "defense": name,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
-              "prune": prune, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": s.info.name,
+              "prune": prune, "proofs": methods, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": s.info.name,
               "split": split, "row_format": ROW_FORMAT, "full_radius": full_radius, "device": s.device.type}
     # attacks are seeded per batch: the run loop's fixed blocks keep the batches (hence the rows) the
     # same whatever the number of processes and however often the run resumed
     run = s.run(lambda idx: degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
-                                          exhaustive=exhaustive, prune=prune, full_radius=full_radius,
+                                          exhaustive=exhaustive, prune=prune, full_radius=full_radius, proofs=methods,
                                           **cfg.as_dict()),
                 wanted, out=out, config=config, block=chunk, label=f"degrade ({name}, {attack})",
                 done_noun="audited")
@@ -83,8 +85,8 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     norm = guard.norm.value
     summary = {"model": str(model), "defense": name, "norm": norm, "dataset": s.info.name, "split": split,
                "range": [skip, wanted[-1] + 1], "attack": attack, "attacks": names, "exhaustive": exhaustive,
-               "prune": prune, "attack_config": cfg.as_dict(), "settings": settings, **s.run_fields(run, out),
-               **summarize_degradation(rows, eps, proof=guard.proof_name)}
+               "prune": prune, "proofs": methods, "attack_config": cfg.as_dict(), "settings": settings, **s.run_fields(run, out),
+               **summarize_degradation(rows, eps, proof=proof_text(guard, methods))}
     if plot is not None or radius_known:
         summary["fpr_curve"] = fpr_curve(rows, list(radii) if radii is not None else
                                          [eps / 2, eps, 1.5 * eps, 2 * eps])
@@ -96,6 +98,14 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
                         title=f"{Path(str(model)).name}: {len(rows)} {split} images")
         summary["plot"] = str(plot)
     return summary
+
+
+def proof_text(defense: Any, methods: Sequence[str]) -> str | None:
+    """What the proven upper bound rests on: the defense's first proof, and the costlier ones run."""
+    name = defense.proof_name
+    if name is None or len(methods) <= 1:
+        return name
+    return f"{name}; then, where the attacks and that left it open: {', '.join(methods[1:])} (rows: proven_by)"
 
 
 def degrade_from_logs(paths: Sequence[Any], eps: float, *, radii: Sequence[float] | None = None,

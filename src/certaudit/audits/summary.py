@@ -91,8 +91,10 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
             out["fpr_curve"] = fpr_curve(r, grid)
     if "degrade" in rows:
         from certaudit.audits.degradation import summarize_degradation
+        from certaudit.audits.degrade_job import proof_text
 
-        d = summarize_degradation(rows["degrade"], eps, proof=guard.proof_name) if rows["degrade"] else {"test": 0}
+        d = (summarize_degradation(rows["degrade"], eps, proof=proof_text(guard, guard.proof_methods))
+             if rows["degrade"] else {"test": 0})
         out["degradation"] = d
         for key in ("testR", "testA_lower", "testA_upper", "testA_2eps_check", "fpr_lower", "fpr_upper",
                     "fpr_2eps_check", "utility_reduction_lower", "utility_reduction_upper",

@@ -48,6 +48,11 @@ def degrade_cmd(
                                                                  "certified image (per-attack lower bounds)"),
     prune: bool = typer.Option(False, "--prune", help="lipschitz / interval: do not attack inputs the defense proves "
                                                        "non-degradable (2ε check, or IBP at 2ε for CROWN)"),
+    proofs: Optional[str] = typer.Option(None, "--proofs", help="comma list of the defense's proofs of "
+                                                                 "non-degradability to run (lipschitz: 2eps,local; "
+                                                                 "interval: 2eps); default all. The costly ones run "
+                                                                 "only on inputs the attacks and the 2ε proof leave "
+                                                                 "undecided"),
     steps: int = typer.Option(50, "--steps", help="PGD steps per restart"),
     restarts: int = typer.Option(1, "--restarts", help="PGD restarts (margin on lipschitz: targeted runner-ups)"),
     step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step (default 2.5·radius/steps)"),
@@ -88,6 +93,7 @@ def degrade_cmd(
         raise InputError("--model is required (or --from-log FILE for the 2ε check from a certification log)")
     summary = degrade_job(
         model, eps=eps_v, weights=weights, defense=defense, attack=attack, exhaustive=exhaustive, prune=prune,
+        proofs=None if proofs is None else [p for p in proofs.split(",")],
         attack_options={"steps": steps, "restarts": restarts, "samples": samples, "check_every": check_every,
                         "step_size": None if step_size is None else parse_number(step_size, "--step-size",
                                                                                  positive=True, allow_zero=False)},

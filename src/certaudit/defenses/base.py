@@ -11,6 +11,7 @@ A defense answers, for a batch of inputs ``x`` in ``[0,1]^d`` (float32, NCHW):
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -214,8 +215,40 @@ class Defense(ABC):
         """(B,) bool: True where it is *proven* that Algorithm 2.1 accepts ``label`` at radius ``eps``
         at every x' in B(x, eps) ∩ [0,1]^d (so x cannot be degraded); None where the defense has
         no such proof (the default; randomized smoothing). Defenses that have one override this and
-        :attr:`proof_name` (docs/degradation.md, "The proven upper bound")."""
+        :attr:`proof_name` (docs/degradation.md, "The proven upper bound"). This is the defense's
+        cheapest proof; :meth:`prove` runs the costlier ones named in :attr:`proof_methods`."""
         return None
+
+    @property
+    def proof_methods(self) -> tuple[str, ...]:
+        """Names of the defense's proofs of non-degradability, cheapest first; the first is
+        :meth:`prove_nondegradable`. Empty where it has none."""
+        return ("2eps",) if self.proof_name is not None else ()
+
+    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str]) -> "Proof | None":
+        """Run the proofs ``methods`` (a subset of :attr:`proof_methods`, cheapest first; each only on
+        the inputs the earlier ones left unproven): which input each proved, and where the defense
+        can say so, a proven lower bound of the certified radius over the ball (how far the proof
+        side stands from ε on an undecided input). None where the defense has no proof."""
+        unknown = [m for m in methods if m not in self.proof_methods]
+        if unknown:
+            raise InputError(f"unknown proof {unknown[0]!r} for this defense; it has: "
+                             f"{', '.join(self.proof_methods) or 'none'}")
+        proven = self.prove_nondegradable(x, eps, label) if methods else None
+        if proven is None:
+            return None
+        proven = proven.cpu().bool()
+        by = [self.proof_methods[0] if bool(p) else None for p in proven]
+        return Proof(proven, by, torch.full((proven.shape[0],), math.nan, dtype=torch.float64))
+
+
+@dataclass
+class Proof:
+    """What :meth:`Defense.prove` established, per input (CPU tensors)."""
+
+    proven: torch.Tensor  # (B,) bool: every x' in B(x, ε) ∩ [0,1]^d is accepted with the label at ε
+    method: list[str | None]  # the proof that succeeded, None where none did
+    radius_floor: torch.Tensor  # (B,) float64: proven lower bound of the certified radius over the ball, NaN: none
 
 
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:

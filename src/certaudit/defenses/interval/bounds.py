@@ -172,14 +172,21 @@ def specification(target: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[tor
 
 def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: torch.Tensor, method: str = "crown", *,
                 sound: bool = True, lower_slope: str = "adaptive", pure: bool = False, beta: float | None = None,
-                budget_mb: float | None = None, return_state: bool = False, alpha=None):
-    """Lower bounds (B, S) of ``C f(x')`` over the clipped ℓ∞ ball (float64 when sound).
+                budget_mb: float | None = None, return_state: bool = False, alpha=None, norm: str = "linf"):
+    """Lower bounds (B, S) of ``C f(x')`` over the clipped ℓ∞ ball (float64 when sound); with
+    ``norm="l2"`` over the clipped ℓ2 ball ``B₂(x, ε) ∩ [0, 1]^d`` (IBP from the ℓ∞ box of radius ε,
+    which contains it; CROWN concretizes over the ball by the dual norm and over the box, keeping the
+    better: docs/degradation.md, "Proofs over the ℓ2 ball").
 
     ``method``: ``ibp``, ``crown-ibp`` or ``crown``. ``beta`` (CROWN-IBP training): return
     ``β·CROWN-IBP + (1 − β)·IBP`` (both computed only when needed). ``alpha-crown``: CROWN with
     optimized lower slopes (:mod:`.alpha_crown`; ``alpha``: its options), never below ``crown``.
     """
     method = parse_method(method)
+    if norm not in ("linf", "l2"):
+        raise InputError(f"unknown norm {norm!r}; choose linf or l2")
+    if norm == "l2" and (method == "alpha-crown" or pure):
+        raise InputError("ℓ2 input sets are supported by ibp, crown-ibp and crown (not alpha-crown, not pure)")
     if method == "alpha-crown":
         if pure or beta is not None or lower_slope != "adaptive":
             raise InputError("alpha-crown starts from CROWN's adaptive slopes: no pure, beta or lower_slope")
@@ -193,7 +200,7 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
     if method == "ibp" and not return_state and x.shape[0] > step:  # IBP alone: images in cache-sized groups
         per = isinstance(eps, torch.Tensor) and eps.dim() > 0
         return torch.cat([spec_bounds(net, x[i:i + step], eps[i:i + step] if per else eps, c[i:i + step], "ibp",
-                                      sound=sound, budget_mb=budget_mb) for i in range(0, x.shape[0], step)])
+                                      sound=sound, budget_mb=budget_mb, norm=norm) for i in range(0, x.shape[0], step)])
     x_lo, x_hi = input_box(x, eps, sound)
     ops = net.body
     # IBP first, for every method: its intervals seed CROWN (which then tightens them) and its
@@ -209,6 +216,11 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
     spec = Spec.fold(net.last, c)
     plain_last = (lo[-1], hi[-1])  # IBP's own last-layer interval (CROWN tightens copies in st)
     st = State(ops, lo, hi, mag, x_lo, x_hi, sound, lower_slope, {})
+    if norm == "l2":
+        e = eps.to(x.device, torch.float64) if isinstance(eps, torch.Tensor) else torch.tensor(float(eps), device=x.device,
+                                                                                                dtype=torch.float64)
+        e = e.expand(x.shape[0]).contiguous()
+        st.l2_center, st.l2_eps = x.detach(), e * (1 + 2.0 ** -50) if sound else e
     ibp_bound = None
     if method == "ibp" or (beta is not None and beta < 1):
         ibp_bound = spec.ibp(lo[-1], hi[-1], sound)
@@ -219,7 +231,7 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
         for k, op in enumerate(ops):
             if not isinstance(op, ReLU):
                 continue
-            if pure or not box_exact(ops, k):
+            if pure or norm == "l2" or not box_exact(ops, k):  # a ball is not a box: IBP is loose there
                 crown_layer(st, k, pure, budget)
                 if not pure:
                     repropagate(st, k, sound)

@@ -63,6 +63,10 @@ class State:
     # optional lower slopes of unstable ReLUs per ReLU position (B, *shape), e.g. α-CROWN's: any value
     # in [0, 1] is a valid lower line, and they are clamped to it; None: ``lower_slope`` everywhere
     slopes: dict[int, torch.Tensor] | None = None
+    # ℓ2 input set: the domain is B₂(l2_center, l2_eps) ∩ [x_lo, x_hi] (the box is the ℓ∞ ball of the
+    # same radius, clipped to [0, 1]); concretization keeps the better of the box and the ball bound
+    l2_center: torch.Tensor | None = None
+    l2_eps: torch.Tensor | None = None  # (B,) float64, rounded up
 
     def __post_init__(self):
         # the box as centre ± radius, the radius rounded up so that it still covers [x_lo, x_hi]
@@ -156,7 +160,46 @@ def _relu_step(st: State, i: int, a: torch.Tensor, g, bias, slack, pending: floa
 
 def _concretize(st: State, a: torch.Tensor, g, bias, slack, pending: float) -> torch.Tensor:
     """Lower bound of ``Λ·x + bias`` over the box; sound: ``Σ Λ⁺·x_lo + Σ Λ⁻·x_hi`` (x ∈ [0, 1], so each
-    dot has products of one sign: rounding ``rel_signed(d)·|dot|``), minus the slack."""
+    dot has products of one sign: rounding ``rel_signed(d)·|dot|``), minus the slack. With an ℓ2 input
+    set, the better of that and the ball bound (:func:`l2_concretize`)."""
+    box = _concretize_box(st, a, g, bias, slack, pending)
+    if st.l2_center is None:
+        return box
+    return torch.maximum(box, l2_concretize(st, a, st.l2_center[g], st.x_hi[g], st.l2_eps[g], bias, slack, pending,
+                                            _dot, 2))
+
+
+def l2_concretize(st: State, a: torch.Tensor, x_c: torch.Tensor, x_hi: torch.Tensor, eps: torch.Tensor,
+                  bias: torch.Tensor, slack, pending: float, dot, lead: int = 2,
+                  inside: torch.Tensor | None = None) -> torch.Tensor:
+    """Lower bound of ``Λ·x' + bias`` over the ℓ2 ball ``‖x' − x_c‖₂ ≤ ε``: ``Λ·x_c − ε·‖Λ‖₂`` (dual norm).
+
+    The ball contains the domain (ball ∩ box) on which the relaxations hold, so the minimum over it is
+    a lower bound there. Sound: ``Λ·x_c`` as two one-sign dots (``x_c ≥ 0``, rounding
+    ``rel_signed(d)·|dot|``); ``‖Λ‖₂²`` a float32 sum of squares (one sign: ``γ_(d+1)/(1 − γ_(d+1))``
+    relative, plus ``d·2⁻¹²⁶`` for underflow), its float64 square root and product with ``ε`` rounded
+    up by ``2⁻⁵⁰`` relative; the pending ReLU rounding is charged against ``|x'| ≤ x_hi``. ``inside``
+    (patches): 1 on the image's pixels, 0 on padding, so that ‖Λ‖ counts only real inputs.
+    ``dot`` is the caller's row-wise dot product over all but the ``lead`` leading dims of ``a`` (rows of
+    (G, S, ...) per image, ``eps`` (G,); or (N, ...) rows, ``eps`` (N,))."""
+    acc = bias.dtype
+    d = math.prod(a.shape[lead:])
+    ai = a if inside is None else a * inside
+    sq = ai.square().flatten(lead).sum(-1)
+    e = eps.view((-1,) + (1,) * (lead - 1))
+    if slack is None:
+        return bias + dot(a, x_c).to(acc) - (e * sq.double().sqrt()).to(acc)
+    norm = (sq.double() * (1 + rel_signed(d + 1)) + d * 2.0 ** -126).sqrt() * (1 + 2.0 ** -50)
+    pos, neg = a.clamp(min=0), a.clamp(max=0)
+    d_p, d_n = dot(pos, x_c), dot(neg, x_c)
+    bound = bias + d_p.to(acc) + d_n.to(acc) - (e * norm * (1 + 2.0 ** -50)).to(acc)
+    slack = slack + rel_signed(d) * (d_p.detach().double() - d_n.detach().double()) + TINY
+    if pending:
+        slack = slack + pending * dot(a.detach().abs(), x_hi.detach()).double()
+    return bound - slack_factor(max(d, st.width)) * slack
+
+
+def _concretize_box(st: State, a: torch.Tensor, g, bias, slack, pending: float) -> torch.Tensor:
     acc = bias.dtype
     if slack is None:
         return bias + (_dot(a, st.x_mid[g]) - _dot(a.abs(), st.x_rad[g])).to(acc)

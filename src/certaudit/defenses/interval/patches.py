@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from certaudit.defenses.interval.crown import ROUND, State, rel_back, rel_signed, rel_start, slack_factor
+from certaudit.defenses.interval.crown import (
+    ROUND, State, l2_concretize, rel_back, rel_signed, rel_start, slack_factor,
+)
 from certaudit.defenses.interval.ibp import TINY, down32, up32
 from certaudit.defenses.interval.ops import Channel, Conv, ReLU
 
@@ -206,7 +208,21 @@ def _rows_bound(st: State, k: int, i: int, img: torch.Tensor, idx: torch.Tensor,
 
 
 def _concretize_rows(st, a, maps, win, where, bias, slack, pending):
-    """:func:`crown._concretize` on patches (the box windows are zero outside the image)."""
+    """:func:`crown._concretize` on patches (the box windows are zero outside the image); with an ℓ2
+    input set the better of that and :func:`crown.l2_concretize` (the image of each row: ``where``)."""
+    box = _concretize_box_rows(st, a, maps, win, where, bias, slack, pending)
+    if st.l2_center is None:
+        return box
+    grid = maps.grid[0] * maps.grid[1]
+    eps = st.l2_eps[maps.g][torch.div(where, grid, rounding_mode="floor")]
+    x_c = maps.rows(("x_c",), st.l2_center, win, where)
+    x_hi = maps.rows(("x_hi",), st.x_hi, win, where)
+    ones = torch.ones(1, *st.x_lo.shape[1:], dtype=a.dtype, device=a.device)
+    inside = maps.rows(("inside_x",), ones, win, where)
+    return torch.maximum(box, l2_concretize(st, a, x_c, x_hi, eps, bias, slack, pending, _bdot, 1, inside))
+
+
+def _concretize_box_rows(st, a, maps, win, where, bias, slack, pending):
     x_lo = maps.rows(("x_lo",), st.x_lo, win, where)
     x_hi = maps.rows(("x_hi",), st.x_hi, win, where)
     pos, neg = a.clamp(min=0), a.clamp(max=0)

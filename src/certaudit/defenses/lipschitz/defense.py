@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels
+from certaudit.defenses.base import (
+    ABSTAIN, Certificates, Defense, Norm, Proof, check_eps, check_images, check_labels,
+)
 from certaudit.defenses.lipschitz.bounds import (
     EXACT_LIMIT, SAFETY, SLACK_INFLATION, U64, conv_bound, gamma, linear_bound, normalize_bound,
 )
@@ -44,6 +46,7 @@ from certaudit.defenses.lipschitz.network import Layer, walk
 from certaudit.errors import InputError
 
 DEFAULT_BATCH = 1024
+LOCAL_BATCH = 64  # images per local proof (CROWN over the ℓ2 ball holds rows of every unstable neuron)
 ARITHMETIC = ("fast", "float64")
 CUDA_SLACK_FACTOR = 16.0  # cuDNN may pick other summation algorithms than direct/GEMM
 
@@ -85,6 +88,7 @@ class _State:
     pairwise: torch.Tensor  # (C, C) float64 on the model's device
     abs_weights: list[torch.Tensor | None]
     fast: FastCertifier | None = None  # built on first use (the float32 decision path)
+    interval: Any = None  # the compiled network of the interval bounds (the local proofs), on first use
 
 
 def certified_report(model: nn.Module, input_shape: Sequence[int], num_classes: int,
@@ -244,26 +248,32 @@ class LipschitzDefense(Defense):
             raise InputError(f"x has image shape {shape}, the defense was built for {self.input_shape}")
         return x.to(device=self.device)
 
-    def _forward(self, x: torch.Tensor, state: _State, slack: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, x: torch.Tensor, state: _State, slack: bool = True,
+                 mags: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the model evaluated in float64 (differentiable in ``x``) and, with ``slack``, a
         bound ``e ≥ |f̂ − f|`` on their rounding error (B, C) float64 (no gradient).
 
         The defense evaluates a float64 copy of the model: the worst-case rounding bound of a float32
         pass is ~1e4 times its actual error and, subtracted from every margin, would cost several
         points of clean accuracy (measured: 3.4 on a GloRo 2C2F on Fashion-MNIST); in float64 it is
-        below 1e-9."""
+        below 1e-9.
+
+        ``mags`` (one per layer: an upper bound of ``|h|`` at its input over a set of inputs, from
+        :func:`.local.magnitudes`) makes ``e`` bound the rounding of the evaluation at *every* input of
+        that set (the bound is monotone in the magnitudes)."""
         u = U64
         factor = CUDA_SLACK_FACTOR if x.device.type == "cuda" else 1.0
         h = x.to(torch.float64)
         err: torch.Tensor | None = None
         with _no_tf32(x.device):
-            for layer, wabs in zip(state.layers, state.abs_weights):
+            for i, (layer, wabs) in enumerate(zip(state.layers, state.abs_weights)):
                 m = layer.module
                 if slack and layer.kind in ("conv", "linear"):
                     kdim = m.weight[0].numel()  # type: ignore[union-attr,index]
                     g = gamma(kdim + 1, u) * factor
                     with torch.no_grad():
-                        src = g * h.detach().abs() if err is None else err + g * h.detach().abs()
+                        habs = h.detach().abs() if mags is None else mags[i]
+                        src = g * habs if err is None else err + g * habs
                         if layer.kind == "conv":
                             err = F.conv2d(src, wabs, None, m.stride, m.padding, m.dilation, m.groups)  # type: ignore[arg-type]
                         else:
@@ -274,7 +284,7 @@ class LipschitzDefense(Defense):
                 h = m(h)
                 if slack and layer.kind == "normalize":
                     with torch.no_grad():
-                        add = 3.0 * SAFETY * u * factor * h.detach().abs()
+                        add = 3.0 * SAFETY * u * factor * (h.detach().abs() if mags is None else mags[i + 1])
                         err = add if err is None else err / m.std + add  # type: ignore[operator]
                 elif slack and layer.kind == "flatten" and err is not None:
                     err = err.flatten(1)
@@ -385,6 +395,102 @@ class LipschitzDefense(Defense):
     @property
     def proof_name(self) -> str | None:
         return "the 2ε check with four times its float64 rounding slack (Appendix A, Lemma A.5: K is global)"
+
+    @property
+    def proof_methods(self) -> tuple[str, ...]:
+        """``2eps`` (:meth:`prove_nondegradable`), then ``local``: the better of CROWN over the ℓ2 ball
+        and a local Lipschitz bound over it (:mod:`.local`; docs/degradation.md, "Proofs over the ℓ2
+        ball"); rows name the one that succeeded (``crown-l2`` / ``local-lipschitz``)."""
+        return ("2eps", "local")
+
+    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str]) -> Proof | None:
+        """:meth:`Defense.prove` with the radius floor: per input, a proven lower bound of the
+        certified radius ``min_j (f_y − f_j − 2(e_y + e_j))(x') / K_{y,j}`` of ``label`` over every x'
+        in B₂(x, ε) ∩ [0, 1]^d (proven non-degradable iff it exceeds ε)."""
+        unknown = [m for m in methods if m not in self.proof_methods]
+        if unknown:
+            raise InputError(f"unknown proof {unknown[0]!r} for the lipschitz defense; it has: 2eps, local")
+        x = self._check_x(x)
+        eps = check_eps(eps)
+        b = x.shape[0]
+        label = torch.as_tensor(label).long().to(x.device)
+        valid = (label != ABSTAIN).cpu()
+        t = check_labels(torch.where(label != ABSTAIN, label, torch.zeros_like(label)), b, self.num_classes)
+        proven = torch.zeros(b, dtype=torch.bool)
+        floor = torch.full((b,), -math.inf, dtype=torch.float64)
+        by: list[str | None] = [None] * b
+        if "2eps" in methods:
+            ok, fl = self._prove_2eps(x, eps, t)
+            floor = torch.maximum(floor, fl)
+            for i in (ok & valid).nonzero().flatten().tolist():
+                proven[i], by[i] = True, "2eps"
+        if "local" in methods:
+            todo = (~proven & valid).nonzero().flatten()
+            for a in range(0, todo.numel(), LOCAL_BATCH):
+                idx = todo[a:a + LOCAL_BATCH]
+                fl, names = self._prove_local(x[idx.to(x.device)], eps, t[idx.to(x.device)])
+                floor[idx] = torch.maximum(floor[idx], fl)
+                for j, i in enumerate(idx.tolist()):
+                    if bool(fl[j] > eps):
+                        proven[i], by[i] = True, names[j]
+        floor = torch.where(valid, floor, torch.full_like(floor, math.nan))
+        return Proof(proven & valid, by, floor)
+
+    def _prove_2eps(self, x: torch.Tensor, eps: float, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2ε check (:meth:`prove_nondegradable`) and its radius floor ``R(x) − ε`` (with the
+        proof's slack): (proven (B,), floor (B,)) on the CPU."""
+        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        oks, floors = [], []
+        with torch.no_grad():
+            for a in range(0, x.shape[0], self.batch_size):
+                f, e = self._forward(x[a:a + self.batch_size], state)
+                assert e is not None
+                tb = t[a:a + self.batch_size]
+                m = _margin_table(f, e, tb, state.pairwise, 2.0 * eps, slack_times=8.0)
+                oks.append((m.min(dim=1).values > 0).cpu())
+                k = state.pairwise[tb].to(f.dtype)
+                r = (m + 2.0 * eps * k) / k.clamp_min(1e-300) - eps  # radius at x minus ε, slack included
+                floors.append(r.min(dim=1).values.double().cpu())
+        return torch.cat(oks), torch.cat(floors)
+
+    def _prove_local(self, x: torch.Tensor, eps: float, t: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """Radius floors (B,) over B₂(x, ε) ∩ [0,1]^d from CROWN over the ℓ2 ball and the local
+        Lipschitz bound, and which of the two gave each one (docs/degradation.md)."""
+        from certaudit.defenses.interval.bounds import compile_network, input_box, spec_bounds, specification
+        from certaudit.defenses.lipschitz.local import local_lipschitz, magnitudes
+
+        shape = tuple(int(s) for s in x.shape[1:])
+        state = self._state(shape)
+        if state.interval is None:
+            state.interval = compile_network(self.model, shape)
+        net = state.interval
+        c = self.num_classes
+        spec, others = specification(t, c, torch.float32)
+        xf = x.float()
+        with torch.no_grad():
+            crown, st = spec_bounds(net, xf, eps, spec, "crown", norm="l2", return_state=True)
+            from certaudit.defenses.interval.ops import ReLU
+            relu_b = [(st.lo[i], st.hi[i]) for i, op in enumerate(st.ops) if isinstance(op, ReLU)]
+            x_lo, x_hi = input_box(xf, eps)
+            mags = magnitudes(state.layers, x_lo, x_hi, relu_b)
+            f, e = self._forward(x, state)
+            _, e_sup = self._forward(x, state, mags=mags)  # rounding of the check anywhere in the ball
+            assert e is not None and e_sup is not None
+            fy, ey, esy = (v.gather(1, t.view(-1, 1)) for v in (f, e, e_sup))
+            fj, ej, esj = (v.gather(1, others) for v in (f, e, e_sup))
+            k = state.pairwise[t.view(-1, 1), others]  # (B, C-1)
+            lip = local_lipschitz(state.layers, state.abs_weights, relu_b, spec.double())
+            exact_x = fy - fj - (ey + ej)  # below the exact margin at x
+            via_lip = exact_x - eps * lip * (1 + 1e-12)
+            low = torch.maximum(via_lip, crown.double().to(f.device))  # two lower bounds of min over the ball
+            # the run-time check at x' needs (exact margin at x') > ε K + 3(e'_y + e'_j)
+            r = (low - 3.0 * (esy + esj) * (1 + 1e-9)) / k.clamp_min(1e-300)
+            r = torch.where(k > 0, r, torch.where(low > 0, math.inf, -math.inf)) * (1 - 1e-12)
+            floor, j = r.min(dim=1)
+            from_crown = crown.double().to(f.device).gather(1, j.view(-1, 1)).squeeze(1) >= via_lip.gather(
+                1, j.view(-1, 1)).squeeze(1)
+        names: list[str | None] = ["crown-l2" if bool(v) else "local-lipschitz" for v in from_crown.cpu()]
+        return floor.double().cpu(), names
 
     def prove_nondegradable(self, x: torch.Tensor, eps: float, label: torch.Tensor) -> torch.Tensor:
         """(B,) bool: proven that every x' with ‖x' − x‖₂ ≤ ε is accepted with ``label`` at ε.
