@@ -138,7 +138,7 @@ def test_proofs_hold_against_the_attacks_and_split_testR(gloro):
         if r["proven_by"] == "2eps":
             assert r["certified_2eps"]
     s = summarize_degradation(rows, eps, proof=defense.proof_name)
-    sp = s["split"]
+    sp = s["bracket"]
     assert sp["degraded"] + sp["proven"] + sp["undecided"] == s["testR"]
     assert sp["degraded"] == s["testA_lower"] and s["testA_upper"] == sp["degraded"] + sp["undecided"]
     assert s["invariant"]["lower_subset_upper"]

@@ -264,7 +264,7 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
         rows.append(["upper bound (proven: not proven non-degradable)", fmt(d.get("vra_eps"), "pct"),
                      fmt(d.get("testA_upper")), fmt(d.get("fpr_upper"), "pct"),
                      fmt(d.get("utility_reduction_upper"), "pct")])
-        sp = d.get("split")
+        sp = d.get("bracket")
         if sp and d.get("testR"):
             by = ", ".join(f"{k}: {v}" for k, v in (sp.get("proven_by") or {}).items()) or "none"
             rows.append([f"  proven non-degradable (by {by})", "", str(sp.get("proven")),

@@ -125,7 +125,7 @@ def print_degrade(s: dict[str, Any]) -> None:
     stats.add_row("testR (certified and correct at ε)", str(s["testR"]))
     stats.add_row(f"VRA at 2ε = {2 * s['eps']:.4g}", _pct(s["vra_2eps"]))
     stats.add_row("upper bound", s["upper_bound"])
-    sp = s.get("split")
+    sp = s.get("bracket")
     if sp:
         by = ", ".join(f"{k} {v}" for k, v in sp["proven_by"].items()) or "none"
         stats.add_row("testR: degraded / proven non-degradable / undecided",
@@ -137,6 +137,13 @@ def print_degrade(s: dict[str, Any]) -> None:
         if at:
             stats.add_row("undecided: smallest radius the attacks reached − ε (median, 10–90 %)",
                           f"{at['median']:+.3g} ({at['q10']:+.3g} … {at['q90']:+.3g})")
+    sq = s.get("sequential_2eps")
+    if sq:
+        smp = sq.get("samples") or {}
+        stats.add_row(f"2ε check, sequential test (budget {s.get('upper_n')}): FPR upper bound of the smoothed classifier",
+                      f"{_pct(sq['fpr_upper'])} % ({sq['testA_upper']} of {s['testR']}; samples median "
+                      f"{smp.get('median', float('nan')):.0f}, max {smp.get('max', float('nan')):.0f})")
+        stats.add_row("  meaning", sq["meaning"])
     inv = s["invariant"]
     if inv["lower_subset_upper"] is None:
         verdict = "nothing to check (no proven upper bound)"

@@ -47,6 +47,7 @@ from certaudit.errors import InputError
 RECHECK_SEED_OFFSET = 0x5EED_0000_D1CE  # re-check noise for candidates: seed + offset + attack number
 ROW_FORMAT = 3  # + proven_by and radius_floor (the costlier proofs); 2: checks at exactly ε / 2ε, one judging CERTIFY
 JUDGE_SEED_OFFSET = 0x5EED_0000_1D6E  # smoothing: the one judging CERTIFY of each input's chosen candidate
+UPPER_SEED_OFFSET = 0x5EED_0000_2E95  # smoothing: the sequential 2ε check of testR
 
 
 def monotone_certifier(defense: Any) -> bool:
@@ -80,7 +81,7 @@ def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indi
 def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str = "all",
                   seed: int = 0, indices: Sequence[int] | None = None, exhaustive: bool = False,
                   prune: bool = False, full_radius: bool = True, proofs: Sequence[str] | None = None,
-                  **attack_options: Any) -> list[dict[str, Any]]:
+                  upper: Defense | None = None, **attack_options: Any) -> list[dict[str, Any]]:
     """Audit one batch: certify, attack the inputs certified at ε, re-check every candidate.
 
     ``attack`` is one of ``pgd``, ``pgd-2eps``, ``spgd`` (smoothing), ``margin`` or ``all`` (each in
@@ -95,7 +96,11 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     come from the checks either way). ``proofs``: the defense's proofs of non-degradability to run
     (names from :attr:`Defense.proof_methods`, default all): the first on every input accepted at ε
     before the attacks, the costlier ones afterwards on the inputs no attack degraded and no earlier
-    proof settled, so every input of testR ends degraded, proven or undecided.
+    proof settled, so every input of testR ends degraded, proven or undecided. ``upper`` (randomized
+    smoothing): the same defense answering with its sequential test (``sequential=True``, its ``n`` the
+    budget per input), run at 2ε on testR (correct and accepted at ε): rows get
+    ``certified_2eps_sequential`` and ``samples_2eps_sequential`` (docs/degradation.md, "Informative
+    smoothing upper bounds").
 
     Randomized smoothing: each attack's candidate is first re-checked with its own *selection*
     CERTIFY (stream ``seed + RECHECK_SEED_OFFSET + k``; the verdicts in ``attacks``); per input the
@@ -139,8 +144,33 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
         open_ = torch.tensor([bool(c) and p is False and d is None
                               for c, p, d in zip(clean.cert1.tolist(), proof.proven, tally.degraded_by)])
         proof.run(defense, x, clean, open_, eps, cfg.tol, methods)
+    seq = _sequential_upper(upper, x, y, clean, eps, seed, idx)
     seconds = (time.perf_counter() - t0) / max(1, x.shape[0])
-    return _rows(idx, y, eps, clean, proof, skip, tally, seconds, monotone_certifier(defense))
+    rows = _rows(idx, y, eps, clean, proof, skip, tally, seconds, monotone_certifier(defense))
+    if seq is not None:
+        for row, (ok, n) in zip(rows, seq):
+            row["certified_2eps_sequential"], row["samples_2eps_sequential"] = ok, n
+    return rows
+
+
+def _sequential_upper(upper: Defense | None, x: torch.Tensor, y: torch.Tensor, clean: _CleanChecks, eps: float,
+                      seed: int, idx: list[int]) -> list[tuple[bool | None, int | None]] | None:
+    """The 2ε check through the sequential test on testR (correct and accepted at ε), one fresh stream;
+    (verdict, samples) per image, (None, None) outside testR; None without ``upper``."""
+    if upper is None:
+        return None
+    out: list[tuple[bool | None, int | None]] = [(None, None)] * x.shape[0]
+    sel = (clean.cert1 & (clean.label == y)).nonzero().flatten()
+    if not sel.numel():
+        return out
+    with torch.no_grad():
+        cert = upper.certify_checks(x[sel.to(x.device)], [2 * eps], full_radius=False, seed=seed + UPPER_SEED_OFFSET,
+                                    indices=[idx[i] for i in sel.tolist()])
+    ok = cert.certified_at(2 * eps).cpu()
+    samples = cert.extras.get("samples")
+    for j, i in enumerate(sel.tolist()):
+        out[i] = (bool(ok[j]), None if samples is None else int(samples[j]))
+    return out
 
 
 def check_proofs(defense: Defense, proofs: Sequence[str] | None) -> list[str]:

@@ -142,6 +142,32 @@ def _split(rows: Sequence[dict[str, Any]], s: _Sets, eps: float) -> dict[str, An
     return out
 
 
+def _sequential_upper(rows: Sequence[dict[str, Any]], s: _Sets) -> dict[str, Any] | None:
+    """Smoothing: the 2ε check of testR through the sequential test (rows' ``certified_2eps_sequential``);
+    testR inputs without a verdict count as not shown safe."""
+    vals = [(r.get("certified_2eps_sequential"), r.get("samples_2eps_sequential"), bool(d))
+            for r, t, d in zip(rows, s.test_r, s.degraded) if t]
+    judged = [v for v in vals if v[0] is not None]
+    if not judged:
+        return None
+    k_r = len(vals)
+    safe = sum(1 for v in judged if v[0])
+    samples = [int(v[1]) for v in judged if v[1] is not None]
+    out: dict[str, Any] = {
+        "judged": len(judged), "certified_2eps": safe, "testA_upper": k_r - safe, "fpr_upper": _ratio(k_r - safe, k_r),
+        "degraded_although_certified_2eps": sum(1 for v in judged if v[0] and v[2]),
+        "meaning": ("upper bound for the smoothed classifier itself (exact p_A): an input counted safe has "
+                    "p_A > Φ(2ε/σ) by the anytime-valid sequential test at level α, so with probability ≥ 1 − α "
+                    "every x' within ε has p_A(x') > Φ(ε/σ) (Cohen et al., Theorem 1); in expectation at most "
+                    "α·|testR| of these claims are wrong. The deployed CERTIFY (n samples, level α) can still "
+                    "abstain at such an x' by chance: a degraded input counted safe is such a chance rejection"),
+    }
+    if samples:
+        q = np.quantile(np.asarray(samples, dtype=float), [0.5, 0.9, 1.0])
+        out["samples"] = {"median": float(q[0]), "q90": float(q[1]), "max": float(q[2]), "total": int(sum(samples))}
+    return out
+
+
 def _quantiles(v: Sequence[float]) -> dict[str, Any]:
     q = np.quantile(np.asarray(v, dtype=float), [0.1, 0.5, 0.9])
     return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2]), "images": len(v)}
@@ -200,7 +226,10 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
         out["radius_drop_over_eps"] = drop
     out["invariant"] = _invariant(rows, s, monotone)
     if s.has_proof:
-        out["split"] = _split(rows, s, eps)
+        out["bracket"] = _split(rows, s, eps)
+    seq = _sequential_upper(rows, s)
+    if seq is not None:
+        out["sequential_2eps"] = seq
     out["label_changed"] = [int(r["index"]) for r in rows if r.get("label_changed")]
     secs = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
     if secs and len(secs) == n:

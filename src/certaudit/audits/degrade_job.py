@@ -21,6 +21,7 @@ from certaudit.audits.degradation import (
 )
 from certaudit.audits.session import Session, check_output, check_plot, check_range
 from certaudit.defenses.registry import defense_class
+from certaudit import validate
 from certaudit.errors import InputError
 
 ATTACK_CHOICES = ("pgd", "pgd-2eps", "spgd", "margin", "all", "identity")
@@ -37,6 +38,7 @@ def check_attack(attack: str) -> str:
 
 def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "lipschitz", attack: str = "all",
                 exhaustive: bool = False, prune: bool = False, proofs: Sequence[str] | None = None,
+                upper_n: int | None = None,
                 attack_options: dict[str, Any] | None = None,
                 defense_options: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
                 dataset: str | None = None, split: str = "test", limit: int | None = None, skip: int = 0,
@@ -56,6 +58,12 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     s = Session.open(model, weights=weights, dataset=dataset, device=device, quiet=quiet)
     opts = {k: v for k, v in {**(defense_options or {}), "seed": seed, "eps": eps}.items() if v is not None}
     guard = cls.from_options(s.net, s.meta, opts)  # each defense takes its own options
+    upper = None
+    if upper_n is not None:  # smoothing: the 2ε check through the sequential test, budget upper_n per input
+        if not cls.sequential_test:
+            raise InputError(f"--upper-n is the sequential 2ε check of randomized smoothing; {name} has no such test")
+        upper_n = validate.count(upper_n, "--upper-n")
+        upper = cls.from_options(s.net, s.meta, {**opts, "sequential": True, "n": upper_n})
     names = attacks_for(guard, attack)  # refuses spgd on deterministic defenses early
     if prune and guard.proof_name is None:
         raise InputError(f"--prune needs a defense that proves non-degradability; {name} "
@@ -69,12 +77,14 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     settings = guard.settings()  # stable values only: computed constants are diagnostics, not in the hash
     config = {"verb": "degrade", "model_sha256": s.model_sha, "arch": s.meta.arch, "defense": name,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
-              "prune": prune, "proofs": methods, "attack_config": cfg.as_dict(), "seed": seed, "chunk": chunk, "dataset": s.info.name,
+              "prune": prune, "proofs": methods, "upper_n": upper_n, "attack_config": cfg.as_dict(), "seed": seed,
+              "chunk": chunk, "dataset": s.info.name,
               "split": split, "row_format": ROW_FORMAT, "full_radius": full_radius, "device": s.device.type}
     # attacks are seeded per batch: the run loop's fixed blocks keep the batches (hence the rows) the
     # same whatever the number of processes and however often the run resumed
     run = s.run(lambda idx: degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
                                           exhaustive=exhaustive, prune=prune, full_radius=full_radius, proofs=methods,
+                                          upper=upper,
                                           **cfg.as_dict()),
                 wanted, out=out, config=config, block=chunk, label=f"degrade ({name}, {attack})",
                 done_noun="audited")
@@ -85,7 +95,8 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     norm = guard.norm.value
     summary = {"model": str(model), "defense": name, "norm": norm, "dataset": s.info.name, "split": split,
                "range": [skip, wanted[-1] + 1], "attack": attack, "attacks": names, "exhaustive": exhaustive,
-               "prune": prune, "proofs": methods, "attack_config": cfg.as_dict(), "settings": settings, **s.run_fields(run, out),
+               "prune": prune, "proofs": methods, "upper_n": upper_n, "attack_config": cfg.as_dict(), "settings": settings,
+               **s.run_fields(run, out),
                **summarize_degradation(rows, eps, proof=proof_text(guard, methods))}
     if plot is not None or radius_known:
         summary["fpr_curve"] = fpr_curve(rows, list(radii) if radii is not None else

@@ -53,6 +53,9 @@ def degrade_cmd(
                                                                  "interval: 2eps); default all. The costly ones run "
                                                                  "only on inputs the attacks and the 2ε proof leave "
                                                                  "undecided"),
+    upper_n: Optional[int] = typer.Option(None, "--upper-n", help="smoothing: the 2ε check of testR through the "
+                                                                   "sequential test with this sample budget per input "
+                                                                   "(e.g. 1000000; stops early away from the threshold)"),
     steps: int = typer.Option(50, "--steps", help="PGD steps per restart"),
     restarts: int = typer.Option(1, "--restarts", help="PGD restarts (margin on lipschitz: targeted runner-ups)"),
     step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step (default 2.5·radius/steps)"),
@@ -93,7 +96,7 @@ def degrade_cmd(
         raise InputError("--model is required (or --from-log FILE for the 2ε check from a certification log)")
     summary = degrade_job(
         model, eps=eps_v, weights=weights, defense=defense, attack=attack, exhaustive=exhaustive, prune=prune,
-        proofs=None if proofs is None else [p for p in proofs.split(",")],
+        proofs=None if proofs is None else [p for p in proofs.split(",")], upper_n=upper_n,
         attack_options={"steps": steps, "restarts": restarts, "samples": samples, "check_every": check_every,
                         "step_size": None if step_size is None else parse_number(step_size, "--step-size",
                                                                                  positive=True, allow_zero=False)},
