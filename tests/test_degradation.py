@@ -331,3 +331,36 @@ def test_identity_control_never_degrades_a_deterministic_defense():
     rows = degrade_batch(defense, x, torch.zeros(3, dtype=torch.long), 0.1, attack="identity")
     assert all(r["certified"] and r["degraded_by"] is None and r["attacks"] == {"identity": False} for r in rows)
     assert "identity" not in attacks_for(defense, "all")
+
+
+def test_smoothing_sequential_upper_bound(digits):
+    """Issue 18 item 4: the 2ε check of testR through the sequential test (``upper``): rows carry its
+    verdict and sample count, inputs it calls safe have a smoothed top-class probability above
+    Φ(2ε/σ) (checked on a large fresh sample), and the summary counts the rest as the upper set."""
+    from scipy.stats import norm as gauss
+
+    from certaudit.defenses.smoothing import SmoothedClassifier
+    from certaudit.models import load_checkpoint
+    from certaudit.zoo import model_path
+
+    net, _ = load_checkpoint(model_path("digits_gaussian"))
+    _, _, x_te, y_te = digits
+    x, y = x_te[:12], y_te[:12]
+    eps, sigma = 0.1, 0.25
+    defense = SmoothedClassifier(net, 10, sigma, n0=64, n=1000, alpha=0.001, batch_size=1024)
+    upper = SmoothedClassifier(net, 10, sigma, n0=64, n=20000, alpha=0.001, batch_size=1024, sequential=True)
+    rows = degrade_batch(defense, x, y, eps, attack="spgd", seed=0, steps=3, samples=8, upper=upper)
+    s = summarize_degradation(rows, eps)
+    sq = s["sequential_2eps"]
+    test_r = [r for r in rows if r["certified"] and r["correct"]]
+    assert sq["judged"] == len(test_r) > 0 and sq["testA_upper"] + sq["certified_2eps"] == len(test_r)
+    for r in rows:
+        if r in test_r:
+            assert isinstance(r["certified_2eps_sequential"], bool) and 64 < r["samples_2eps_sequential"] <= 20064
+        else:
+            assert r["certified_2eps_sequential"] is None
+    safe = [i for i, r in enumerate(rows) if r.get("certified_2eps_sequential")]
+    assert safe
+    counts = defense.sample_counts(x[safe], 20000, seed=123)
+    p_hat = counts.max(dim=1).values.double() / 20000
+    assert bool((p_hat > gauss.cdf(2 * eps / sigma) - 0.01).all())

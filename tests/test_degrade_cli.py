@@ -110,6 +110,9 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     ["--limit", "0"],
     ["--from-log", "nowhere.tsv"],  # with --model: refused
     ["--proofs", "bab"],  # not a proof of the lipschitz defense
+    ["--proof-budget", "0"],
+    ["--proof-budget", "nan"],
+    ["--upper-n", "1000"],  # the sequential 2ε check is smoothing's
 ])
 def test_bad_input_is_one_line_exit_2(gloro_model, tmp_path, capsys, args):
     capsys.readouterr()

@@ -17,7 +17,7 @@ from torch import nn
 pytest.importorskip("highspy")
 
 from certaudit.attacks.pgd import pgd  # noqa: E402
-from certaudit.audits.degradation import degrade_batch  # noqa: E402
+from certaudit.audits.degradation import degrade_batch, summarize_degradation  # noqa: E402
 from certaudit.defenses.base import ABSTAIN  # noqa: E402
 from certaudit.defenses.interval.bounds import margin_bounds  # noqa: E402
 from certaudit.defenses.interval.defense import IntervalDefense  # noqa: E402
@@ -275,3 +275,26 @@ def test_oracle_refuses_what_it_cannot_decide(tiny, monkeypatch):
     assert not encoding.available()
     with pytest.raises(InputError, match="certaudit\\[exact\\]"):
         MarginProblem(enet, x[0], EPS_INF, "linf")
+
+
+def test_branch_and_bound_proof_closes_the_bracket(tiny):
+    """The milp proof (branch and bound with a time budget) in the degradation audit: every certified,
+    correct input ends degraded or proven (the tiny net is decided within the budget); what it proves,
+    a stronger attack does not degrade; what it finds is re-checked like an attack's candidate."""
+    net, _, x, y = tiny
+    defense = LipschitzDefense(net, 10, EPS_L2, input_shape=(1, 8, 8))
+    assert defense.proof_methods == ("2eps", "local", "milp") and "milp" not in defense.default_proofs
+    rows = degrade_batch(defense, x, y, EPS_L2, attack="pgd", seed=0, steps=10, full_radius=False,
+                         proofs=["all"], proof_budget=20)
+    s = summarize_degradation(rows, EPS_L2, proof=defense.proof_name)
+    br = s["bracket"]
+    assert br["undecided"] == 0 and br["proven_by"].get("milp", 0) >= 1, br
+    by_milp = [i for i, r in enumerate(rows) if r["proven_by"] == "milp"]
+    strong = degrade_batch(defense, x[by_milp], y[by_milp], EPS_L2, attack="all", seed=1, steps=100, restarts=4,
+                           full_radius=False, proofs=["2eps"])
+    assert all(r["degraded_by"] is None for r in strong)
+    for r in rows:
+        if r["degraded_by"] == "milp":
+            assert r["distance"] <= EPS_L2 * (1 + 1e-5) and r["attacks"]["milp"]
+    with pytest.raises(InputError):
+        degrade_batch(defense, x[:2], y[:2], EPS_L2, attack="pgd", proofs=["bab"])

@@ -81,7 +81,8 @@ def _clean_checks(defense: Defense, x: torch.Tensor, eps: float, seed: int, indi
 def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str = "all",
                   seed: int = 0, indices: Sequence[int] | None = None, exhaustive: bool = False,
                   prune: bool = False, full_radius: bool = True, proofs: Sequence[str] | None = None,
-                  upper: Defense | None = None, **attack_options: Any) -> list[dict[str, Any]]:
+                  upper: Defense | None = None, proof_budget: float | None = None,
+                  **attack_options: Any) -> list[dict[str, Any]]:
     """Audit one batch: certify, attack the inputs certified at ε, re-check every candidate.
 
     ``attack`` is one of ``pgd``, ``pgd-2eps``, ``spgd`` (smoothing), ``margin`` or ``all`` (each in
@@ -96,7 +97,9 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     come from the checks either way). ``proofs``: the defense's proofs of non-degradability to run
     (names from :attr:`Defense.proof_methods`, default all): the first on every input accepted at ε
     before the attacks, the costlier ones afterwards on the inputs no attack degraded and no earlier
-    proof settled, so every input of testR ends degraded, proven or undecided. ``upper`` (randomized
+    proof settled, so every input of testR ends degraded, proven or undecided; ``proof_budget``: seconds
+    per input for a proof that searches (``milp``: branch and bound), whose x' the check rejects counts
+    as degraded (``degraded_by`` "milp", re-checked like every candidate). ``upper`` (randomized
     smoothing): the same defense answering with its sequential test (``sequential=True``, its ``n`` the
     budget per input), run at 2ε on testR (correct and accepted at ε): rows get
     ``certified_2eps_sequential`` and ``samples_2eps_sequential`` (docs/degradation.md, "Informative
@@ -143,7 +146,14 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     if len(methods) > 1:  # the costlier proofs: only where the attacks and the cheap proof left it open
         open_ = torch.tensor([bool(c) and p is False and d is None
                               for c, p, d in zip(clean.cert1.tolist(), proof.proven, tally.degraded_by)])
-        proof.run(defense, x, clean, open_, eps, cfg.tol, methods)
+        proof.run(defense, x, clean, open_, eps, cfg.tol, methods, proof_budget)
+        found = [i for i, w in enumerate(proof.witness) if w is not None]
+        if found:  # a search proof found x' the check rejects: re-checked like an attack's candidate
+            sel = torch.tensor(found, dtype=torch.long)
+            cand = torch.stack([proof.witness[i] for i in found]).to(x.device, x.dtype)
+            verdict = verify_candidates(defense, x[sel.to(x.device)], cand, clean.label[sel], eps, tol=cfg.tol)
+            for j, i in enumerate(found):
+                tally.record(i, "milp", verdict, j, cand)
     seq = _sequential_upper(upper, x, y, clean, eps, seed, idx)
     seconds = (time.perf_counter() - t0) / max(1, x.shape[0])
     rows = _rows(idx, y, eps, clean, proof, skip, tally, seconds, monotone_certifier(defense))
@@ -174,12 +184,15 @@ def _sequential_upper(upper: Defense | None, x: torch.Tensor, y: torch.Tensor, c
 
 
 def check_proofs(defense: Defense, proofs: Sequence[str] | None) -> list[str]:
-    """The proofs to run, in the defense's order (cheapest first); default all of them. The cheapest
-    is always run where the defense has one (it decides pruning and the lower ⊆ upper check)."""
+    """The proofs to run, in the defense's order (cheapest first); default :attr:`Defense.default_proofs`
+    (all but the searches), ``all`` for every one. The cheapest is always run where the defense has one
+    (it decides pruning and the lower ⊆ upper check)."""
     have = list(defense.proof_methods)
     if proofs is None:
-        return have
+        return list(defense.default_proofs)
     want = [str(p).strip().lower() for p in proofs if str(p).strip()]
+    if "all" in want:
+        return have
     unknown = [p for p in want if p not in have]
     if unknown:
         raise InputError(f"unknown proof {unknown[0]!r}; this defense has: {', '.join(have) or 'none'}")
@@ -206,20 +219,22 @@ class _Proofs:
     proven: list[bool | None]
     by: list[str | None]
     floor: list[float | None]
+    witness: list[torch.Tensor | None]
 
     @classmethod
     def start(cls, b: int) -> "_Proofs":
-        return cls([None] * b, [None] * b, [None] * b)
+        return cls([None] * b, [None] * b, [None] * b, [None] * b)
 
     def run(self, defense: Defense, x: torch.Tensor, clean: _CleanChecks, which: torch.Tensor, eps: float,
-            tol: float, methods: Sequence[str]) -> None:
+            tol: float, methods: Sequence[str], budget: float | None = None) -> None:
         """Run ``methods`` (:meth:`Defense.prove`) on the images ``which`` accepted at ε, over the ball
         the success check admits (‖x' − x‖ ≤ ε·(1 + tol)); keep the best radius floor."""
         sure = (which & clean.cert1).nonzero().flatten()
         if not sure.numel() or not methods or defense.proof_name is None:
             return
         with torch.no_grad():
-            res = defense.prove(x[sure.to(x.device)], eps * (1.0 + float(tol)), clean.label[sure], list(methods))
+            res = defense.prove(x[sure.to(x.device)], eps * (1.0 + float(tol)), clean.label[sure], list(methods),
+                                budget=budget)
         if res is None:
             return
         for j, i in enumerate(sure.tolist()):
@@ -227,6 +242,8 @@ class _Proofs:
             self.proven[i] = ok or bool(self.proven[i])
             if ok and self.by[i] is None:
                 self.by[i] = res.method[j]
+            if j < len(res.witness) and res.witness[j] is not None:
+                self.witness[i] = res.witness[j]
             f = float(res.radius_floor[j])
             if math.isfinite(f):
                 self.floor[i] = f if self.floor[i] is None else max(self.floor[i], f)

@@ -38,7 +38,7 @@ def check_attack(attack: str) -> str:
 
 def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "lipschitz", attack: str = "all",
                 exhaustive: bool = False, prune: bool = False, proofs: Sequence[str] | None = None,
-                upper_n: int | None = None,
+                upper_n: int | None = None, proof_budget: float | None = None,
                 attack_options: dict[str, Any] | None = None,
                 defense_options: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
                 dataset: str | None = None, split: str = "test", limit: int | None = None, skip: int = 0,
@@ -72,19 +72,22 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     # a radius that costs a search (interval bisection: ~11 bound passes per image) only for the --plot curve
     full_radius = not guard.radius_is_search or plot is not None
     methods = check_proofs(guard, proofs)
+    if proof_budget is not None:
+        proof_budget = validate.positive(proof_budget, "--proof-budget")
     cfg = AttackConfig.from_options({k: v for k, v in (attack_options or {}).items() if v is not None})
     x, y, wanted = s.data(split, data_root, skip=skip, limit=limit)
     settings = guard.settings()  # stable values only: computed constants are diagnostics, not in the hash
     config = {"verb": "degrade", "model_sha256": s.model_sha, "arch": s.meta.arch, "defense": name,
               "settings": settings, "eps": eps, "attack": attack, "attacks": names, "exhaustive": exhaustive,
-              "prune": prune, "proofs": methods, "upper_n": upper_n, "attack_config": cfg.as_dict(), "seed": seed,
+              "prune": prune, "proofs": methods, "proof_budget": proof_budget, "upper_n": upper_n,
+              "attack_config": cfg.as_dict(), "seed": seed,
               "chunk": chunk, "dataset": s.info.name,
               "split": split, "row_format": ROW_FORMAT, "full_radius": full_radius, "device": s.device.type}
     # attacks are seeded per batch: the run loop's fixed blocks keep the batches (hence the rows) the
     # same whatever the number of processes and however often the run resumed
     run = s.run(lambda idx: degrade_batch(guard, x[idx], y[idx], eps, attack=attack, seed=seed, indices=idx,
                                           exhaustive=exhaustive, prune=prune, full_radius=full_radius, proofs=methods,
-                                          upper=upper,
+                                          upper=upper, proof_budget=proof_budget,
                                           **cfg.as_dict()),
                 wanted, out=out, config=config, block=chunk, label=f"degrade ({name}, {attack})",
                 done_noun="audited")
@@ -95,7 +98,8 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     norm = guard.norm.value
     summary = {"model": str(model), "defense": name, "norm": norm, "dataset": s.info.name, "split": split,
                "range": [skip, wanted[-1] + 1], "attack": attack, "attacks": names, "exhaustive": exhaustive,
-               "prune": prune, "proofs": methods, "upper_n": upper_n, "attack_config": cfg.as_dict(), "settings": settings,
+               "prune": prune, "proofs": methods, "proof_budget": proof_budget, "upper_n": upper_n,
+               "attack_config": cfg.as_dict(), "settings": settings,
                **s.run_fields(run, out),
                **summarize_degradation(rows, eps, proof=proof_text(guard, methods))}
     if plot is not None or radius_known:

@@ -93,7 +93,7 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
         from certaudit.audits.degradation import summarize_degradation
         from certaudit.audits.degrade_job import proof_text
 
-        d = (summarize_degradation(rows["degrade"], eps, proof=proof_text(guard, guard.proof_methods))
+        d = (summarize_degradation(rows["degrade"], eps, proof=proof_text(guard, guard.default_proofs))
              if rows["degrade"] else {"test": 0})
         out["degradation"] = d
         for key in ("testR", "testA_lower", "testA_upper", "testA_2eps_check", "fpr_lower", "fpr_upper",
@@ -116,6 +116,7 @@ def build_summary(source: AuditSource, settings: AuditSettings, guard: Any, norm
                      "shadow_radius_mean": sp.get("shadow_radius_mean"),
                      "spoof_successes_natural_wrong": sp.get("successes_natural_wrong"),
                      "spoof_success_rate_natural_correct": sp.get("success_rate_natural_correct"),
+                     "spoof_attacked_natural_correct": sp.get("attacked_natural_correct"),
                      "spoof_success_rate_unbounded": unbounded.get("success_rate"),
                      "shadow_radius_mean_unbounded": unbounded.get("shadow_radius_mean"),
                      "spoofed_beats_natural": sp.get("spoofed_beats_natural"),
@@ -223,7 +224,8 @@ SUMMARY_SCHEMA: dict[str, Any] = {
                                        "spoof_images", "spoof_attacked")},
                 "testA_upper": {"type": ["integer", "null"], "minimum": 0}, "upper_bound": {"type": "string"},
                 **{k: {"type": ["integer", "null"], "minimum": 0}
-                   for k in ("spoof_natural_certified", "spoof_successes_natural_wrong")},
+                   for k in ("spoof_natural_certified", "spoof_successes_natural_wrong",
+                             "spoof_attacked_natural_correct")},
                 "natural_radius_mean": _NUM, "shadow_radius_mean": _NUM, "shadow_radius_mean_unbounded": _NUM,
                 "natural_radius_mean_attacked": _NUM, "natural_radius_mean_successes": _NUM,
                 "spoof_budget": {"type": ["string", "null"]},

@@ -49,10 +49,15 @@ def degrade_cmd(
     prune: bool = typer.Option(False, "--prune", help="lipschitz / interval: do not attack inputs the defense proves "
                                                        "non-degradable (2ε check, or IBP at 2ε for CROWN)"),
     proofs: Optional[str] = typer.Option(None, "--proofs", help="comma list of the defense's proofs of "
-                                                                 "non-degradability to run (lipschitz: 2eps,local; "
-                                                                 "interval: 2eps); default all. The costly ones run "
-                                                                 "only on inputs the attacks and the 2ε proof leave "
-                                                                 "undecided"),
+                                                                 "non-degradability to run (lipschitz: 2eps,local,"
+                                                                 "milp; interval: 2eps,milp) or all; default: all "
+                                                                 "but milp (branch and bound, seconds per input). "
+                                                                 "The costly ones run only on inputs the attacks "
+                                                                 "and the 2ε proof leave undecided"),
+    proof_budget: Optional[str] = typer.Option(None, "--proof-budget", help="seconds per input for a proof that "
+                                                                         "searches (milp: branch and bound over the "
+                                                                         "ReLU phases, with the `exact` extra, small "
+                                                                         "networks only); default 10"),
     upper_n: Optional[int] = typer.Option(None, "--upper-n", help="smoothing: the 2ε check of testR through the "
                                                                    "sequential test with this sample budget per input "
                                                                    "(e.g. 1000000; stops early away from the threshold)"),
@@ -97,6 +102,8 @@ def degrade_cmd(
     summary = degrade_job(
         model, eps=eps_v, weights=weights, defense=defense, attack=attack, exhaustive=exhaustive, prune=prune,
         proofs=None if proofs is None else [p for p in proofs.split(",")], upper_n=upper_n,
+        proof_budget=None if proof_budget is None else parse_number(proof_budget, "--proof-budget", positive=True,
+                                                                    allow_zero=False),
         attack_options={"steps": steps, "restarts": restarts, "samples": samples, "check_every": check_every,
                         "step_size": None if step_size is None else parse_number(step_size, "--step-size",
                                                                                  positive=True, allow_zero=False)},

@@ -225,11 +225,20 @@ class Defense(ABC):
         :meth:`prove_nondegradable`. Empty where it has none."""
         return ("2eps",) if self.proof_name is not None else ()
 
-    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str]) -> "Proof | None":
+    @property
+    def default_proofs(self) -> tuple[str, ...]:
+        """The proofs an audit runs unless told otherwise: all but the searches (``milp``), whose cost
+        is seconds per input."""
+        return tuple(m for m in self.proof_methods if m != "milp")
+
+    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str], *,
+              budget: float | None = None) -> "Proof | None":
         """Run the proofs ``methods`` (a subset of :attr:`proof_methods`, cheapest first; each only on
         the inputs the earlier ones left unproven): which input each proved, and where the defense
         can say so, a proven lower bound of the certified radius over the ball (how far the proof
-        side stands from ε on an undecided input). None where the defense has no proof."""
+        side stands from ε on an undecided input). ``budget``: seconds per input for a proof that
+        searches (branch and bound); it then may also return an x' the check rejects (``witness``).
+        None where the defense has no proof."""
         unknown = [m for m in methods if m not in self.proof_methods]
         if unknown:
             raise InputError(f"unknown proof {unknown[0]!r} for this defense; it has: "
@@ -242,6 +251,25 @@ class Defense(ABC):
         return Proof(proven, by, torch.full((proven.shape[0],), math.nan, dtype=torch.float64))
 
 
+def milp_available(model: torch.nn.Module, input_shape: Sequence[int] | None) -> bool:
+    """Whether the exact MILP (HiGHS, optional extra ``exact``) can encode ``model`` for ``input_shape``."""
+    if input_shape is None:
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("highspy") is None:
+        return False
+    from certaudit.defenses.interval.bounds import compile_network
+    from certaudit.defenses.interval.ops import ReLU
+    from certaudit.verify.milp import MAX_NEURONS
+
+    try:
+        net = compile_network(model, tuple(int(s) for s in input_shape))
+    except InputError:
+        return False
+    return sum(op.out_size for op in net.body if isinstance(op, ReLU)) <= MAX_NEURONS
+
+
 @dataclass
 class Proof:
     """What :meth:`Defense.prove` established, per input (CPU tensors)."""
@@ -249,6 +277,7 @@ class Proof:
     proven: torch.Tensor  # (B,) bool: every x' in B(x, ε) ∩ [0,1]^d is accepted with the label at ε
     method: list[str | None]  # the proof that succeeded, None where none did
     radius_floor: torch.Tensor  # (B,) float64: proven lower bound of the certified radius over the ball, NaN: none
+    witness: list[torch.Tensor | None] = field(default_factory=list)  # a searched x' (C, H, W) the check rejects
 
 
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from certaudit.defenses.base import (
-    ABSTAIN, Certificates, Defense, Norm, check_eps, check_images, check_labels, radius_key,
+    ABSTAIN, Certificates, Defense, Norm, Proof, check_eps, check_images, check_labels, milp_available, radius_key,
 )
 from certaudit.defenses.interval.alpha_crown import AlphaOptions
 from certaudit.defenses.interval.bounds import (
@@ -61,6 +61,7 @@ class IntervalDefense(Defense):
         self.batch_size = int(batch_size)
         self.budget_mb = None if budget_mb is None else positive(budget_mb, "budget_mb")
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self._milp_ok: tuple[Any, bool] | None = None
         self.alpha = AlphaOptions(iters=alpha_iters, lr=alpha_lr)  # α-CROWN's search (alpha-crown only)
 
     @classmethod
@@ -273,6 +274,52 @@ class IntervalDefense(Defense):
                 slack = torch.where(fin, (plain - sound).clamp_min(0.0), torch.zeros_like(sound))
                 out.append((torch.where(fin, sound - 2.0 * slack, sound).min(1).values > 0).cpu())
         return torch.cat(out) & valid.cpu()
+
+    @property
+    def proof_methods(self) -> tuple[str, ...]:
+        """``2eps`` (:meth:`prove_nondegradable`; none for CROWN-IBP), then, where HiGHS is installed and
+        the network is small enough, ``milp``: branch and bound over the ReLU phases with a time budget
+        per input (:func:`certaudit.verify.oracle.interval_degradable`: the exact IBP bound at every x'
+        for IBP, the same as a sufficient condition for CROWN, whose bound is never below IBP's)."""
+        if self.proof_name is None:
+            return ()
+        key = (tuple((p.data_ptr(), p._version) for p in self.model.parameters()), self.input_shape)
+        if self._milp_ok is None or self._milp_ok[0] != key:
+            self._milp_ok = (key, milp_available(self.model, self.input_shape))
+        return ("2eps", "milp") if self._milp_ok[1] else ("2eps",)
+
+    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str], *,
+              budget: float | None = None) -> Proof | None:
+        """:meth:`Defense.prove`: the 2ε-box IBP proof, then branch and bound (``milp``) on the rest;
+        no radius floor (the interval check has no closed-form radius): NaN."""
+        unknown = [m for m in methods if m not in self.proof_methods]
+        if unknown:
+            raise InputError(f"unknown proof {unknown[0]!r} for the interval defense ({self.method}); it has: "
+                             f"{', '.join(self.proof_methods) or 'none'}")
+        if not methods:
+            return None
+        base = super().prove(x, eps, label, methods[:1])
+        if base is None or "milp" not in methods:
+            return base
+        from certaudit.verify.oracle import interval_degradable
+
+        limit = 10.0 if budget is None else float(budget)
+        base.witness = [None] * base.proven.shape[0]
+        lab = torch.as_tensor(label).long().cpu()
+        for i in (~base.proven).nonzero().flatten().tolist():
+            if int(lab[i]) == ABSTAIN:
+                continue
+            try:
+                (v,) = interval_degradable(self, x[i:i + 1], eps, time_limit=limit)
+            except InputError:
+                break  # the network does not fit the oracle
+            if v.label != int(lab[i]):
+                continue
+            if v.decided is False:
+                base.proven[i], base.method[i] = True, "milp"
+            elif v.decided is True and v.witness is not None:
+                base.witness[i] = v.witness
+        return base
 
     def _bisect(self, net: Network, x: torch.Tensor, label: torch.Tensor, steps: int):
         b = x.shape[0]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certaudit.defenses.base import (
-    ABSTAIN, Certificates, Defense, Norm, Proof, check_eps, check_images, check_labels,
+    ABSTAIN, Certificates, Defense, Norm, Proof, check_eps, check_images, check_labels, milp_available,
 )
 from certaudit.defenses.lipschitz.bounds import (
     EXACT_LIMIT, SAFETY, SLACK_INFLATION, U64, conv_bound, gamma, linear_bound, normalize_bound,
@@ -47,6 +47,7 @@ from certaudit.errors import InputError
 
 DEFAULT_BATCH = 1024
 LOCAL_BATCH = 64  # images per local proof (CROWN over the ℓ2 ball holds rows of every unstable neuron)
+DEFAULT_PROOF_BUDGET = 10.0  # seconds per input for the branch-and-bound proof (milp)
 ARITHMETIC = ("fast", "float64")
 CUDA_SLACK_FACTOR = 16.0  # cuDNN may pick other summation algorithms than direct/GEMM
 
@@ -162,6 +163,7 @@ class LipschitzDefense(Defense):
         if not dtypes <= {torch.float32, torch.float64}:
             raise InputError(f"the Lipschitz defense certifies float32/float64 models, got {sorted(map(str, dtypes))}")
         self._states: dict[tuple[int, ...], tuple[tuple, _State]] = {}
+        self._milp_ok: tuple[Any, bool] | None = None
 
     # ------------------------------------------------------------------------- construction
 
@@ -400,16 +402,23 @@ class LipschitzDefense(Defense):
     def proof_methods(self) -> tuple[str, ...]:
         """``2eps`` (:meth:`prove_nondegradable`), then ``local``: the better of CROWN over the ℓ2 ball
         and a local Lipschitz bound over it (:mod:`.local`; docs/degradation.md, "Proofs over the ℓ2
-        ball"); rows name the one that succeeded (``crown-l2`` / ``local-lipschitz``)."""
-        return ("2eps", "local")
+        ball"); rows name the one that succeeded (``crown-l2`` / ``local-lipschitz``). Then, where HiGHS
+        is installed and the network is small enough, ``milp``: branch and bound over the ReLU phases
+        (the exact oracle, :mod:`certaudit.verify.oracle`) with a time budget per input."""
+        key = (self._key(), self.input_shape)
+        if self._milp_ok is None or self._milp_ok[0] != key:
+            self._milp_ok = (key, milp_available(self.model, self.input_shape))
+        return ("2eps", "local") + (("milp",) if self._milp_ok[1] else ())
 
-    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str]) -> Proof | None:
+    def prove(self, x: torch.Tensor, eps: float, label: torch.Tensor, methods: Sequence[str], *,
+              budget: float | None = None) -> Proof | None:
         """:meth:`Defense.prove` with the radius floor: per input, a proven lower bound of the
         certified radius ``min_j (f_y − f_j − 2(e_y + e_j))(x') / K_{y,j}`` of ``label`` over every x'
         in B₂(x, ε) ∩ [0, 1]^d (proven non-degradable iff it exceeds ε)."""
         unknown = [m for m in methods if m not in self.proof_methods]
         if unknown:
-            raise InputError(f"unknown proof {unknown[0]!r} for the lipschitz defense; it has: 2eps, local")
+            raise InputError(f"unknown proof {unknown[0]!r} for the lipschitz defense; it has: "
+                             f"{', '.join(self.proof_methods)} (milp: with the `exact` extra, small networks only)")
         x = self._check_x(x)
         eps = check_eps(eps)
         b = x.shape[0]
@@ -433,8 +442,39 @@ class LipschitzDefense(Defense):
                 for j, i in enumerate(idx.tolist()):
                     if bool(fl[j] > eps):
                         proven[i], by[i] = True, names[j]
+        witness: list[torch.Tensor | None] = [None] * b
+        if "milp" in methods:
+            todo = (~proven & valid).nonzero().flatten()
+            if todo.numel():
+                self._prove_milp(x, eps, t, todo, budget, proven, by, floor, witness)
         floor = torch.where(valid, floor, torch.full_like(floor, math.nan))
-        return Proof(proven & valid, by, floor)
+        return Proof(proven & valid, by, floor, witness)
+
+    def _prove_milp(self, x: torch.Tensor, eps: float, t: torch.Tensor, todo: torch.Tensor, budget: float | None,
+                    proven: torch.Tensor, by: list, floor: torch.Tensor, witness: list) -> None:
+        """Branch and bound (HiGHS MILP, :func:`certaudit.verify.oracle.lipschitz_degradable`) on ``todo``,
+        ``budget`` seconds each: proven (the dual bound clears every threshold by the oracle's tolerance),
+        a witness x' the run-time check rejects, or undecided. Its bound, in radius units, tightens the floor."""
+        from certaudit.verify.oracle import lipschitz_degradable
+
+        limit = DEFAULT_PROOF_BUDGET if budget is None else float(budget)
+        k = self.lipschitz_constants(tuple(int(s) for s in x.shape[1:])).pairwise.cpu()
+        for i in todo.tolist():
+            try:
+                (v,) = lipschitz_degradable(self, x[i:i + 1], eps, time_limit=limit)
+            except InputError:
+                return  # the network does not fit the oracle: everything stays as the cheaper proofs left it
+            if v.label != int(t[i]):
+                continue  # the oracle's own certify disagrees on the label (a tie): leave it undecided
+            if v.decided is False:
+                proven[i], by[i] = True, "milp"
+            elif v.decided is True and v.witness is not None:
+                witness[i] = v.witness
+            if math.isfinite(v.bound):  # min over rivals of (proven min margin − threshold): radius units below
+                kk = k[int(t[i])].clone()
+                kk[int(t[i])] = math.inf
+                scale = float(kk.min()) if v.bound < 0 else float(kk[torch.isfinite(kk)].max())
+                floor[i] = max(float(floor[i]), eps + v.bound / scale)
 
     def _prove_2eps(self, x: torch.Tensor, eps: float, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The 2ε check (:meth:`prove_nondegradable`) and its radius floor ``R(x) − ε`` (with the
