@@ -95,6 +95,14 @@ CASES = [
     (["spoof", "--model", GAUSS, "--limit", "1", "--samples", "1000000000000"], "--samples"),
     (["degrade", "--model", GAUSS, "--defense", "smoothing", "--eps", "0.25", "--limit", "1", "--samples",
       "1000000000000"], "samples"),
+    # --- numbers beyond the float range (10^400 as an integer or a fraction): one shortened line
+    (["spoof", "--model", GAUSS, "--limit", "1", "--max-linf", "1" + "0" * 400 + "/1"], "--max-linf must be a finite"),
+    (["spoof", "--model", GAUSS, "--limit", "1", "--eps", "1" + "0" * 400], "--eps must be a finite"),
+    (["spoof", "--model", GAUSS, "--limit", "1", "--alpha", "1" + "0" * 400 + "/3"], "--alpha"),
+    (["audit", "--model", GLORO, "--defense", "lipschitz", "--eps", "1" + "0" * 400 + "/1", "--out", "{d}/a400"],
+     "--eps must be a finite"),
+    (["audit", "--model", GLORO, "--defense", "lipschitz", "--eps", "0.25", "--spoof-min-ssim", "1" + "0" * 400,
+      "--out", "{d}/a400"], "--spoof-min-ssim"),
     # --- results files
     (["degrade", "--from-log", "{d}/rows_bad.jsonl", "--eps", "0.1"], "JSON object"),
     (["degrade", "--from-log", "{d}/nonutf8.jsonl", "--eps", "0.1"], "not a certaudit"),
@@ -145,6 +153,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_files_alone(argv, needle, extra
     assert rc == 2, (argv, err)
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert needle in err, (needle, err)
+    assert "0" * 100 not in err, err  # a long input is shown shortened
     after = _files(d)
     assert {k: v for k, v in after.items() if k in before} == before  # every earlier file byte-identical
 

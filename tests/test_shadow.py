@@ -416,6 +416,7 @@ from certaudit.attacks.budget import (  # noqa: E402
     Budget,
     linf_text,
     parse_linf_list,
+    run_budgets,
     ssim,
     ssim_at_least,
     ssim_window,
@@ -573,10 +574,11 @@ def test_success_counts_only_spoofs_within_the_budget(monkeypatch):
     assert s["successes"] == 2 and s["successes_natural_wrong"] == 2  # no attack needed for either
     assert s["attacked_natural_correct"] == 1 and s["success_rate_natural_correct"] == 0.0
     assert s["budget_label"] == "SSIM ≥ 1" and s["ssim_mean"] == 1.0 and s["unbounded"] is None
-    # the judge recomputes SSIM on the judged image: one it finds below the bound is no success
-    import certaudit.audits.spoofing as spoofing_mod
+    # a judged image whose SSIM is below the bound is no success (here: an SSIM of 0.5 everywhere, so no
+    # iterate is ever feasible and the judge gets the attack's 0.5 for the image it returns)
+    import certaudit.attacks.shadow as shadow_mod
 
-    monkeypatch.setattr(spoofing_mod, "ssim", lambda a, b: torch.full((a.shape[0],), 0.5))
+    monkeypatch.setattr(shadow_mod, "ssim", lambda a, b: torch.full((a.shape[0],), 0.5))
     judged = spoof_batch(liar, DefenseMargin(liar, 0.5), x, y, ShadowConfig(steps=2, channels=3, min_ssim=0.9),
                          skip_abstained=False, eps=0.5)
     assert [r["spoofed_prediction"] for r in judged.rows] == [1, 1, 1]
@@ -735,3 +737,98 @@ def test_budgeted_steps_keep_the_smooth_direction_and_start_feasible():
         assert bool((at_corner < 0.5).all()), at_corner
         assert bool(ssim_at_least(res.ssim, s).all()) and float(res.delta.abs().max()) <= tau + 1e-7
         assert bool((res.delta.flatten(1).abs().amax(dim=1) > tau / 8).all())  # it moved, from δ0 = 0 too
+
+
+# ---------------------------------------------------------------- review fixes (issue 19, round 2)
+
+def test_config_and_audit_settings_store_the_checked_numbers():
+    """Numbers given as text are checked *and stored* as numbers: a ShadowConfig built with
+    ``max_linf="16/255"`` holds 16/255 (the attack computes with it), and so do AuditSettings."""
+    from certaudit.audits.pipeline import AuditSettings
+
+    cfg = ShadowConfig(steps=3.0, lr="1/10", max_linf="16/255", min_ssim="0.9", lambda_ssim="5", init="0.25",
+                       channels=3.0)
+    assert (cfg.steps, cfg.lr, cfg.max_linf, cfg.min_ssim, cfg.lambda_ssim, cfg.init, cfg.channels) == (
+        3, 0.1, 16 / 255, 0.9, 5.0, 0.25, 3)
+    assert type(cfg.steps) is int and type(cfg.channels) is int and type(cfg.max_linf) is float
+    assert cfg.budget == Budget(16 / 255, 0.9) and cfg.with_(lr="2").lr == 2.0
+    x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    res = shadow_attack(StepSpy(tiny_net()), x, torch.tensor([1]), cfg, seed=0)  # no ValueError on a string
+    assert float(res.delta.abs().max()) <= 16 / 255 + 1e-7
+    s = AuditSettings(eps="0.25", alpha="1/1000", sigma="0.5", spoof_max_linf="16/255", spoof_min_ssim="0.9",
+                      spoof_sweep=("8/255", None)).check()
+    assert (s.eps, s.alpha, s.sigma, s.spoof_max_linf, s.spoof_min_ssim) == (0.25, 0.001, 0.5, 16 / 255, 0.9)
+    assert s.spoof_sweep == (8 / 255, None)
+    assert AuditSettings(eps=0.25, spoof_sweep="4/255,none").check().spoof_sweep == (4 / 255, None)
+    for bad in ({"spoof_sweep": (4 / 255, 0.0156862745)}, {"spoof_sweep": ()}, {"spoof_max_linf": "2"},
+                {"eps": "1" + "0" * 400}, {"alpha": "1"}):
+        with pytest.raises(InputError):
+            AuditSettings(**{"eps": 0.25, **bad}).check()
+
+
+def test_sweep_entry_printed_like_the_primary_is_the_primary():
+    """``--max-linf 0.0627451 --sweep-linf 16/255,none``: the sweep's 16/255 prints like the primary
+    budget, so it is that budget (the primary's exact τ), attacked and listed once, marked primary."""
+    primary = Budget(0.0627451, 0.9)
+    assert primary != Budget(16 / 255, 0.9) and primary.label == Budget(16 / 255, 0.9).label
+    sweep = sweep_budgets([16 / 255, None], 0.9, primary)
+    assert sweep == [primary, Budget()]
+    assert run_budgets(primary, sweep) == [primary, Budget()]
+    assert sweep_budgets([8 / 255, None], 0.9, primary) == [Budget(8 / 255, 0.9), Budget()]  # nothing alike
+    model = tiny_net()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    liar = ConstantDefense(model, label=1)
+    out = spoof_batch(liar, DefenseMargin(liar, 0.5), x, torch.tensor([0, 1]),
+                      ShadowConfig(steps=2, channels=3, max_linf=0.0627451, min_ssim=0.9), skip_abstained=False,
+                      sweep=sweep)
+    s = summarize(out.rows)
+    assert [e["label"] for e in s["sweep"]] == ["ℓ∞ ≤ 16/255, SSIM ≥ 0.9", "unbounded"]
+    assert [e["primary"] for e in s["sweep"]] == [True, False] and s["sweep"][0]["max_linf"] == 0.0627451
+    assert [c.shape[0] for c in liar.calls] == [2, 2 * 3 * 2, 2 * 2]  # two budgets attacked, not three
+
+
+def test_attack_returns_the_ssim_it_accepted_its_iterate_with(monkeypatch):
+    """The SSIM of a kept feasible iterate is the value it was accepted with, not a recomputation. Simulated
+    with an SSIM that reads 0.01 higher inside the objective (autograd on) than elsewhere: the returned SSIM
+    of every bounded pair is the accepted one, so it satisfies the bound the attack checked."""
+    import certaudit.attacks.shadow as shadow_mod
+
+    real = shadow_mod.ssim
+    monkeypatch.setattr(shadow_mod, "ssim", lambda a, b: real(a, b) + (0.01 if torch.is_grad_enabled() else 0.0))
+    model = tiny_net()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(9)) * 0.6 + 0.2
+    cfg = ShadowConfig(steps=10, lr=0.5, init=0.0, lambda_c=0.0, lambda_tv=0.0, min_ssim=0.95, lambda_ssim=2.0)
+    res = shadow_attack(StepSpy(model), x, torch.tensor([1, 2]), cfg, seed=0)
+    assert bool(ssim_at_least(res.ssim, 0.95).all())
+    torch.testing.assert_close(res.ssim, real(x, res.x_adv) + 0.01)  # the accepted value, offset included
+
+
+def test_judge_uses_the_ssim_the_attack_accepted(monkeypatch):
+    """pytorch-msssim's SSIM of one pair of images differs in the last bits with the size of its batch.
+    Simulated, enlarged: an SSIM that grows by 1e-3 per image in the batch, and the attack's batch of every
+    (image, target, budget) is larger than any the judge would use. Every spoof the attack kept within the
+    budget is still judged within it: the judge compares the SSIM the attack accepted, not its own."""
+    import certaudit.attacks.budget as budget_mod
+    import certaudit.attacks.shadow as shadow_mod
+
+    real = budget_mod.ssim
+
+    def batch_dependent(a, b):
+        return real(a, b) + 1e-3 * a.shape[0]
+
+    for mod in (budget_mod, shadow_mod):
+        monkeypatch.setattr(mod, "ssim", batch_dependent)
+    model = tiny_net(seed=3)
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(4)) * 0.6 + 0.2
+    net = NetDefense(model)
+    # only the spoofing loss and the SSIM hinge: the kept iterates end near the bound
+    cfg = ShadowConfig(steps=8, channels=3, lr=2.0, init=0.0, lambda_c=0.0, lambda_tv=0.0, lambda_s=0.0,
+                       max_linf=64 / 255, min_ssim=0.97, lambda_ssim=1.0)
+    out = spoof_batch(net, DefenseMargin(net, 0.0), x, torch.tensor([0, 1, 2, 3]), cfg, skip_abstained=False,
+                      sweep=sweep_budgets([32 / 255, None], 0.97))
+    entries = [e for r in out.rows for e in [r, *r["sweep"]] if e["min_ssim"] is not None]
+    assert len(entries) == 8  # the row's 64/255 and the sweep's 32/255, 4 images
+    for e in entries:
+        assert e["within_budget"] and ssim_at_least(e["ssim"], 0.97), e
+    # a recomputation in a batch of 4 would have put them below the bound (what the judge used to do)
+    assert bool((batch_dependent(x, out.x_adv) < 0.97).any())

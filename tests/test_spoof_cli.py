@@ -93,8 +93,11 @@ def test_three_channels_on_grey_digits_reduce_to_one(gauss_model, tmp_path, caps
     (["--channels", "2"], "channels"),
     (["--steps", "0"], "steps"),
     (["--samples", "0"], "samples"),
-    (["--lambda-tv", "-1"], "lambda_tv"),
-    (["--lambda-s", "-0.5"], "lambda_s"),
+    (["--lambda-tv", "-1"], "--lambda-tv"),
+    (["--lambda-s", "-0.5"], "--lambda-s"),
+    (["--lambda-c", "-2"], "--lambda-c"),
+    (["--lr", "0"], "--lr"),
+    (["--init", "-0.1"], "--init"),
     (["--optimizer", "lbfgs"], "optimizer"),
     (["--noise", "sometimes"], "noise"),
     (["--loss", "hinge"], "loss"),
@@ -137,7 +140,12 @@ def test_help_lists_the_papers_options(capsys):
     (["--min-ssim", "1.5"], "--min-ssim"),
     (["--min-ssim", "-0.2"], "--min-ssim"),
     (["--min-ssim", "nan"], "--min-ssim"),
-    (["--lambda-ssim", "-1"], "lambda_ssim"),
+    (["--lambda-ssim", "-1", "--min-ssim", "0.9"], "--lambda-ssim must be >= 0"),
+    (["--lambda-ssim", "5"], "--min-ssim"),  # a weight of a penalty that does not exist: refused, not ignored
+    (["--lambda-ssim", "5", "--max-linf", "8/255"], "--min-ssim"),
+    (["--max-linf", "2"], "--max-linf must lie in [1e-6, 1]"),  # the range the help and the docs state
+    (["--max-linf", "1e-7"], "--max-linf must lie in [1e-6, 1]"),
+    (["--min-ssim", "1.5"], "--min-ssim must lie in (0, 1]"),
     (["--sweep-linf", "0,8/255"], "--sweep-linf"),
     (["--sweep-linf", "8/255,,none"], "--sweep-linf"),
     (["--sweep-linf", "8/255,8/255"], "--sweep-linf"),
@@ -181,7 +189,17 @@ def test_budget_and_sweep_rows_summary_and_resume(gauss_model, tmp_path, capsys)
     assert _spoof(gauss_model, "--limit", "4", *budget, "--out", str(out)) == 0  # the same: resumes (nothing to do)
 
 
+HUGE = "1" + "0" * 400  # beyond the float range: 10^400
+
 HOSTILE_BUDGETS = [
+    (["--max-linf", HUGE + "/1"], "--max-linf"),
+    (["--max-linf", HUGE], "--max-linf"),
+    (["--min-ssim", HUGE + "/3"], "--min-ssim"),
+    (["--sweep-linf", "8/255," + HUGE + "/1"], "--sweep-linf"),
+    (["--eps", HUGE + "/1"], "--eps"),
+    (["--lr", HUGE + "/7"], "--lr"),
+    (["--lambda-ssim", HUGE + "/1", "--min-ssim", "0.9"], "--lambda-ssim"),
+    (["--init", "-" + HUGE + "/1"], "--init"),
     (["--max-linf", "1e308"], "--max-linf"),
     (["--max-linf", "2"], "--max-linf"),
     (["--max-linf", "1e20"], "--max-linf"),
@@ -207,9 +225,13 @@ def test_hostile_budget_is_refused_before_anything_loads(tmp_path, extra, needle
     rc = main(["spoof", "--model", str(tmp_path / "missing.safetensors"), "--defense", "smoothing", *FAST, *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("certaudit: error:") and needle in err and "\n" not in err, err
+    assert len(err) < 300 and HUGE not in err, err  # a 400-digit input is shown shortened
 
 
 @pytest.mark.parametrize("extra, needle", [
+    (["--spoof-max-linf", HUGE + "/1"], "--spoof-max-linf"),
+    (["--spoof-min-ssim", HUGE], "--spoof-min-ssim"),
+    (["--spoof-sweep", HUGE + "/1,none"], "--spoof-sweep"),
     (["--spoof-max-linf", "1e308"], "--spoof-max-linf"),
     (["--spoof-max-linf", "2"], "--spoof-max-linf"),
     (["--spoof-max-linf", "1e-300"], "--spoof-max-linf"),
@@ -251,3 +273,23 @@ def test_image_whose_label_is_the_only_target_is_not_attacked(tmp_path, capsys):
     assert summary["natural_radius_mean_attacked"] == pytest.approx(
         sum(r["natural_radius"] for r in rows[:2]) / 2)
     assert summary["l2_mean"] == pytest.approx(sum(r["l2"] for r in rows[:2]) / 2)
+
+
+def test_sweep_entry_like_the_main_budget_is_merged_into_it(tmp_path, capsys):
+    """``--max-linf 0.0627451 --sweep-linf 16/255,none``: 0.0627451 prints as 16/255, so the sweep's 16/255 is
+    the main budget: one row of the sweep table per label, the main one marked primary, attacked once."""
+    from certaudit import zoo
+
+    out = tmp_path / "rows.jsonl"
+    capsys.readouterr()
+    rc = main(["spoof", "--model", str(zoo.model_path("digits_gloro_eps")), "--defense", "lipschitz", "--eps", "0.25",
+               "--dataset", "digits", "--limit", "2", "--steps", "2", "--device", "cpu", "--max-linf", "0.0627451",
+               "--min-ssim", "0.9", "--sweep-linf", "16/255,none", "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["label"] for e in summary["sweep"]] == ["ℓ∞ ≤ 16/255, SSIM ≥ 0.9", "unbounded"]
+    assert [e["primary"] for e in summary["sweep"]] == [True, False]
+    assert summary["sweep"][0]["max_linf"] == 0.0627451  # the main budget's own τ
+    header, rows = read_rows(out)
+    assert [b["max_linf"] for b in header["config"]["sweep"]] == [0.0627451, None]
+    assert all(len(r["sweep"]) == 2 for r in rows if r["attacked"])

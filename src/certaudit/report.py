@@ -64,9 +64,11 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("utility_reduction_upper", "utility red. upper (proven)", "pct"),
     ("spoof_budget", "spoof budget", "text"),
     ("spoof_attacked", "spoof attacked", "int"),
-    ("spoof_success_rate", "spoof success (within budget; wrong label certified at any radius > 0)", "pct"),
+    ("spoof_attacked_natural_correct", "spoof attacked, natural label correct", "int"),
+    ("spoof_success_rate_natural_correct", "spoof success (within budget; naturally correct images; wrong label "
+                                           "certified at any radius > 0)", "pct"),
+    ("spoof_success_rate", "spoof success (within budget; all attacked, incl. natural label already wrong)", "pct"),
     ("spoof_successes_natural_wrong", "of which natural already wrong", "int"),
-    ("spoof_success_rate_natural_correct", "spoof success (natural label correct)", "pct"),
     ("natural_radius_mean", "r̄ natural (spoof images, certified)", "num"),
     ("natural_radius_mean_successes", "r̄ natural (same images as r̄ spoofed)", "num"),
     ("shadow_radius_mean", "r̄ spoofed (within budget)", "num"),
@@ -136,8 +138,23 @@ def glance_header(summaries: Sequence[dict[str, Any]]) -> list[str]:
     budget = "" if shared is None else f" ({shared})"
     return ["audit", "defense", "ε", "clean accuracy", "certified accuracy at ε (VRA)",
             "false-positive rate at ε: lower (attacks) – upper (proven)",
-            f"spoof success within budget{budget}: wrong label certified, any radius > 0",
+            f"spoof success within budget{budget}: wrong label certified (any radius > 0), over the naturally "
+            "correct images; then over all attacked, incl. those whose natural label was already wrong",
             "of which natural already wrong", "spoof success unbounded (any picture)"]
+
+
+def spoof_cell(summary: dict[str, Any]) -> str:
+    """The headline's spoof success at the stated budget: the rate over the attacked images whose natural label
+    was correct (real spoofs) with their number first, then the rate over all attacked images, named (it also
+    counts images the defense labelled wrong before any attack). ``–`` without a spoof stage."""
+    h = summary["headline"]
+    if h.get("spoof_success_rate") is None and h.get("spoof_success_rate_natural_correct") is None:
+        return "–"
+    n_ok = h.get("spoof_attacked_natural_correct")
+    if n_ok is None:  # summaries written before the headline carried it
+        n_ok = (summary.get("spoofing") or {}).get("attacked_natural_correct")
+    return (f"{fmt(h.get('spoof_success_rate_natural_correct'), 'pct')} (n = {fmt(n_ok, 'int')} naturally correct); "
+            f"{fmt(h.get('spoof_success_rate'), 'pct')} incl. already wrong (n = {fmt(h.get('spoof_attacked'), 'int')})")
 
 
 def glance_row(name: str, summary: dict[str, Any], budget_in_cell: bool = False) -> list[str]:
@@ -146,8 +163,8 @@ def glance_row(name: str, summary: dict[str, Any], budget_in_cell: bool = False)
     h = summary["headline"]
     upper = "no proof" if h.get("fpr_upper") is None else fmt(h.get("fpr_upper"), "pct")
     fpr = "–" if h.get("fpr_lower") is None and h.get("fpr_upper") is None else f"{fmt(h.get('fpr_lower'), 'pct')} – {upper}"
-    spoof = fmt(h.get("spoof_success_rate"), "pct")
-    if budget_in_cell and h.get("spoof_budget") is not None and h.get("spoof_success_rate") is not None:
+    spoof = spoof_cell(summary)
+    if budget_in_cell and h.get("spoof_budget") is not None and spoof != "–":
         spoof += f" ({h['spoof_budget']})"
     return [name, defense_label(summary), f"{float(h['eps']):.4g} ({_norm_sym(h['norm'])})",
             fmt(h.get("clean_accuracy"), "pct"), fmt(h.get("vra_eps"), "pct"), fpr,
@@ -296,19 +313,21 @@ def _spoof_tables(sp: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
     out = [(f"Spoofing (Shadow Attack) on {sp.get('images')} images, {sp.get('attacked')} attacked; budget: "
             f"{sp.get('budget_label', 'unbounded')}",
             ["figure", "value"],
-            [["success rate (within budget; fresh certificate of a wrong label)", fmt(sp.get("success_rate"), "pct")],
-             ["success rate, unbounded attack (any picture: not a perceptual spoof)",
-              fmt(unb.get("success_rate"), "pct")],
+            [[f"success rate over images whose natural label was right (within budget; fresh certificate of a "
+              f"wrong label; n = {fmt(sp.get('attacked_natural_correct'), 'int')})",
+              fmt(sp.get("success_rate_natural_correct"), "pct")],
+             [f"success rate over all attacked images, incl. natural label already wrong (within budget; n = "
+              f"{fmt(sp.get('attacked'), 'int')})", fmt(sp.get("success_rate"), "pct")],
+             ["success rate, unbounded attack (any picture: not a perceptual spoof), naturally correct / all",
+              f"{fmt(unb.get('success_rate_natural_correct'), 'pct')} / {fmt(unb.get('success_rate'), 'pct')}"],
              [f"certified radius, natural, certified r > 0 (n = {fmt(sp.get('natural_certified'), 'int')}): "
               "mean ± std", f"{fmt(sp.get('natural_radius_mean'))} ± {fmt(sp.get('natural_radius_std'))}"],
              ["certified radius, spoofed within budget: mean ± std", f"{fmt(sp.get('shadow_radius_mean'))} ± "
                                                                       f"{fmt(sp.get('shadow_radius_std'))}"],
              ["certified radius, natural, of the same successful images: mean",
               fmt(sp.get("natural_radius_mean_successes"))],
-             ["of the successes: natural image already labelled wrong (no attack needed)",
+             ["of the successes: natural image already labelled wrong (before any attack)",
               fmt(sp.get("successes_natural_wrong"), "int")],
-             [f"success rate over images whose natural label was right (n = "
-              f"{fmt(sp.get('attacked_natural_correct'), 'int')})", fmt(sp.get("success_rate_natural_correct"), "pct")],
              ["spoofed radius ≥ natural radius", fmt(sp.get("spoofed_beats_natural"), "pct")],
              ["robust error at ε (natural)", fmt(sp.get("robust_error"), "pct")],
              ["attack error at ε (spoofed, within budget)", fmt(sp.get("attack_error"), "pct")],
@@ -318,9 +337,12 @@ def _spoof_tables(sp: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
     if sp.get("sweep"):
         out.append((f"Spoof success against budget (an independent attack per budget, one batch; ◆: the headline's "
                     f"budget); r̄ natural (spoof images, certified) = {fmt(sp.get('natural_radius_mean'))}",
-                    ["budget", "attacked", "success", "of which natural already wrong", "r̄ spoofed",
-                     "r̄ natural (same images)", "mean SSIM", "mean ‖δ‖∞ (×255)"],
+                    ["budget", "attacked", "success, naturally correct (n)", "success, all attacked",
+                     "of which natural already wrong", "r̄ spoofed", "r̄ natural (same images)", "mean SSIM",
+                     "mean ‖δ‖∞ (×255)"],
                     [[("◆ " if e.get("primary") else "") + e["label"], str(e["attacked"]),
+                      f"{fmt(e.get('success_rate_natural_correct'), 'pct')} "
+                      f"({fmt(e.get('attacked_natural_correct'), 'int')})",
                       fmt(e.get("success_rate"), "pct"), fmt(e.get("successes_natural_wrong"), "int"),
                       fmt(e.get("shadow_radius_mean")), fmt(e.get("natural_radius_mean_successes")),
                       fmt(e.get("ssim_mean")), _x255(e.get("linf_mean"))] for e in sp["sweep"]]))
@@ -445,7 +467,10 @@ _GLANCE_NOTE = ("One row per audit. Certified accuracy: certified with the corre
                 "check. False-positive rate: of the correctly certified images, those an ε-bounded degradation attack "
                 "made the run-time defense reject (lower bound), and those the defense did not prove non-degradable "
                 "(upper bound; 'no proof': the defense has none). Spoof success: fresh certificates of a wrong label "
-                "after the Shadow Attack, within the stated perceptual budget and without any budget.")
+                "after the Shadow Attack, within the stated perceptual budget and without any budget; at the "
+                "budget, first over the attacked images whose natural label was correct (real spoofs, n of them), "
+                "then over all attacked images, which also counts images the defense labelled wrong before any "
+                "attack.")
 
 
 def _headline_section(audits: Sequence[AuditData]) -> list[str]:
@@ -511,12 +536,16 @@ def _figure_sections(audits: Sequence[AuditData]) -> list[str]:
         "</section>",
         _open_section("spoof-budget"),
         _img(figure_spoof_budget(audits), "spoof success against the ℓ∞ budget",
-             "Per audit: the Shadow Attack under each ℓ∞ budget τ of the sweep (with the SSIM bound) and "
-             "unbounded (∞, no budget at all), in one batch. Each budget is an independent attack (its own "
-             "candidates only), so the curve need not rise. Solid: spoof success (fresh certificate of a wrong "
-             "label, image within the budget); dashed: mean certified radius of the successful spoofs (n: their "
-             "number); dotted: mean certified radius of the natural images of those same successful spoofs, per "
-             "budget. ◆: the headline's budget."),
+             "Per audit: the Shadow Attack under each ℓ∞ budget τ of the sweep (with the SSIM bound named in "
+             "the panel's title), under an SSIM bound alone where the sweep has one ('SSIM ≥ s only': no ℓ∞ "
+             "bound) and unbounded (∞: no bound at all), in one batch. The SSIM-only and ∞ points have ticks of "
+             "their own, right of the dotted line, and are not joined to the ℓ∞ curve. Each budget is an "
+             "independent attack (its own candidates only), so the curve need not rise. Red: spoof success "
+             "(fresh certificate of a wrong label, image within the budget) over the images whose natural label "
+             "was correct; light red: over all attacked images, incl. those the defense already labelled wrong "
+             "before any attack. Blue, dashed: mean certified radius of the successful spoofs (n: their number); "
+             "dotted: mean certified radius of the natural images of those same successful spoofs, per budget. "
+             "◆: the headline's budget."),
         "</section>",
     ]
 
@@ -530,7 +559,8 @@ _EXAMPLE_SECTIONS = (
      "Each row: a natural image with its true label; the Shadow Attack perturbation δ on its own colour scale "
      "(the bar, in 8-bit steps of 1/255), its largest pixel change and SSIM(x, x+δ); and x+δ with the wrong label "
      "the defense certifies for it and the certified radius. Successful spoofs within the budget named above "
-     "each grid."),
+     "each grid; images whose natural label was correct (real spoofs) first, then, where there are too few, "
+     "images the defense already labelled wrong before any attack; each row says which."),
 )
 
 

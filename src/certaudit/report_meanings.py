@@ -40,8 +40,12 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
                      "of the judged image). 'unbounded': no budget, the paper's attack."),
     ("spoof success (within budget)", "Shadow Attack: fraction of attacked images (not abstained) whose perturbed "
                                       "image x+δ is within the budget and gets a fresh certificate for a wrong label "
-                                      "(the surrogate loss never decides success). As in the paper, an image the "
-                                      "defense already labels wrong counts too; the spoofing table says how many."),
+                                      "(the surrogate loss never decides success). Given first over the attacked "
+                                      "images whose natural label was correct ('naturally correct images', with "
+                                      "their number n): the real spoofs. Then over all attacked images ('incl. "
+                                      "natural label already wrong'), as the paper counts: an image the defense "
+                                      "already labelled wrong before any attack counts too, and the tables say how "
+                                      "many of the successes those are."),
     ("spoof success (unbounded: any picture)", "the same without any budget. Not a perceptual spoof: an unbounded "
                                                "δ may turn the image into a different picture (saturated pixels, "
                                                "‖δ‖∞ up to 1), which a certificate for its label does not "
@@ -55,8 +59,13 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
                    "tables: 8-bit steps)."),
     ("spoof success against budget", "the attack run again, in the same batch, under each ℓ∞ budget of the sweep "
                                      "(with the SSIM bound) and unbounded: success and mean spoofed radius per budget, "
-                                     "next to the mean natural radius of the same successful images. Each budget is "
-                                     "an independent attack (its own candidates only), so the curve need not rise."),
+                                     "next to the mean natural radius of the same successful images. The curve's "
+                                     "main line is the success over the naturally correct images, the lighter line "
+                                     "the success over all attacked images (incl. natural label already wrong). "
+                                     "Finite τ lie on the ℓ∞ axis; a budget without an ℓ∞ bound has a tick of its "
+                                     "own, 'SSIM ≥ s only' (an SSIM bound alone) or '∞' (no bound at all), shown "
+                                     "apart and not joined to the curve. Each budget is an independent attack (its "
+                                     "own candidates only), so the curve need not rise."),
     ("robust error / attack error", "Table 2 of the Shadow Attack paper at ε: fraction of images not certified correct "
                                     "at ε (natural), and fraction whose spoofed image is not certified with a wrong "
                                     "label at ε within the budget (lower = stronger attack)."),

@@ -19,15 +19,22 @@ paper's attack, whose "spoofs" may be any picture at all.
 
 Bounds: τ must lie in [1e-6, 1] (pixels live in [0, 1], so τ = 1 already bounds nothing; below
 :data:`LINF_TOL` the bound would be smaller than the judge's rounding tolerance), s in (0, 1] and not
-0 once rounded to float32. Both checks name the flag (:func:`check_linf`, :func:`check_ssim`), so the
-command line refuses a bad budget before anything is loaded.
+0 once rounded to float32. Both checks name the flag (:func:`check_linf`, :func:`check_ssim`), and their
+messages state these same ranges, so the command line refuses a bad budget before anything is loaded.
 
 One comparison rule (:func:`ssim_at_least`): SSIM is computed in float32, so "SSIM ≥ s" compares in
 float32, SSIM against s rounded to float32, both while the attack keeps its feasible iterates and when
-the judge decides ``within_budget``. An iterate the attack kept as feasible is therefore judged within
-the budget (float32(0.9) = 0.89999998: comparing the float32 SSIM with the float64 0.9 would refuse an
-iterate at exactly float32(0.9) that the attack took as feasible). The ℓ∞ bound is judged with the
-tolerance :data:`LINF_TOL`.
+the judge decides ``within_budget`` (float32(0.9) = 0.89999998: comparing the float32 SSIM with the
+float64 0.9 would refuse an iterate at exactly float32(0.9) that the attack took as feasible).
+
+One SSIM value per candidate: pytorch-msssim's SSIM of the same pair of images differs in the last bits
+(up to about 2e-7) with the size of the batch it is computed in, and the penalty drives iterates to the
+bound, so a second computation could put a kept iterate just below s. The attack therefore computes the
+SSIM of each candidate once, when it accepts the iterate as feasible (in the batch it optimizes), returns
+it (``ShadowResult.ssim``), and the selection, the judge (``within_budget``) and the rows all use that
+value; nobody recomputes it. No tolerance is added to s. The ℓ∞ bound is judged with the tolerance
+:data:`LINF_TOL` (the projection holds δ within τ exactly; the tolerance covers the float32 rounding of
+``(x + δ) − x``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ SMALL_WINDOW, SMALL_SIGMA = 5, 1.0  # images smaller than SSIM_WINDOW on a side
 SSIM_K = (0.01, 0.03)
 LINF_TOL = 1e-6  # float32 rounding of (x + δ) − x; a projected δ is within τ exactly
 MIN_LINF = LINF_TOL  # smaller τ would be below the judge's tolerance
+LINF_RANGE = "[1e-6, 1]"  # the range of τ, as the help, the docs and every message state it
+SSIM_RANGE = "(0, 1]"  # the range of s (and not 0 once rounded to float32)
 DEFAULT_SWEEP = (4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255, None)  # None: unbounded
 
 
@@ -72,18 +81,21 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def check_linf(value: Any, name: str) -> float:
     """An ℓ∞ budget τ in [1e-6, 1] (``name``: the flag or field named in the error)."""
-    tau = validate.number(value, name, low=0.0, low_open=True, high=1.0)
-    if tau < MIN_LINF:
-        raise InputError(f"{name} must be at least {MIN_LINF:g} (smaller bounds are below the float32 rounding "
-                         f"tolerance of the judge), got {value!r}")
+    tau = validate.number(value, name)
+    if not MIN_LINF <= tau <= 1.0:
+        raise InputError(f"{name} must lie in {LINF_RANGE} (pixels are in [0, 1]; a bound below 1e-6 would be "
+                         f"below the judge's rounding tolerance), got {validate.shown(value)}")
     return tau
 
 
 def check_ssim(value: Any, name: str) -> float:
     """An SSIM bound s in (0, 1], not 0 in float32 (``name``: the flag or field named in the error)."""
-    s = validate.number(value, name, low=0.0, low_open=True, high=1.0)
+    s = validate.number(value, name)
+    if not 0.0 < s <= 1.0:
+        raise InputError(f"{name} must lie in {SSIM_RANGE}, got {validate.shown(value)}")
     if float(np.float32(s)) <= 0.0:
-        raise InputError(f"{name} rounds to 0 in float32 (SSIM is compared in float32), got {value!r}")
+        raise InputError(f"{name} must lie in {SSIM_RANGE} and rounds to 0 in float32 (SSIM is compared in "
+                         f"float32), got {validate.shown(value)}")
     return s
 
 
@@ -154,12 +166,20 @@ class Budget:
         return True
 
 
-def sweep_budgets(linfs: Iterable[float | None], min_ssim: float | None) -> list[Budget]:
+def sweep_budgets(linfs: Iterable[float | None], min_ssim: float | None, primary: Budget | None = None, *,
+                  name: str = "the budget sweep") -> list[Budget]:
     """The budgets of a sweep over ℓ∞: each finite τ with ``min_ssim``; ``None`` is the unbounded
     attack (no ℓ∞ bound and no SSIM bound). Sorted by τ, unbounded last. Two entries with one label
-    (equal, or equal once printed: ``0.0156862745`` and ``4/255``) are refused."""
+    (equal, or equal once printed: ``0.0156862745`` and ``4/255``) are refused (``name`` in the message).
+
+    ``primary``: the run's own budget (the headline's). A sweep entry with the primary's label *is* the
+    primary budget and is replaced by it (``--max-linf 0.0627451 --sweep-linf 16/255`` attacks 16/255
+    once, under the primary's exact τ): a run never lists two budgets that print alike."""
+    linfs = list(linfs)
     out = [Budget() if t is None else Budget(t, min_ssim) for t in linfs]
-    _refuse_same_labels(out, "the budget sweep", list(linfs))
+    _refuse_same_labels(out, name, linfs)
+    if primary is not None:
+        out = [primary if b.label == primary.label else b for b in out]
     return sorted(out, key=Budget.sort_key)
 
 
@@ -169,7 +189,7 @@ def parse_linf_list(text: str, name: str) -> list[float | None]:
     Each τ must lie in [1e-6, 1] (:func:`check_linf`); two entries with the same label are refused."""
     parts = [p for p in str(text).replace(" ", "").split(",")]
     if not parts or not all(parts):
-        raise InputError(f"{name} must be a comma list like 4/255,8/255,16/255,none, got {text!r}")
+        raise InputError(f"{name} must be a comma list like 4/255,8/255,16/255,none, got {validate.shown(text)}")
     out: list[float | None] = []
     for p in parts:
         if p.lower() in ("none", "unbounded", "inf", "∞"):
@@ -184,7 +204,7 @@ def _refuse_same_labels(budgets: Sequence[Budget], name: str, given: Any) -> Non
     labels = [b.label for b in budgets]
     twice = sorted({lab for lab in labels if labels.count(lab) > 1})
     if twice:
-        raise InputError(f"{name} lists a budget twice ({', '.join(twice)}): {given!r}")
+        raise InputError(f"{name} lists a budget twice ({', '.join(twice)}): {validate.shown(given, 80)}")
 
 
 def run_budgets(primary: Budget, sweep: Sequence[Budget] | None) -> list[Budget]:
@@ -196,6 +216,7 @@ def run_budgets(primary: Budget, sweep: Sequence[Budget] | None) -> list[Budget]
     return out
 
 
-__all__ = ["Budget", "DEFAULT_SWEEP", "LINF_TOL", "MIN_LINF", "SSIM_WINDOW", "SSIM_SIGMA", "SMALL_WINDOW",
+__all__ = ["Budget", "DEFAULT_SWEEP", "LINF_RANGE", "LINF_TOL", "MIN_LINF", "SSIM_RANGE",
+           "SSIM_WINDOW", "SSIM_SIGMA", "SMALL_WINDOW",
            "SMALL_SIGMA", "check_linf", "check_ssim", "linf_text", "parse_linf_list", "run_budgets", "ssim",
            "ssim_at_least", "ssim_window", "sweep_budgets"]

@@ -42,7 +42,9 @@ the smooth Shadow direction of ``lr·∇`` survives instead of every step landin
 (with the CROWN-IBP preset's lr = 200 an unscaled step would turn the attack into ℓ∞ sign-PGD). With
 ``min_ssim`` s the objective subtracts ``λ_ssim · max(0, s − SSIM(x, x + δ))``, the random start is
 halved until it is feasible (:data:`START_HALVINGS` times, then 0), and each pair ends at its best
-iterate with SSIM ≥ s. Budgets may differ per pair, so a sweep over budgets is one batch.
+iterate with SSIM ≥ s; the SSIM returned for that pair is the very value the iterate was accepted with
+(never a recomputation, which may differ in the last bits with the batch: see
+:mod:`certaudit.attacks.budget`). Budgets may differ per pair, so a sweep over budgets is one batch.
 
 What counts as *success* is not decided here: a spoof succeeds only when the real defense's
 CERTIFY, run afresh on ``x + δ``, returns a wrong label (see :mod:`certaudit.audits.spoofing`).
@@ -62,7 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from certaudit.attacks.budget import Budget, ssim, ssim_at_least
+from certaudit.attacks.budget import LINF_RANGE, MIN_LINF, SSIM_RANGE, Budget, ssim, ssim_at_least
 from certaudit.attacks.shadow_config import (
     COLOR_MODES,
     OPTIMIZERS,
@@ -100,7 +102,9 @@ class ShadowResult:
     ``delta`` is the optimized δ as applied to the image (a 1-channel δ copied to every channel);
     ``x_adv = clip(x + delta, 0, 1)`` is the image to certify; ``loss`` the spoofing loss ``L`` and
     ``objective`` the objective of Eq. 3 at the last evaluated step; ``color``, ``tv``, ``dissim``
-    the penalties of the returned δ; ``ssim`` = SSIM(x, x_adv) (:func:`certaudit.attacks.budget.ssim`).
+    the penalties of the returned δ; ``ssim`` = SSIM(x, x_adv) (:func:`certaudit.attacks.budget.ssim`): for
+    a pair with an SSIM bound, the value its returned iterate was accepted as feasible with, the one value
+    the selection and the judge compare with the bound.
     ``image`` indexes the batch ``x``; ``target`` the target class.
     """
 
@@ -215,8 +219,8 @@ def shadow_attack(loss: SpoofLoss, x: torch.Tensor, target: torch.Tensor, config
         g_sim = None if sim is None else sim[sel_dev]
         if g_tau is not None and config.init > 0:  # U(−min(init, τ), min(init, τ)): the same draw, scaled
             delta *= (g_tau.clamp(max=config.init) / config.init).view(-1, 1, 1, 1)
-        objective, value = _ascend(loss, x_pair, delta, tgt, keys, config, on_step, g_tau, g_sim)
-        _store_group(out, sel_dev, x_pair, delta, objective, value, config)
+        objective, value, kept_ssim = _ascend(loss, x_pair, delta, tgt, keys, config, on_step, g_tau, g_sim)
+        _store_group(out, sel_dev, x_pair, delta, objective, value, config, kept_ssim)
     return ShadowResult(image=image, target=target, seconds=time.perf_counter() - t0, **out)
 
 
@@ -232,10 +236,11 @@ def _pair_budgets(config: ShadowConfig, max_linf: Any, min_ssim: Any, p_count: i
 
     tau = per_pair(max_linf, config.max_linf, math.inf, "max_linf")
     sim = per_pair(min_ssim, config.min_ssim, -math.inf, "min_ssim")
-    if bool(((tau <= 0) | (torch.isfinite(tau) & (tau > 1))).any()) or \
+    min_tau = torch.tensor(MIN_LINF, dtype=torch.float32).to(device)  # compared in float32, as the tensors
+    if bool(((tau < min_tau) | (torch.isfinite(tau) & (tau > 1))).any()) or \
             bool((torch.isfinite(sim) & ((sim <= 0) | (sim > 1))).any()):
-        raise InputError("max_linf must lie in (0, 1] (inf: none) and min_ssim in (0, 1] (-inf: none) for every "
-                         "pair, after rounding to float32")
+        raise InputError(f"max_linf must lie in {LINF_RANGE} (inf: none) and min_ssim in {SSIM_RANGE} (-inf: none) "
+                         "for every pair, after rounding to float32")
     return (tau if bool(torch.isfinite(tau).any()) else None), (sim if bool(torch.isfinite(sim).any()) else None)
 
 
@@ -277,9 +282,11 @@ def _image_groups(image: torch.Tensor, per_group: int) -> Iterator[torch.Tensor]
 
 def _ascend(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, keys: torch.Tensor,
             config: ShadowConfig, on_step: Callable[[int], None] | None, tau: torch.Tensor | None = None,
-            min_ssim: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            min_ssim: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``config.steps`` optimizer steps on Eq. 3, updating ``delta`` in place; returns the objective
-    (P,) and the spoofing loss (P,) at the last evaluated step (or of the kept feasible iterate).
+    (P,) and the spoofing loss (P,) at the last evaluated step (or of the kept feasible iterate), and
+    the SSIM each kept feasible iterate was accepted with (P,; NaN for pairs without one; None without
+    SSIM bounds).
 
     ``tau`` (P,): δ is projected onto its ℓ∞ box ∩ [−x, 1 − x] at the start and after every step, and
     each step of a pair with a finite τ is scaled so that its ℓ∞ norm is at most ``STEP_FRACTION · τ``.
@@ -313,11 +320,13 @@ def _ascend(loss: SpoofLoss, x_pair: torch.Tensor, delta: torch.Tensor, target: 
             _project(delta, box)
         if on_step is not None:
             on_step(int(target.shape[0]))
+    kept_ssim = None
     if keep is not None:  # the last iterate is a candidate too
         last_obj, _, parts = shadow_objective(loss, x_pair, delta, target, keys, config, config.steps, min_ssim)
         keep.offer(delta, last_obj, parts["loss"], parts["ssim"])
         objective, value = keep.apply(delta, objective, value)
-    return objective, value
+        kept_ssim = torch.where(keep.found, keep.ssim, math.nan)
+    return objective, value, kept_ssim
 
 
 def _box(x_pair: torch.Tensor, tau: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,7 +384,8 @@ def _feasible_start(delta: torch.Tensor, x_pair: torch.Tensor, min_ssim: torch.T
 
 
 class _BestFeasible:
-    """Per pair with an SSIM bound, the iterate with the best objective among those with SSIM ≥ s."""
+    """Per pair with an SSIM bound, the iterate with the best objective among those with SSIM ≥ s, and
+    the SSIM it was accepted with (``ssim``)."""
 
     def __init__(self, delta: torch.Tensor, min_ssim: torch.Tensor):
         self.min_ssim = min_ssim
@@ -383,6 +393,7 @@ class _BestFeasible:
         self.delta = delta.detach().clone()
         self.objective = torch.full_like(min_ssim, -math.inf)
         self.value = torch.zeros_like(min_ssim)
+        self.ssim = torch.full_like(min_ssim, math.nan)
         self.found = torch.zeros_like(self.bounded)
 
     def offer(self, delta: torch.Tensor, objective: torch.Tensor, value: torch.Tensor, sim: torch.Tensor) -> None:
@@ -390,6 +401,7 @@ class _BestFeasible:
         self.delta[better] = delta.detach()[better]
         self.objective = torch.where(better, objective, self.objective)
         self.value = torch.where(better, value.float(), self.value)
+        self.ssim = torch.where(better, sim.detach().float(), self.ssim)
         self.found |= better
 
     def apply(self, delta: torch.Tensor, objective: torch.Tensor, value: torch.Tensor
@@ -408,8 +420,12 @@ def _empty_outputs(p_count: int, sample_shape: tuple[int, ...], device: torch.de
 
 
 def _store_group(out: dict[str, torch.Tensor], sel: torch.Tensor, x_pair: torch.Tensor, delta: torch.Tensor,
-                 objective: torch.Tensor, value: torch.Tensor, config: ShadowConfig) -> None:
-    """Write one group's final δ (as applied to the image), image, loss and penalties at rows ``sel``."""
+                 objective: torch.Tensor, value: torch.Tensor, config: ShadowConfig,
+                 kept_ssim: torch.Tensor | None = None) -> None:
+    """Write one group's final δ (as applied to the image), image, loss, penalties and SSIM at rows ``sel``.
+
+    ``kept_ssim`` (P,): the SSIM a kept feasible iterate was accepted with (NaN: none); it is stored as it
+    is, so that the bound is compared with one value only. The other pairs' SSIM is computed here."""
     with torch.no_grad():
         eff = expand_delta(delta.detach(), x_pair.shape[1])
         terms = penalty_terms(eff, config)
@@ -419,7 +435,8 @@ def _store_group(out: dict[str, torch.Tensor], sel: torch.Tensor, x_pair: torch.
         out["objective"][sel] = objective
         for k in ("color", "tv", "dissim"):
             out[k][sel] = terms[k].float()
-        out["ssim"][sel] = ssim(x_pair, out["x_adv"][sel])
+        sim = ssim(x_pair, out["x_adv"][sel]).float()
+        out["ssim"][sel] = sim if kept_ssim is None else torch.where(torch.isnan(kept_ssim), sim, kept_ssim)
 
 
 def _random_start(config: ShadowConfig, base: int, indices: list[int], targets: list[int],

@@ -50,6 +50,9 @@ class ShadowConfig:
     then δ0 = 0), adds the penalty ``lambda_ssim · max(0, s − SSIM(x, x_adv))`` to Eq. 3 and returns,
     per pair, the iterate with the best objective among those with ``SSIM ≥ s`` (the last iterate
     where none is, which cannot happen when the start is feasible).
+
+    Numbers may be given as anything :mod:`certaudit.validate` reads (``max_linf="16/255"``, ``steps=300.0``);
+    the fields hold the checked values (floats, ``steps`` and ``channels`` ints), never the input as given.
     """
 
     steps: int = 300
@@ -66,13 +69,17 @@ class ShadowConfig:
     lambda_ssim: float = 10.0
 
     def __post_init__(self) -> None:
-        validate.count(self.steps, "steps")
-        if isinstance(self.channels, bool) or self.channels not in CHANNEL_MODES:
-            raise InputError(f"channels must be 1 or 3, got {self.channels!r}")
-        validate.positive(self.lr, "lr")
+        checked: dict[str, Any] = {"steps": validate.count(self.steps, "steps"), "lr": validate.positive(self.lr, "lr")}
+        if isinstance(self.channels, bool) or not isinstance(self.channels, (int, float)) or \
+                self.channels not in CHANNEL_MODES:
+            raise InputError(f"channels must be 1 or 3, got {validate.shown(self.channels)}")
+        checked["channels"] = int(self.channels)
         for name in ("lambda_tv", "lambda_c", "lambda_s", "init", "lambda_ssim"):
-            validate.nonnegative(getattr(self, name), name)
-        Budget(self.max_linf, self.min_ssim)  # raises InputError on a bad budget
+            checked[name] = validate.nonnegative(getattr(self, name), name)
+        budget = Budget(self.max_linf, self.min_ssim)  # raises InputError on a bad budget
+        checked.update(max_linf=budget.max_linf, min_ssim=budget.min_ssim)
+        for name, value in checked.items():  # frozen: store the checked values, not the input as given
+            object.__setattr__(self, name, value)
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.color not in COLOR_MODES:

@@ -28,7 +28,6 @@ illustrations, the counts come from the rows.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from certaudit.attacks.budget import DEFAULT_SWEEP, Budget, sweep_budgets
+from certaudit import validate
+from certaudit.attacks.budget import DEFAULT_SWEEP, Budget, check_linf, parse_linf_list, sweep_budgets
 from certaudit.attacks.degradation import AttackConfig, attacks_for, run_attack, verify_candidates
 from certaudit.attacks.shadow import DefenseMargin, ShadowConfig, SmoothedCrossEntropy
 from certaudit.audits.certified import certification_rows
@@ -83,6 +83,9 @@ class AuditSettings:
     attacked, in the same batch, each with ``spoof_min_ssim`` (``None`` in it: the unbounded attack,
     the headline's separate "unbounded" column; default 4, 8, 16, 32, 64 /255 and unbounded; ``None``:
     no sweep). ``chunk``: images per batch in every stage. ``examples``: images kept per grid.
+
+    :meth:`check` validates every field and stores the checked values (``eps``, ``alpha``, ``sigma`` and
+    the spoof budget as floats, ``"16/255"`` read as 16/255; the sweep as a tuple of floats and None).
     """
 
     eps: float
@@ -111,8 +114,7 @@ class AuditSettings:
     stages: tuple[str, ...] = STAGES
 
     def check(self) -> "AuditSettings":
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise InputError(f"eps must be a finite number > 0, got {self.eps!r}")
+        self.eps = validate.eps(self.eps, "eps")
         for name in ("chunk", "n0", "n", "attack_steps", "attack_restarts", "attack_samples", "spoof_samples",
                      "spoof_select_n"):
             v = getattr(self, name)
@@ -122,19 +124,22 @@ class AuditSettings:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
-        if not (0 < float(self.alpha) < 1):
-            raise InputError(f"alpha must lie in (0, 1), got {self.alpha!r}")
+        self.alpha = validate.probability(self.alpha, "alpha")
+        if self.sigma is not None:
+            self.sigma = validate.positive(self.sigma, "sigma")
         if self.examples < 0:
             raise InputError(f"examples must be >= 0, got {self.examples!r}")
         if self.spoof_channels not in (1, 3):
             raise InputError(f"spoof channels must be 1 or 3, got {self.spoof_channels!r}")
-        Budget(self.spoof_max_linf, self.spoof_min_ssim)  # InputError on a bad budget
+        budget = Budget(self.spoof_max_linf, self.spoof_min_ssim)  # InputError on a bad budget
+        self.spoof_max_linf, self.spoof_min_ssim = budget.max_linf, budget.min_ssim
         if self.spoof_sweep is not None:
-            self.spoof_sweep = tuple(self.spoof_sweep)
-            if not self.spoof_sweep or len(set(self.spoof_sweep)) != len(self.spoof_sweep):
-                raise InputError(f"spoof_sweep must list distinct budgets, got {self.spoof_sweep!r}")
-            for tau in self.spoof_sweep:
-                Budget(tau)
+            given = self.spoof_sweep
+            sweep = parse_linf_list(given, "spoof_sweep") if isinstance(given, str) else list(given)
+            if not sweep:
+                raise InputError("spoof_sweep must list at least one budget (None: no sweep)")
+            self.spoof_sweep = tuple(None if t is None else check_linf(t, "spoof_sweep") for t in sweep)
+            sweep_budgets(self.spoof_sweep, self.spoof_min_ssim, name="spoof_sweep")  # two alike: refused
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise InputError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
@@ -345,7 +350,8 @@ def _stage_spoof(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
     s, guard = ctx.settings, ctx.guard
     targets = ctx.wanted if s.spoof_images is None else ctx.wanted[:s.spoof_images]
     config, loss = _spoof_loss(guard, ctx.model, s)
-    sweep = None if s.spoof_sweep is None else sweep_budgets(s.spoof_sweep, s.spoof_min_ssim)
+    # a sweep entry that prints like the headline's budget is that budget (merged, attacked once)
+    sweep = None if s.spoof_sweep is None else sweep_budgets(s.spoof_sweep, s.spoof_min_ssim, config.budget)
     randomized = is_randomized(guard)
     cert_opts = {"n0": s.n0, "n": s.spoof_n or s.n} if randomized else {}
     sel_opts = {"n0": s.n0, "n": s.spoof_select_n} if randomized else {}
@@ -353,24 +359,39 @@ def _stage_spoof(ctx: StageContext) -> tuple[list[dict[str, Any]], int]:
                     "spoof_loss": loss.settings(), "certify": cert_opts,
                     "select": sel_opts, "skip_abstained": randomized, "checks": "eps", "row_format": SPOOF_ROW_FORMAT,
                     "sweep": None if sweep is None else [b.as_dict() for b in sweep]}
-    kept = [_count_examples(ctx.out, "spoof") if ctx.env.is_main else s.examples]  # rank 0 keeps the examples
+    # [naturally correct, natural label already wrong] examples kept so far; rank 0 keeps the examples
+    kept = _count_spoof_examples(ctx.out) if ctx.env.is_main else [s.examples, s.examples]
 
     def work(idx: list[int]) -> list[dict[str, Any]]:
         res = spoof_batch(guard, loss, ctx.x[idx].to(ctx.device), ctx.y[idx], config, indices=idx, seed=s.seed,
                           certify_options=cert_opts, select_options=sel_opts, skip_abstained=randomized,
                           eps=s.eps, sweep=sweep)
         if kept[0] < s.examples:
-            kept[0] += _keep_spoof_examples(ctx.out, res, idx[0], s.examples - kept[0])
+            _keep_spoof_examples(ctx.out, res, idx[0], kept, s.examples)
         return res.rows
 
     return ctx.run("spoof", stage_config, work, s.chunk, wanted=targets)
 
 
-def _keep_spoof_examples(out: Path, res: Any, first: int, room: int) -> int:
-    """Save up to ``room`` successful spoofs (within the budget) of a chunk to ``images/spoof_<first>.npz``."""
-    pick = [b for b, r in enumerate(res.rows) if r.get("success")][:room]
+def _keep_spoof_examples(out: Path, res: Any, first: int, kept: list[int], limit: int) -> int:
+    """Save successful spoofs (within the budget) of a chunk to ``images/spoof_<first>.npz``, preferring
+    real spoofs: images whose natural label was correct.
+
+    ``kept`` = [naturally correct, natural label already wrong] examples saved so far, updated here. A
+    success on a naturally correct image is saved while fewer than ``limit`` of those are; one on an image
+    the defense already labelled wrong before any attack (no attack needed) only while fewer than
+    ``limit`` examples of both kinds together are. Early chunks of the second kind therefore never crowd
+    out later real spoofs (at most ``limit`` of each kind are saved), and the report's grid shows the
+    naturally correct ones first. Returns the number saved."""
+    correct = [b for b, r in enumerate(res.rows) if r.get("success") and r["natural_prediction"] == r["label"]]
+    wrong = [b for b, r in enumerate(res.rows) if r.get("success") and r["natural_prediction"] != r["label"]]
+    take_correct = correct[:max(0, limit - kept[0])]
+    take_wrong = wrong[:max(0, limit - kept[0] - len(take_correct) - kept[1])]
+    pick = sorted(take_correct + take_wrong)
     if not pick:
         return 0
+    kept[0] += len(take_correct)
+    kept[1] += len(take_wrong)
     rows = [res.rows[b] for b in pick]
     meta_rows = [(int(r["index"]), int(r["label"]), int(r["spoofed_prediction"]), float(r["spoofed_radius"]),
                   float(r["l2"]), f"natural {r['natural_prediction']} r={r['natural_radius']:.3f}") for r in rows]
@@ -405,6 +426,17 @@ def _save_examples(path: Path, natural: torch.Tensor, adv: torch.Tensor,
 
 def _count_examples(out: Path, kind: str) -> int:
     return sum(len(v["index"]) for v in load_examples(out, kind))
+
+
+def _count_spoof_examples(out: Path) -> list[int]:
+    """[naturally correct, natural label already wrong] spoof examples saved (files without the natural
+    prediction count as naturally correct, so that a resumed run never saves more than its limit)."""
+    counts = [0, 0]
+    for v in load_examples(out, "spoof"):
+        wrong = (v["natural_prediction"] != v["label"]) if "natural_prediction" in v else np.zeros(len(v["index"]), bool)
+        counts[0] += int((~wrong).sum())
+        counts[1] += int(wrong.sum())
+    return counts
 
 
 def load_examples(out: str | os.PathLike, kind: str) -> list[dict[str, np.ndarray]]:

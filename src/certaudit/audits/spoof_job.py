@@ -27,12 +27,19 @@ LOSSES = ("ce", "margin", "robust-ce")
 
 def shadow_config(preset: str | None, randomized: bool, changes: dict[str, Any]) -> ShadowConfig:
     """The preset's configuration (default: the paper's smoothing setting for a randomized defense,
-    its CROWN-IBP setting otherwise) with ``changes`` (``None`` values ignored) applied and checked."""
+    its CROWN-IBP setting otherwise) with ``changes`` (``None`` values ignored) applied and checked.
+
+    A ``lambda_ssim`` without a ``min_ssim`` is refused: it weights a penalty that exists only under an
+    SSIM bound (the sweep's budgets take the same ``min_ssim``), so it would be silently ignored."""
     name = (preset or ("smoothing" if randomized else "crown-ibp")).lower()
     if name not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     base = (ShadowConfig, ShadowConfig.crown_ibp)[PRESETS.index(name)]()
-    return base.with_(**{k: v for k, v in changes.items() if v is not None})  # raises InputError on bad values
+    config = base.with_(**{k: v for k, v in changes.items() if v is not None})  # raises InputError on bad values
+    if changes.get("lambda_ssim") is not None and config.min_ssim is None:
+        raise InputError("--lambda-ssim weights the SSIM penalty, which exists only with an SSIM bound: give "
+                         "--min-ssim too, or leave --lambda-ssim out")
+    return config
 
 
 def _loss_kind(cls: Any, name: str, loss: str | None, method: Any, eps: float | None) -> str:
@@ -115,7 +122,8 @@ def spoof_job(model: Any, *, weights: Any = None, defense: str = "smoothing", sh
     name = defense.lower()
     cls = defense_class(name)  # its declared capabilities decide defaults and what applies
     config = shadow_config(preset, cls.randomized, dict(shadow or {}))
-    budgets = None if sweep is None else sweep_budgets(sweep, config.min_ssim)
+    # a sweep entry that prints like the run's own budget is that budget (merged, attacked once)
+    budgets = None if sweep is None else sweep_budgets(sweep, config.min_ssim, config.budget, name="--sweep-linf")
     kind = _loss_kind(cls, name, loss, method, eps)
     if noise.lower() not in ("fixed", "fresh"):
         raise InputError(f"unknown --noise {noise!r}; choose fixed or fresh")

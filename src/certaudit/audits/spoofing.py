@@ -25,7 +25,10 @@ own class) keeps ``attacked = False`` and enters no spoof figure.
 Rows hold, per image: the budget, the natural and spoofed labels and radii, the chosen target, the
 perturbation actually applied (``x_adv − x``: ℓ2, ℓ∞ = the largest per-pixel change, TV, colour and
 dissimilarity penalties, SSIM(x, x_adv)), whether it is within the budget, the spoofing loss and the
-seconds spent. :func:`summarize` (:mod:`certaudit.audits.spoofing_summary`) gives the paper's Table 1
+seconds spent. The SSIM is the attack's own value for the chosen image (``ShadowResult.ssim``), the one
+the selection compared with the bound: the judge does not recompute it in another batch, whose last bits
+may differ (:mod:`certaudit.attacks.budget`), so an iterate kept at the bound is judged within it.
+:func:`summarize` (:mod:`certaudit.audits.spoofing_summary`) gives the paper's Table 1
 (mean/std radius natural vs shadow, success rate over the images the classifier does not abstain on)
 and, at a radius ``eps``, Table 2's "robust error" (natural images not certified correct at eps)
 against "attack error" (shadow images not certified with a wrong label at eps). :func:`save_grid`
@@ -43,7 +46,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from certaudit.attacks.budget import LINF_TOL, Budget, run_budgets, ssim, ssim_at_least
+from certaudit.attacks.budget import LINF_TOL, Budget, run_budgets, ssim_at_least
 from certaudit.attacks.degradation import is_randomized
 from certaudit.attacks.shadow import (
     ShadowConfig,
@@ -224,7 +227,9 @@ def _fill_attacked_rows(rows: list[dict[str, Any]], todo: list[int], att: _Attac
     """Write the judged spoof of the row's budget (``budgets[0]``) into the rows of ``todo`` and, in
     ``sweep``, that of ``budgets[k]`` for each ``k`` of ``sweep_pos``."""
     n_img = len(todo)
-    stats = _perturbation_stats(xs.repeat(len(budgets), 1, 1, 1), x_adv)
+    # SSIM: the attack's own value for each chosen candidate (the one the selection compared), not a
+    # recomputation in another batch, which may differ in the last bits (certaudit.attacks.budget)
+    stats = _perturbation_stats(xs.repeat(len(budgets), 1, 1, 1), x_adv, att.res.ssim[att.best])
     f_label, f_radius = final.label.cpu().tolist(), final.radius.detach().cpu().double().tolist()
     s_label, s_radius = att.sel.label.cpu().tolist(), att.sel.radius.detach().cpu().double().tolist()
 
@@ -256,14 +261,16 @@ def _fill_attacked_rows(rows: list[dict[str, Any]], todo: list[int], att: _Attac
             row["sweep"] = [entry(k * n_img + a, k) for k in sweep_pos]
 
 
-def _perturbation_stats(natural: torch.Tensor, x_adv: torch.Tensor) -> dict[str, list[float]]:
+def _perturbation_stats(natural: torch.Tensor, x_adv: torch.Tensor,
+                        ssim_values: torch.Tensor) -> dict[str, list[float]]:
     """Per image: ℓ2, ℓ∞ (the largest per-pixel change), TV, colour and dissimilarity penalties of the
-    applied perturbation ``x_adv − x``, and SSIM(x, x_adv)."""
+    applied perturbation ``x_adv − x``, and SSIM(x, x_adv) = ``ssim_values`` (the attack's, see
+    :class:`~certaudit.attacks.shadow.ShadowResult`)."""
     applied = x_adv - natural
     return {"l2": applied.flatten(1).norm(dim=1).cpu().tolist(),
             "linf": applied.flatten(1).abs().amax(dim=1).cpu().tolist(),
             "tv": tv_penalty(applied).cpu().tolist(), "color": color_penalty(applied, "mean_abs").cpu().tolist(),
-            "dissim": dissim_penalty(applied).cpu().tolist(), "ssim": ssim(natural, x_adv).detach().cpu().tolist()}
+            "dissim": dissim_penalty(applied).cpu().tolist(), "ssim": ssim_values.detach().float().cpu().tolist()}
 
 
 def _natural_rows(nat: Certificates, y: torch.Tensor, idx: list[int], eps: float | None,

@@ -71,18 +71,23 @@ def spoof_cmd(
     min_ssim: Optional[str] = typer.Option(None, "--min-ssim", help="perceptual budget: SSIM(x, x+δ) >= s, s in "
                                                                      "(0, 1] (a penalty, and a check of the judged "
                                                                      "image); default: none"),
-    lambda_ssim: Optional[str] = typer.Option(None, "--lambda-ssim", help="weight of the SSIM penalty (10)"),
+    lambda_ssim: Optional[str] = typer.Option(None, "--lambda-ssim", help="weight of the SSIM penalty (10); only "
+                                                                           "with --min-ssim"),
     sweep_linf: Optional[str] = typer.Option(None, "--sweep-linf", help="also attack under each of these ℓ∞ "
                                                                          "budgets (with --min-ssim), batched: e.g. "
-                                                                         "4/255,8/255,16/255,32/255,64/255,none"),
+                                                                         "4/255,8/255,16/255,32/255,64/255,none; "
+                                                                         "an entry equal to --max-linf is that "
+                                                                         "budget"),
     as_json: o.Json = False,
 ) -> None:
-    shadow = {"channels": channels, "optimizer": optimizer.lower(), "init": parse_number(init, "--init"),
-              "steps": steps, "color": None if color is None else color.lower()}
-    for key, text, flag in (("lr", lr, "--lr"), ("lambda_tv", lambda_tv, "--lambda-tv"),
-                            ("lambda_c", lambda_c, "--lambda-c"), ("lambda_s", lambda_s, "--lambda-s"),
-                            ("lambda_ssim", lambda_ssim, "--lambda-ssim")):
-        shadow[key] = None if text is None else parse_number(text, flag)
+    shadow = {"channels": channels, "optimizer": optimizer.lower(),
+              "init": parse_number(init, "--init", positive=True), "steps": steps,
+              "color": None if color is None else color.lower(),
+              "lr": None if lr is None else parse_number(lr, "--lr", positive=True, allow_zero=False)}
+    # the weights are >= 0; checked here so that the message names the flag
+    for key, text, flag in (("lambda_tv", lambda_tv, "--lambda-tv"), ("lambda_c", lambda_c, "--lambda-c"),
+                            ("lambda_s", lambda_s, "--lambda-s"), ("lambda_ssim", lambda_ssim, "--lambda-ssim")):
+        shadow[key] = None if text is None else parse_number(text, flag, positive=True)
     # the budget is checked here, naming the flag, before any model or data is loaded
     if max_linf is not None:
         shadow["max_linf"] = check_linf(max_linf, "--max-linf")
