@@ -34,7 +34,9 @@ PROBE = """
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var info = imgs.map(function (im) {
-    return {alt: im.alt, complete: im.complete, w: im.naturalWidth, h: im.naturalHeight};
+    var r = im.getBoundingClientRect();
+    return {alt: im.alt, complete: im.complete, w: im.naturalWidth, h: im.naturalHeight,
+            top: r.top + window.scrollY, left: r.left + window.scrollX, width: r.width, height: r.height};
   });
   var pre = document.createElement('pre');
   pre.id = 'certaudit-probe';
@@ -98,6 +100,23 @@ def pixel_stats(png: Path) -> dict[str, float]:
     return {"width": arr.shape[1], "height": arr.shape[0], "non_white": float(non_white), "colour": float(colour)}
 
 
+def crop_figure(png: Path, images: list[dict], alt: str, out: Path, pad: int = 60) -> Path:
+    """Crop the page screenshot to the first image whose alt text contains ``alt`` (plus ``pad`` pixels
+    around it, for its heading and caption): the figure as the report shows it in Chromium."""
+    from PIL import Image
+
+    hits = [im for im in images if alt in (im.get("alt") or "")]
+    if not hits:
+        raise AssertionError(f"no image with alt text containing {alt!r}; alts: {[im.get('alt') for im in images]}")
+    im = hits[0]
+    page = Image.open(png)
+    box = (max(0, int(im["left"]) - pad), max(0, int(im["top"]) - pad),
+           min(page.width, int(im["left"] + im["width"]) + pad), min(page.height, int(im["top"] + im["height"]) + pad))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.crop(box).save(out)
+    return out
+
+
 def check(report: Path, png: Path, binary: str, min_images: int = 1) -> dict:
     """Run both checks; return the evidence, raise ``AssertionError`` with the reason on failure."""
     probe = probe_images(binary, report)
@@ -122,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, default=None, help="screenshot path (default: next to the report)")
     ap.add_argument("--chromium", default=None, help="Chromium binary (default: chromium on PATH)")
     ap.add_argument("--min-images", type=int, default=1)
+    ap.add_argument("--crop-alt", default=None, help="also save the rendered figure whose alt text contains this")
+    ap.add_argument("--crop-png", type=Path, default=None, help="where to save that crop (default: <png>-crop.png)")
     args = ap.parse_args(argv)
     binary = find_chromium(args.chromium)
     if binary is None:
@@ -136,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     except (AssertionError, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    if args.crop_alt:
+        try:
+            crop = crop_figure(png, res["images"], args.crop_alt, args.crop_png or png.with_name(png.stem + "-crop.png"))
+        except AssertionError as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
+        print(f"crop: {crop}")
     sizes = ", ".join(f"{im['w']}x{im['h']}" for im in res["images"])
     print(f"ok: {len(res['images'])} images rendered (natural sizes {sizes}); screenshot {res['screenshot']} "
           f"{res['width']}x{res['height']}, {100 * res['non_white']:.1f}% non-white, {100 * res['colour']:.2f}% colour")

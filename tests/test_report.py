@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,10 +106,17 @@ def test_single_audit_report_goes_into_its_folder(report, tmp_path):
 def test_chromium_renders_every_figure(report, tmp_path):
     paths, _ = report
     png = tmp_path / "shot.png"
+    crop = tmp_path / "budget.png"
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(paths["html"]),
-                          "--png", str(png), "--min-images", "3"], capture_output=True, text=True, timeout=300)
+                          "--png", str(png), "--min-images", "3", "--crop-alt", "spoof success against the ℓ∞ budget",
+                          "--crop-png", str(crop)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr + res.stdout
     assert png.is_file() and "images rendered" in res.stdout
+    from PIL import Image
+
+    with Image.open(crop) as im:  # the budget curve as Chromium drew it: a figure-sized, non-blank region
+        assert 300 < im.width <= 1200 and im.height > 200
+        assert len(np.unique(np.asarray(im.convert("L")))) > 10
 
 
 def test_report_states_the_spoof_budget_and_draws_the_curve(report):
