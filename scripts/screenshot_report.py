@@ -65,14 +65,16 @@ def _chromium(binary: str, args: list[str], timeout: float) -> subprocess.Comple
                               timeout=timeout)
 
 
-def probe_images(binary: str, report: Path, timeout: float = 120.0) -> dict:
+def probe_images(binary: str, report: Path, timeout: float = 120.0, width: int = 1200, height: int = 6000) -> dict:
     """Load a copy of the page with the probe script; return ``{"images": [one record per <img>], "height": px}``."""
     text = report.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "probe.html"
         copy.write_text(text.replace("</body>", PROBE + "</body>") if "</body>" in text else text + PROBE,
                         encoding="utf-8")
-        res = _chromium(binary, ["--virtual-time-budget=15000", "--dump-dom", copy.as_uri()], timeout)
+        # the same window width as the screenshot, so that the recorded positions are the screenshot's
+        res = _chromium(binary, [f"--window-size={width},{height}", "--virtual-time-budget=15000", "--dump-dom",
+                                 copy.as_uri()], timeout)
     m = re.search(r'<pre id="certaudit-probe">(.*?)</pre>', res.stdout, re.S)
     if not m:
         raise RuntimeError(f"chromium returned no probe output (exit {res.returncode}): {res.stderr.strip()[-400:]}")
