@@ -110,6 +110,10 @@ def test_from_log_reads_our_rows_and_cohen_logs(gloro_model, tmp_path, capsys):
     ["--limit", "0"],
     ["--from-log", "nowhere.tsv"],  # with --model: refused
     ["--proofs", "bab"],  # not a proof of the lipschitz defense
+    ["--proofs", ""],
+    ["--proofs", "all,bab"],
+    ["--proofs", "2eps,,local"],
+    ["--proof-budget", "5"],  # without the branch-and-bound proof: nothing to budget
     ["--proof-budget", "0"],
     ["--proof-budget", "nan"],
     ["--upper-n", "1000"],  # the sequential 2ε check is smoothing's
@@ -124,3 +128,15 @@ def test_bad_input_is_one_line_exit_2(gloro_model, tmp_path, capsys, args):
 def test_needs_model_or_log(capsys):
     assert main(["degrade", "--eps", "0.3"]) == 2
     assert main(["degrade", "--from-log", "/nonexistent/log", "--eps", "0.3"]) == 2
+
+
+def test_branch_and_bound_keeps_json_clean(gloro_model, tmp_path, capfd):
+    """HiGHS prints a banner on the C-level stdout; with --json the output must still be one JSON object."""
+    pytest.importorskip("highspy")
+    capfd.readouterr()
+    assert _degrade(gloro_model, tmp_path / "bab.jsonl", "--limit", "6", "--proofs", "all", "--proof-budget", "1",
+                    "--json") == 0
+    summary = json.loads(capfd.readouterr().out)
+    br = summary["bracket"]
+    assert summary["proofs"] == ["2eps", "local", "milp"]
+    assert br["degraded"] + br["proven"] + br["undecided"] == summary["testR"]

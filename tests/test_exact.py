@@ -298,3 +298,17 @@ def test_branch_and_bound_proof_closes_the_bracket(tiny):
             assert r["distance"] <= EPS_L2 * (1 + 1e-5) and r["attacks"]["milp"]
     with pytest.raises(InputError):
         degrade_batch(defense, x[:2], y[:2], EPS_L2, attack="pgd", proofs=["bab"])
+
+
+def test_branch_and_bound_out_of_time_claims_no_floor(tiny):
+    """A solve stopped by its budget may have skipped the hardest rivals: it proves nothing and its
+    partial bound must not raise the radius floor above ε."""
+    net, _, x, y = tiny
+    defense = LipschitzDefense(net, 10, EPS_L2, input_shape=(1, 8, 8))
+    lab = defense.accept(x, EPS_L2)
+    keep = lab != ABSTAIN
+    res = defense.prove(x[keep], EPS_L2, lab[keep], ["2eps", "local", "milp"], budget=1e-4)
+    for ok, by, fl in zip(res.proven.tolist(), res.method, res.radius_floor.tolist()):
+        assert ok == (by is not None)
+        if not ok:
+            assert fl <= EPS_L2

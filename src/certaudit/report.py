@@ -284,15 +284,15 @@ def _detail_tables(a: AuditData) -> list[tuple[str, list[str], list[list[str]]]]
         sp = d.get("bracket")
         if sp and d.get("testR"):
             by = ", ".join(f"{k}: {v}" for k, v in (sp.get("proven_by") or {}).items()) or "none"
-            rows.append([f"  proven non-degradable (by {by})", "", str(sp.get("proven")),
-                         fmt(sp.get("proven_share"), "pct") + " of testR", ""])
+            rows.append([f"  proven non-degradable (by {by}; {fmt(sp.get('proven_share'), 'pct')} of testR)", "",
+                         str(sp.get("proven")), "", ""])
             fl, at = sp.get("undecided_proof_floor_minus_eps"), sp.get("undecided_attack_radius_minus_eps")
             gap = ""
             if fl and at:
                 gap = (f"; median radius floor proven ε{fl['median']:+.3g}, smallest radius attacks reached "
                        f"ε{at['median']:+.3g}")
-            rows.append([f"  undecided (neither degraded nor proven{gap})", "", str(sp.get("undecided")),
-                         fmt(sp.get("undecided_share"), "pct") + " of testR", ""])
+            rows.append([f"  undecided (neither degraded nor proven; {fmt(sp.get('undecided_share'), 'pct')} of "
+                         f"testR{gap})", "", str(sp.get("undecided")), "", ""])
         if d.get("testA_2eps_check") is not None:
             rows.append(["2ε check of the run-time method (not certified at 2ε)", fmt(d.get("vra_eps"), "pct"),
                          str(d.get("testA_2eps_check")), fmt(d.get("fpr_2eps_check"), "pct"),

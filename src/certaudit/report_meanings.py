@@ -24,11 +24,15 @@ FIGURE_MEANINGS: tuple[tuple[str, str], ...] = (
                   "x' that the defense rejects (a false positive: nothing was wrong with x). A lower bound: attacks are "
                   "incomplete."),
     ("FPR upper (proven)", "|testA_upper| / |testR|: fraction of correctly certified images the defense did not "
-                           "prove non-degradable. GloRo: the 2ε check with a margin for float64 rounding (Appendix A); "
-                           "IBP and CROWN: IBP on the 2ε box with a margin for rounding (IBP is inclusion-monotone and "
-                           "CROWN's bound is never below IBP's). Randomized smoothing and CROWN-IBP have no proof: –."),
+                           "prove non-degradable. GloRo: the 2ε check with a margin for float64 rounding (Appendix A), "
+                           "then, on what the attacks and it leave open, CROWN over the ℓ2 ball and a local Lipschitz "
+                           "bound (and, asked for on small networks, branch and bound); IBP and CROWN: IBP on the 2ε box "
+                           "with a margin for rounding (IBP is inclusion-monotone and CROWN's bound is never below "
+                           "IBP's). Randomized smoothing and CROWN-IBP have no proof: –. Proven and undecided counts "
+                           "are in the degradation table."),
     ("FPR 2ε check", "fraction of correctly certified images that the run-time method itself does not certify at 2ε "
-                     "(§3.3.2). Equal to the proven bound for monotone certifiers; for CROWN-style bounds and smoothing "
+                     "(§3.3.2). For monotone certifiers an upper bound at least the proven one (equal when the 2ε "
+                     "proof is the only proof that ran); for CROWN-style bounds and smoothing "
                      "it is a heuristic, not a bound (an attack may degrade an image that passes it)."),
     ("utility red.", "|testA| / |test| = VRA@ε × FPR: the accuracy an adversary can take away from the defended "
                      "model by forcing rejections, lower and upper bound."),

@@ -140,7 +140,9 @@ def print_degrade(s: dict[str, Any]) -> None:
     sq = s.get("sequential_2eps")
     if sq:
         smp = sq.get("samples") or {}
-        stats.add_row(f"2ε check, sequential test (budget {s.get('upper_n')}): FPR upper bound of the smoothed classifier",
+        alpha = (s.get("settings") or {}).get("alpha")
+        stats.add_row(f"2ε check, sequential test (budget {s.get('upper_n')}, each verdict at level α = {alpha}): "
+                      "FPR upper bound of the smoothed classifier",
                       f"{_pct(sq['fpr_upper'])} % ({sq['testA_upper']} of {s['testR']}; samples median "
                       f"{smp.get('median', float('nan')):.0f}, max {smp.get('max', float('nan')):.0f})")
         stats.add_row("  meaning", sq["meaning"])

@@ -12,9 +12,11 @@ Summaries (:func:`summarize_degradation`, in :mod:`certaudit.audits.degradation_
 re-exported here with the curve functions) follow the paper's sets: ``testR`` = the test inputs
 certified *and correct* at ε (so ``|testR|/|test|`` is the baseline VRA and the utility reduction
 is ``VRA × FPR``, as in Tables 1–2); ``testA_lower`` = the members of testR an attack degraded
-(§3.3.1); ``testA_upper`` = the members of testR *not* certified at 2ε (§3.3.2). For a monotone
-certifier (Appendix A: Lipschitz/GloRo, IBP, exact methods) ``testA_lower ⊆ testA_upper``: a
-degraded input certified at 2ε is a bug of the defense or the attack and is reported as such.
+(§3.3.1); ``testA_upper`` = the members of testR the defense did *not prove* non-degradable (the 2ε
+check of §3.3.2 for a monotone certifier, then the costlier proofs; ``testA_2eps_check``: the plain 2ε
+check). For a monotone certifier (Appendix A: Lipschitz/GloRo, IBP, exact methods) ``testA_lower ⊆
+testA_upper``: a degraded input proven non-degradable is a bug of the defense, the proof or the attack
+and is reported as such.
 Randomized smoothing is monotone only with high probability (a fresh CERTIFY at x' can fail
 because of the confidence bound), so there such cases are counted, not called bugs.
 
@@ -95,9 +97,9 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     samples, check_every, targeted, tol). ``full_radius=False`` lets a defense whose radius is a
     search (interval bisection) skip it: rows then carry ``radius`` null (the figures at ε and 2ε
     come from the checks either way). ``proofs``: the defense's proofs of non-degradability to run
-    (names from :attr:`Defense.proof_methods`, default all): the first on every input accepted at ε
-    before the attacks, the costlier ones afterwards on the inputs no attack degraded and no earlier
-    proof settled, so every input of testR ends degraded, proven or undecided; ``proof_budget``: seconds
+    (names from :attr:`Defense.proof_methods`, default :attr:`Defense.default_proofs`: all but the
+    searches): the first on every input accepted at ε before the attacks, the costlier ones afterwards
+    on the inputs of testR no attack degraded and the first did not prove, so every input of testR ends degraded, proven or undecided; ``proof_budget``: seconds
     per input for a proof that searches (``milp``: branch and bound), whose x' the check rejects counts
     as degraded (``degraded_by`` "milp", re-checked like every candidate). ``upper`` (randomized
     smoothing): the same defense answering with its sequential test (``sequential=True``, its ``n`` the
@@ -143,17 +145,12 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     _attack(defense, names, x, clean.label, clean.cert1 & ~skip, eps, cfg, seed, idx, exhaustive, tally)
     if tally.randomized:
         _judge_chosen(defense, x, clean.label, eps, cfg, seed, idx, tally)
-    if len(methods) > 1:  # the costlier proofs: only where the attacks and the cheap proof left it open
-        open_ = torch.tensor([bool(c) and p is False and d is None
-                              for c, p, d in zip(clean.cert1.tolist(), proof.proven, tally.degraded_by)])
-        proof.run(defense, x, clean, open_, eps, cfg.tol, methods, proof_budget)
-        found = [i for i, w in enumerate(proof.witness) if w is not None]
-        if found:  # a search proof found x' the check rejects: re-checked like an attack's candidate
-            sel = torch.tensor(found, dtype=torch.long)
-            cand = torch.stack([proof.witness[i] for i in found]).to(x.device, x.dtype)
-            verdict = verify_candidates(defense, x[sel.to(x.device)], cand, clean.label[sel], eps, tol=cfg.tol)
-            for j, i in enumerate(found):
-                tally.record(i, "milp", verdict, j, cand)
+    if len(methods) > 1:  # the costlier proofs: only on testR where the attacks and the cheap proof left it open
+        correct = (clean.label == y).tolist()
+        open_ = torch.tensor([bool(c) and ok and p is False and d is None
+                              for c, ok, p, d in zip(clean.cert1.tolist(), correct, proof.proven, tally.degraded_by)])
+        proof.run(defense, x, clean, open_, eps, cfg.tol, methods[1:], proof_budget)
+        _count_witnesses(defense, x, clean, proof, eps, cfg.tol, tally)
     seq = _sequential_upper(upper, x, y, clean, eps, seed, idx)
     seconds = (time.perf_counter() - t0) / max(1, x.shape[0])
     rows = _rows(idx, y, eps, clean, proof, skip, tally, seconds, monotone_certifier(defense))
@@ -176,11 +173,28 @@ def _sequential_upper(upper: Defense | None, x: torch.Tensor, y: torch.Tensor, c
     with torch.no_grad():
         cert = upper.certify_checks(x[sel.to(x.device)], [2 * eps], full_radius=False, seed=seed + UPPER_SEED_OFFSET,
                                     indices=[idx[i] for i in sel.tolist()])
-    ok = cert.certified_at(2 * eps).cpu()
+    # certified at 2ε *with the input's label* (the sequential run picks its class from its own selection noise)
+    ok = cert.certified_at(2 * eps).cpu() & (cert.label.cpu() == clean.label[sel])
     samples = cert.extras.get("samples")
     for j, i in enumerate(sel.tolist()):
         out[i] = (bool(ok[j]), None if samples is None else int(samples[j]))
     return out
+
+
+def _count_witnesses(defense: Defense, x: torch.Tensor, clean: _CleanChecks, proof: "_Proofs", eps: float, tol: float,
+                     tally: "_Tally") -> None:
+    """A search proof's x' that the check rejects counts as degraded (``degraded_by`` "milp") once re-checked
+    exactly like an attack's candidate; it is not an attack, so it adds no per-attack verdict."""
+    found = [i for i, w in enumerate(proof.witness) if w is not None and tally.degraded_by[i] is None]
+    if not found:
+        return
+    sel = torch.tensor(found, dtype=torch.long)
+    cand = torch.stack([proof.witness[i] for i in found]).to(x.device, x.dtype)
+    verdict = verify_candidates(defense, x[sel.to(x.device)], cand, clean.label[sel], eps, tol=tol)
+    for j, i in enumerate(found):
+        if bool(verdict.success[j]):
+            tally.degraded_by[i], tally.distance[i] = "milp", float(verdict.distance[j])
+            tally.hit[i] = True
 
 
 def check_proofs(defense: Defense, proofs: Sequence[str] | None) -> list[str]:
@@ -190,12 +204,14 @@ def check_proofs(defense: Defense, proofs: Sequence[str] | None) -> list[str]:
     have = list(defense.proof_methods)
     if proofs is None:
         return list(defense.default_proofs)
-    want = [str(p).strip().lower() for p in proofs if str(p).strip()]
+    want = [str(p).strip().lower() for p in proofs]
+    if not want or any(not p for p in want):
+        raise InputError("--proofs must be a comma list of proof names (or all), without empty entries")
+    unknown = [p for p in want if p not in have and p != "all"]
+    if unknown:
+        raise InputError(f"unknown proof {unknown[0]!r}; this defense has: {', '.join(have) or 'none'} (or all)")
     if "all" in want:
         return have
-    unknown = [p for p in want if p not in have]
-    if unknown:
-        raise InputError(f"unknown proof {unknown[0]!r}; this defense has: {', '.join(have) or 'none'}")
     return [p for p in have if p in want or p == have[0]]
 
 

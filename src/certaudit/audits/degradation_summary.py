@@ -198,12 +198,16 @@ def summarize_degradation(rows: Sequence[dict[str, Any]], eps: float, *, monoton
     Two figures from above, each named for what it is (docs/degradation.md):
 
     * ``testA_upper`` / ``fpr_upper``: the **proven** upper bound, the members of testR that the
-      defense did *not prove* non-degradable (``proven_nondegradable``: the 2ε check for a monotone
-      certifier, IBP on B(x, 2ε) for CROWN-style bounds). None when the defense has no proof
-      (randomized smoothing): then nothing bounds the FPR from above but the trivial 1;
+      defense did *not prove* non-degradable (``proven_nondegradable``: the 2ε proof for a monotone
+      certifier, IBP on B(x, 2ε) for CROWN-style bounds, then the costlier proofs run). None when the
+      defense has no proof (randomized smoothing): then nothing bounds the FPR from above but the
+      trivial 1, or the sequential 2ε check of the smoothed classifier (``sequential_2eps``);
     * ``testA_2eps_check`` / ``fpr_2eps_check``: the members of testR not accepted at 2ε by the
-      run-time check itself (§3.3.2). An upper bound only for monotone certifiers, where it equals
-      the proven one.
+      run-time check itself (§3.3.2). An upper bound only for monotone certifiers, where it is at
+      least the proven one (equal up to the rounding margin when the 2ε proof is the only one run).
+
+    ``bracket``: testR in three, degraded / proven / undecided; an input both degraded and proven
+    (an invariant violation, flagged below) counts as degraded there.
 
     ``invariant``: the attacks' set must lie inside the proven upper set (a degraded input that was
     proven non-degradable is a bug of the defense, the proof or the attack). A degraded input

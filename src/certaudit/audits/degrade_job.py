@@ -74,6 +74,10 @@ def degrade_job(model: Any, *, eps: float, weights: Any = None, defense: str = "
     methods = check_proofs(guard, proofs)
     if proof_budget is not None:
         proof_budget = validate.positive(proof_budget, "--proof-budget")
+        if "milp" not in methods:
+            raise InputError("--proof-budget is the time per input of the branch-and-bound proof (milp): give "
+                             "--proofs all (small networks, with the `exact` extra); "
+                             f"this run's proofs: {', '.join(methods) or 'none'}")
     cfg = AttackConfig.from_options({k: v for k, v in (attack_options or {}).items() if v is not None})
     x, y, wanted = s.data(split, data_root, skip=skip, limit=limit)
     settings = guard.settings()  # stable values only: computed constants are diagnostics, not in the hash

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +67,24 @@ def cols(a: sp.spmatrix, n: int) -> sp.csr_matrix:
     return a
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Point file descriptor 1 at stderr for the duration (C code writing to stdout must not break a
+    ``--json`` report on stdout); Python's own stdout buffer is flushed first."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (e.g. captured): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class Encoder:
     """Columns and rows of a MILP under construction, then handed to HiGHS (:meth:`highs`)."""
 
@@ -117,8 +138,9 @@ class Encoder:
     def highs(self):
         """A ``highspy.Highs`` holding this model (objective zero; quiet)."""
         require_highs()
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        with _stdout_to_stderr():  # HiGHS prints its banner on the C-level stdout before any option is set
+            h = highspy.Highs()
+            h.setOptionValue("output_flag", False)
         h.addVars(self.n, np.concatenate(self.lb), np.concatenate(self.ub))
         ints = np.flatnonzero(np.concatenate(self.integer)).astype(np.int32)
         if ints.size:

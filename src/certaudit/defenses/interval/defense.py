@@ -298,14 +298,19 @@ class IntervalDefense(Defense):
                              f"{', '.join(self.proof_methods) or 'none'}")
         if not methods:
             return None
-        base = super().prove(x, eps, label, methods[:1])
-        if base is None or "milp" not in methods:
+        lab = torch.as_tensor(label).long().cpu()
+        if "2eps" in methods:
+            base = super().prove(x, eps, label, ["2eps"])
+            assert base is not None
+        else:
+            base = Proof(torch.zeros(lab.shape[0], dtype=torch.bool), [None] * lab.shape[0],
+                         torch.full((lab.shape[0],), math.nan, dtype=torch.float64))
+        if "milp" not in methods:
             return base
         from certaudit.verify.oracle import interval_degradable
 
         limit = 10.0 if budget is None else float(budget)
         base.witness = [None] * base.proven.shape[0]
-        lab = torch.as_tensor(label).long().cpu()
         for i in (~base.proven).nonzero().flatten().tolist():
             if int(lab[i]) == ABSTAIN:
                 continue

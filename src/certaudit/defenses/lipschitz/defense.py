@@ -454,7 +454,9 @@ class LipschitzDefense(Defense):
                     proven: torch.Tensor, by: list, floor: torch.Tensor, witness: list) -> None:
         """Branch and bound (HiGHS MILP, :func:`certaudit.verify.oracle.lipschitz_degradable`) on ``todo``,
         ``budget`` seconds each: proven (the dual bound clears every threshold by the oracle's tolerance),
-        a witness x' the run-time check rejects, or undecided. Its bound, in radius units, tightens the floor."""
+        a witness x' the run-time check rejects, or undecided. Only a proof tightens the floor (then every
+        rival has a bound: solved or screened); an undecided solve may have skipped the hardest rivals at the
+        deadline, so its partial bound says nothing about them."""
         from certaudit.verify.oracle import lipschitz_degradable
 
         limit = DEFAULT_PROOF_BUDGET if budget is None else float(budget)
@@ -470,27 +472,38 @@ class LipschitzDefense(Defense):
                 proven[i], by[i] = True, "milp"
             elif v.decided is True and v.witness is not None:
                 witness[i] = v.witness
-            if math.isfinite(v.bound):  # min over rivals of (proven min margin − threshold): radius units below
+            if v.decided is False and math.isfinite(v.bound):  # min over rivals of (min margin − threshold)
                 kk = k[int(t[i])].clone()
                 kk[int(t[i])] = math.inf
                 scale = float(kk.min()) if v.bound < 0 else float(kk[torch.isfinite(kk)].max())
                 floor[i] = max(float(floor[i]), eps + v.bound / scale)
 
     def _prove_2eps(self, x: torch.Tensor, eps: float, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 2ε check (:meth:`prove_nondegradable`) and its radius floor ``R(x) − ε`` (with the
-        proof's slack): (proven (B,), floor (B,)) on the CPU."""
+        """The 2ε proof (:meth:`prove_nondegradable`) and its radius floor: (proven (B,), floor (B,)) on
+        the CPU. With ``E ≥ e'`` the rounding bound of the check at every x' of the ball (the magnitude
+        pass over the box B∞(x, ε) ∩ [0,1]^d, :func:`.local.magnitudes`), the certified radius at every
+        x' is at least ``min_j (f_y − f_j − (e_y+e_j) − 3(E_y+E_j) − ε·K_yj) / K_yj`` (Lemma A.5: the exact
+        margin moves by at most ε·K_yj); proven iff that floor exceeds ε."""
+        from certaudit.defenses.lipschitz.local import magnitudes
+
         state = self._state(tuple(int(s) for s in x.shape[1:]))
         oks, floors = [], []
         with torch.no_grad():
             for a in range(0, x.shape[0], self.batch_size):
-                f, e = self._forward(x[a:a + self.batch_size], state)
-                assert e is not None
-                tb = t[a:a + self.batch_size]
-                m = _margin_table(f, e, tb, state.pairwise, 2.0 * eps, slack_times=8.0)
-                oks.append((m.min(dim=1).values > 0).cpu())
-                k = state.pairwise[tb].to(f.dtype)
-                r = (m + 2.0 * eps * k) / k.clamp_min(1e-300) - eps  # radius at x minus ε, slack included
-                floors.append(r.min(dim=1).values.double().cpu())
+                xb, tb = x[a:a + self.batch_size], t[a:a + self.batch_size]
+                f, e = self._forward(xb, state)
+                xd = xb.double()
+                mags = magnitudes(state.layers, (xd - eps).clamp(0.0, 1.0), (xd + eps).clamp(0.0, 1.0))
+                _, e_sup = self._forward(xb, state, mags=mags)
+                assert e is not None and e_sup is not None
+                k = state.pairwise[tb].to(f.dtype)  # (B, C)
+                ey, esy = e.gather(1, tb.view(-1, 1)), e_sup.gather(1, tb.view(-1, 1))
+                low = f.gather(1, tb.view(-1, 1)) - f - (ey + e) - 3.0 * (esy + e_sup) * (1 + 1e-9) - eps * k
+                r = torch.where(k > 0, low / k.clamp_min(1e-300), torch.where(low > 0, math.inf, -math.inf))
+                r = (r * (1 - 1e-12)).masked_fill(F.one_hot(tb, self.num_classes).bool(), math.inf)
+                floor = r.min(dim=1).values
+                oks.append((floor > eps).cpu())
+                floors.append(floor.double().cpu())
         return torch.cat(oks), torch.cat(floors)
 
     def _prove_local(self, x: torch.Tensor, eps: float, t: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
@@ -507,11 +520,14 @@ class LipschitzDefense(Defense):
         c = self.num_classes
         spec, others = specification(t, c, torch.float32)
         xf = x.float()
+        # the interval bounds take float32 centres: a ball around fl32(x) that contains B₂(x, ε)
+        off = float((x.double() - xf.double()).flatten(1).norm(dim=1).max()) if x.dtype != torch.float32 else 0.0
+        eps_b = eps + off * (1 + 1e-6) if off > 0 else eps
         with torch.no_grad():
-            crown, st = spec_bounds(net, xf, eps, spec, "crown", norm="l2", return_state=True)
+            crown, st = spec_bounds(net, xf, eps_b, spec, "crown", norm="l2", return_state=True)
             from certaudit.defenses.interval.ops import ReLU
             relu_b = [(st.lo[i], st.hi[i]) for i, op in enumerate(st.ops) if isinstance(op, ReLU)]
-            x_lo, x_hi = input_box(xf, eps)
+            x_lo, x_hi = input_box(xf, eps_b)
             mags = magnitudes(state.layers, x_lo, x_hi, relu_b)
             f, e = self._forward(x, state)
             _, e_sup = self._forward(x, state, mags=mags)  # rounding of the check anywhere in the ball
@@ -541,21 +557,14 @@ class LipschitzDefense(Defense):
         exact one. So it suffices that ``f_y − f_j − 2ε·K_{y,j}`` at x exceeds ``(e_y + e_j)``
         (x's rounding) plus ``3(e'_y + e'_j)``; with ``e' ≤ e`` up to the magnitudes' change over the
         ball (float64: e is below 1e-9 of the logits) the proof demands
-        ``f_y − f_j − 8(e_y + e_j) − 2ε·K_{y,j} > 0`` for every j ≠ y."""
+        ``f_y − f_j − (e_y + e_j) − 3(E_y + E_j) − 2ε·K_{y,j} > 0`` for every j ≠ y, with ``E`` the
+        rounding bound of the evaluation at every x' of the ball (:meth:`_prove_2eps`)."""
         x = self._check_x(x)
-        eps2 = 2.0 * check_eps(eps)
-        state = self._state(tuple(int(s) for s in x.shape[1:]))
+        eps = check_eps(eps)
         label = torch.as_tensor(label).long().to(x.device)
         valid = label != ABSTAIN  # nothing to prove for a rejected input
         t = check_labels(torch.where(valid, label, torch.zeros_like(label)), x.shape[0], self.num_classes)
-        out = []
-        with torch.no_grad():
-            for a in range(0, x.shape[0], self.batch_size):
-                f, e = self._forward(x[a:a + self.batch_size], state)
-                assert e is not None
-                m = _margin_table(f, e, t[a:a + self.batch_size], state.pairwise, eps2, slack_times=8.0)
-                out.append((m.min(dim=1).values > 0).cpu())
-        return torch.cat(out) & valid.cpu()
+        return self._prove_2eps(x, eps, t)[0] & valid.cpu()
 
     def gloro_logits(self, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """(B, C+1) logits of the GloRo network at radius ε: ``f`` and the ⊥ logit

@@ -97,13 +97,14 @@ def local_lipschitz(layers: Sequence[Layer], abs_weights: Sequence[torch.Tensor 
 
 
 def magnitudes(layers: Sequence[Layer], x_lo: torch.Tensor, x_hi: torch.Tensor,
-               relu_bounds: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+               relu_bounds: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[torch.Tensor]:
     """Per layer, an upper bound (B, *in_shape) of ``|h|`` at that layer's input over D ⊆ [x_lo, x_hi]:
     interval arithmetic in float64 (radii rounded up), intersected at every ReLU input with
-    ``relu_bounds``. Only its order of magnitude matters (it scales a ~1e-13 relative slack)."""
+    ``relu_bounds`` where given (bounds valid on D). Only its order of magnitude matters (it scales a
+    ~1e-13 relative slack)."""
     lo, hi = x_lo.double(), x_hi.double()
     out: list[torch.Tensor] = []
-    bounds = iter(relu_bounds)
+    bounds = iter(relu_bounds) if relu_bounds is not None else None
     for layer in layers:
         out.append(torch.maximum(lo.abs(), hi.abs()) * (1 + 1e-9) + 1e-300)  # float64 rounding of the intervals
         m = layer.module
@@ -119,10 +120,11 @@ def magnitudes(layers: Sequence[Layer], x_lo: torch.Tensor, x_hi: torch.Tensor,
             r = r * (1 + 1e-9) + 1e-12 * c.abs()
             lo, hi = c - r, c + r
         elif layer.kind == "relu":
-            blo, bhi = next(bounds)
-            lo = torch.maximum(lo, blo.double().reshape(lo.shape))
-            hi = torch.minimum(hi, bhi.double().reshape(hi.shape))
-            hi = torch.maximum(hi, lo)
+            if bounds is not None:
+                blo, bhi = next(bounds)
+                lo = torch.maximum(lo, blo.double().reshape(lo.shape))
+                hi = torch.minimum(hi, bhi.double().reshape(hi.shape))
+                hi = torch.maximum(hi, lo)
             lo, hi = lo.clamp(min=0), hi.clamp(min=0)
         elif layer.kind == "normalize":  # (h − mean)/std, std > 0: monotone
             lo, hi = m(lo), m(hi)
