@@ -345,7 +345,7 @@ def test_smoothing_sequential_upper_bound(digits):
 
     net, _ = load_checkpoint(model_path("digits_gaussian"))
     _, _, x_te, y_te = digits
-    x, y = x_te[:12], y_te[:12]
+    x, y = x_te[:8], y_te[:8]
     eps, sigma = 0.1, 0.25
     defense = SmoothedClassifier(net, 10, sigma, n0=64, n=1000, alpha=0.001, batch_size=1024)
     upper = SmoothedClassifier(net, 10, sigma, n0=64, n=20000, alpha=0.001, batch_size=1024, sequential=True)
@@ -361,6 +361,6 @@ def test_smoothing_sequential_upper_bound(digits):
             assert r["certified_2eps_sequential"] is None
     safe = [i for i, r in enumerate(rows) if r.get("certified_2eps_sequential")]
     assert safe
-    counts = defense.sample_counts(x[safe], 20000, seed=123)
-    p_hat = counts.max(dim=1).values.double() / 20000
-    assert bool((p_hat > gauss.cdf(2 * eps / sigma) - 0.01).all())
+    counts = defense.sample_counts(x[safe], 8000, seed=123)
+    p_hat = counts.max(dim=1).values.double() / 8000
+    assert bool((p_hat > gauss.cdf(2 * eps / sigma) - 0.02).all())
