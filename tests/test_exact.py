@@ -298,6 +298,11 @@ def test_branch_and_bound_proof_closes_the_bracket(tiny):
             assert r["distance"] <= EPS_L2 * (1 + 1e-5) and r["attacks"]["milp"]
     with pytest.raises(InputError):
         degrade_batch(defense, x[:2], y[:2], EPS_L2, attack="pgd", proofs=["bab"])
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError):
+            degrade_batch(defense, x[:2], y[:2], EPS_L2, attack="pgd", proofs=["all"], proof_budget=bad)
+        with pytest.raises(InputError):
+            defense.prove(x[:2], EPS_L2, defense.accept(x[:2], EPS_L2), ["milp"], budget=bad)
 
 
 def test_branch_and_bound_out_of_time_claims_no_floor(tiny):

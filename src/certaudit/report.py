@@ -596,21 +596,16 @@ def detector_rows(verdicts: Sequence[Any]) -> tuple[list[str], list[list[str]], 
     """The detector-claims table: header, one row per claim, and the references the rows cite ([k])."""
     header = ["#", "detector (claim)", "data", "norm, ε", "claimed robust accuracy with detection at ε", "ε/2",
               "best known robust classification at ε/2", "margin (points)", "verdict"]
-    refs: list[str] = []
+    from certaudit.detection.claims import claim_cell, reference_cells
+
+    def pct(v: float) -> str:
+        return fmt(v, "pct")
+
+    bests, refs = reference_cells(verdicts, pct)
     body = []
-    for i, v in enumerate(verdicts, start=1):
+    for i, (v, best) in enumerate(zip(verdicts, bests), start=1):
         c = v.claim
-        claim = ("≥ " if c.accuracy_source == "eq4" else "") + fmt(c.robust_accuracy_with_detection, "pct")
-        if c.kind.value == "certified":
-            claim += " (certified)"
-        if v.reference is None:
-            best = "–"
-        else:
-            if v.reference.citation not in refs:
-                refs.append(v.reference.citation)
-            best = f"{fmt(v.reference.robust_accuracy, 'pct')} [{refs.index(v.reference.citation) + 1}]"
-            if v.basis == "smaller-radius":
-                best += f" at {v.reference.eps_text}"
+        claim = claim_cell(c, pct, " (certified)", ge="≥ ")
         margin = "–" if v.margin is None else f"{100 * v.margin:+.1f}"
         verdict = {"flagged": "FLAGGED", "not flagged": "not flagged", "no reference": "no reference"}[v.status]
         body.append([str(i), c.defense or "–", c.dataset, f"{_norm_sym(c.norm.value)} {c.eps_text}", claim,

@@ -76,15 +76,20 @@ def figure_certified_accuracy(audits: Sequence[AuditData]) -> str | None:
             ax.axvline(2 * e, color="grey", linestyle=":", linewidth=1)
             ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
             ax.text(2 * e, 1.01, " 2ε", fontsize=8, color="grey", va="bottom")
-        ax.set_xlabel(f"radius r ({_norm_label(norm)})")
-        ax.set_ylabel("certified accuracy (VRA at r)")
-        ax.set_ylim(0, 1.08)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        if len(groups) > 1:
-            ax.set_title(f"{_norm_label(norm)} certificates", fontsize=9)
+        _rate_axes(ax, norm, len(groups), f"radius r ({_norm_label(norm)})", "certified accuracy (VRA at r)", 7)
     fig.tight_layout()
     return _png(fig)
+
+
+def _rate_axes(ax, norm: str, panels: int, xlabel: str, ylabel: str, legend_size: float) -> None:
+    """Labels, a [0, 1.08] rate axis, grid and legend of one per-norm panel (titled when there are several)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.08)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    if panels > 1:
+        ax.set_title(f"{_norm_label(norm)} certificates", fontsize=9)
 
 
 def figure_fpr(audits: Sequence[AuditData]) -> str | None:
@@ -114,13 +119,8 @@ def figure_fpr(audits: Sequence[AuditData]) -> str | None:
         for e in sorted({a.eps for a in group}):
             ax.axvline(e, color="grey", linestyle="--", linewidth=1)
             ax.text(e, 1.01, " ε", fontsize=8, color="grey", va="bottom")
-        ax.set_xlabel(f"radius ε of the run-time defense ({_norm_label(norm)})")
-        ax.set_ylabel("false-positive rate |testA| / |testR|")
-        ax.set_ylim(0, 1.08)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5)
-        if len(groups) > 1:
-            ax.set_title(f"{_norm_label(norm)} certificates", fontsize=9)
+        _rate_axes(ax, norm, len(groups), f"radius ε of the run-time defense ({_norm_label(norm)})",
+                   "false-positive rate |testA| / |testR|", 6.5)
     fig.tight_layout()
     return _png(fig)
 

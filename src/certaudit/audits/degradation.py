@@ -45,6 +45,7 @@ from certaudit.audits.logs import (  # noqa: F401 (the log readers are re-export
 )
 from certaudit.defenses.base import Defense, check_eps, radius_key
 from certaudit.errors import InputError
+from certaudit.validate import positive
 
 RECHECK_SEED_OFFSET = 0x5EED_0000_D1CE  # re-check noise for candidates: seed + offset + attack number
 ROW_FORMAT = 3  # + proven_by and radius_floor (the costlier proofs); 2: checks at exactly ε / 2ε, one judging CERTIFY
@@ -137,6 +138,8 @@ def degrade_batch(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float
     t0 = time.perf_counter()
     x = x.to(defense.device)
     methods = check_proofs(defense, proofs)
+    if proof_budget is not None:
+        proof_budget = positive(proof_budget, "proof_budget")
     clean = _clean_checks(defense, x, eps, seed, idx, full_radius)
     proof = _Proofs.start(x.shape[0])
     proof.run(defense, x, clean, clean.cert1, eps, cfg.tol, methods[:1])

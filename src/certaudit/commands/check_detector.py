@@ -24,6 +24,7 @@ from certaudit.detection import (
     load_reference,
     summarize_verdicts,
 )
+from certaudit.detection.claims import claim_cell, reference_cells
 from certaudit.errors import InputError
 
 _HELP = (
@@ -78,20 +79,10 @@ def _print_table(verdicts, reference_source: str) -> None:
     table.add_column("Best", justify="right", no_wrap=True)
     table.add_column("Margin", justify="right", no_wrap=True)
     table.add_column("ClaimVerdict", min_width=9)
-    refs: list[str] = []
-    for i, v in enumerate(verdicts, start=1):
+    bests, refs = reference_cells(verdicts, _fmt_pct, dash="-", at=" @")
+    for i, (v, best) in enumerate(zip(verdicts, bests), start=1):
         c = v.claim
-        claim_text = ("≥" if c.accuracy_source == "eq4" else "") + _fmt_pct(c.robust_accuracy_with_detection)
-        if c.kind.value == "certified":
-            claim_text += " c"
-        if v.reference is None:
-            best = "-"
-        else:
-            if v.reference.citation not in refs:
-                refs.append(v.reference.citation)
-            best = f"{_fmt_pct(v.reference.robust_accuracy)} [{refs.index(v.reference.citation) + 1}]"
-            if v.basis == "smaller-radius":
-                best += f" @{v.reference.eps_text}"
+        claim_text = claim_cell(c, _fmt_pct, " c")
         margin = "-" if v.margin is None else f"{100 * v.margin:+.0f}" if abs(
             100 * v.margin - round(100 * v.margin)) < 1e-9 else f"{100 * v.margin:+.1f}"
         verdict = {"flagged": "[bold red]FLAGGED[/]", "not flagged": "[green]not flagged[/]",

@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -322,6 +322,33 @@ def _best_by_radius(rows: Iterable[ReferenceRow]) -> dict[float, ReferenceRow]:
         if key not in best or r.robust_accuracy > best[key].robust_accuracy:
             best[key] = r
     return best
+
+
+def reference_cells(verdicts: Sequence[ClaimVerdict], pct: Callable[[float], str], *, dash: str = "–",
+                    at: str = " at ") -> tuple[list[str], list[str]]:
+    """For tables of verdicts: per verdict the "best known" cell (the reference's accuracy, formatted by
+    ``pct``, with the number [k] of its citation, and ``at`` its radius where it is a smaller-radius
+    reference; ``dash`` without one), and the citations in the order the cells number them."""
+    refs: list[str] = []
+    cells = []
+    for v in verdicts:
+        if v.reference is None:
+            cells.append(dash)
+            continue
+        if v.reference.citation not in refs:
+            refs.append(v.reference.citation)
+        cell = f"{pct(v.reference.robust_accuracy)} [{refs.index(v.reference.citation) + 1}]"
+        if v.basis == "smaller-radius":
+            cell += f"{at}{v.reference.eps_text}"
+        cells.append(cell)
+    return cells, refs
+
+
+def claim_cell(claim: DetectorClaim, pct: Callable[[float], str], certified_mark: str, ge: str = "≥") -> str:
+    """The claimed robust accuracy with detection, ``ge`` where it is Equation 4's lower bound, marked
+    when the detector is certified."""
+    text = (ge if claim.accuracy_source == "eq4" else "") + pct(claim.robust_accuracy_with_detection)
+    return text + certified_mark if claim.kind.value == "certified" else text
 
 
 def check_claim(claim: DetectorClaim, table: ReferenceTable | None = None, *, exact_only: bool = False) -> ClaimVerdict:

@@ -296,6 +296,8 @@ class IntervalDefense(Defense):
         if unknown:
             raise InputError(f"unknown proof {unknown[0]!r} for the interval defense ({self.method}); it has: "
                              f"{', '.join(self.proof_methods) or 'none'}")
+        if budget is not None:
+            budget = positive(budget, "budget")
         if not methods:
             return None
         lab = torch.as_tensor(label).long().cpu()
@@ -309,7 +311,7 @@ class IntervalDefense(Defense):
             return base
         from certaudit.verify.oracle import interval_degradable
 
-        limit = 10.0 if budget is None else float(budget)
+        limit = 10.0 if budget is None else positive(budget, "budget")
         base.witness = [None] * base.proven.shape[0]
         for i in (~base.proven).nonzero().flatten().tolist():
             if int(lab[i]) == ABSTAIN:

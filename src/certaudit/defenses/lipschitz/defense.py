@@ -44,6 +44,7 @@ from certaudit.defenses.lipschitz.bounds import (
 from certaudit.defenses.lipschitz.fast import FastCertifier, decision_radii, row_distances
 from certaudit.defenses.lipschitz.network import Layer, walk
 from certaudit.errors import InputError
+from certaudit.validate import positive
 
 DEFAULT_BATCH = 1024
 LOCAL_BATCH = 64  # images per local proof (CROWN over the ℓ2 ball holds rows of every unstable neuron)
@@ -419,6 +420,8 @@ class LipschitzDefense(Defense):
         if unknown:
             raise InputError(f"unknown proof {unknown[0]!r} for the lipschitz defense; it has: "
                              f"{', '.join(self.proof_methods)} (milp: with the `exact` extra, small networks only)")
+        if budget is not None:
+            budget = positive(budget, "budget")
         x = self._check_x(x)
         eps = check_eps(eps)
         b = x.shape[0]
@@ -459,7 +462,7 @@ class LipschitzDefense(Defense):
         deadline, so its partial bound says nothing about them."""
         from certaudit.verify.oracle import lipschitz_degradable
 
-        limit = DEFAULT_PROOF_BUDGET if budget is None else float(budget)
+        limit = DEFAULT_PROOF_BUDGET if budget is None else positive(budget, "budget")
         k = self.lipschitz_constants(tuple(int(s) for s in x.shape[1:])).pairwise.cpu()
         for i in todo.tolist():
             try:
