@@ -38,7 +38,7 @@ import torch
 from certaudit.defenses.interval.crown import (
     State, backward, box_exact, budget_elements, rel_back, repropagate, spec_backward,
 )
-from certaudit.defenses.interval.ibp import Spec, down32, up32
+from certaudit.defenses.interval.ibp import Spec, down_to, up_to
 from certaudit.defenses.interval.ops import Channel, ReLU, Reshape
 from certaudit.errors import InputError
 from certaudit.validate import integer, number
@@ -420,7 +420,7 @@ def _sound_layer(st: State, ch: _Chunk, img: torch.Tensor, gi: int, best: dict, 
     val = torch.cat(vals)
     low = rr < m
     neuron, rows_img = sidx[gg, rr % m], img[gg]
-    new_lo, new_hi = (down32(val[low]), up32(-val[~low])) if st.sound else (val[low], -val[~low])
+    new_lo, new_hi = (down_to(val[low], st.lo[g.k].dtype), up_to(-val[~low], st.lo[g.k].dtype)) if st.sound else (val[low], -val[~low])
     shape = st.lo[g.k].shape
     lf, hf = st.lo[g.k].flatten(1), st.hi[g.k].flatten(1)
     at_lo, at_hi = (rows_img[low], neuron[low]), (rows_img[~low], neuron[~low])

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from certaudit.defenses.interval.ibp import (
-    EXTRA, SLACK_FACTOR, TINY, U32, Spec, down32, gamma, ibp_step, nonneg_after, up32,
+    EXTRA, SLACK_FACTOR, TINY, Spec, down_to, gamma, ibp_step, nonneg_after, unit, up_to,
 )
 from certaudit.defenses.interval.ops import Affine, Channel, Op, ReLU, Reshape
 
@@ -31,18 +31,18 @@ USE_PATCHES = True  # intermediate rows that start at a convolution go over rece
 def rel_back(op: Affine) -> float:
     """Backward affine step: ``Λ W`` (γ_fan_out), the model's forward (γ_fan_in), ``Λ·b``."""
     c = op.out_shape[0]
-    return gamma(op.fan_in) + gamma(op.fan_out) + gamma(c + op.out_size // c) + EXTRA * U32
+    return gamma(op.fan_in) + gamma(op.fan_out) + gamma(c + op.out_size // c) + EXTRA * unit()
 
 
 def rel_start(op: Affine) -> float:
     """An affine op walked from a single neuron (the start of an intermediate row): ``Λ W`` and ``Λ·b`` are
     single products there (one rounding each), so only the model's forward pass sums (γ_fan_in)."""
-    return gamma(op.fan_in) + EXTRA * U32
+    return gamma(op.fan_in) + EXTRA * unit()
 
 
 def rel_sum(n: int) -> float:
     """A float32 contraction of length ``n`` (ReLU intercepts, concretization) plus elementwise roundings."""
-    return gamma(n) + EXTRA * U32
+    return gamma(n) + EXTRA * unit()
 
 
 @dataclass
@@ -67,12 +67,16 @@ class State:
     # same radius, clipped to [0, 1]); concretization keeps the better of the box and the ball bound
     l2_center: torch.Tensor | None = None
     l2_eps: torch.Tensor | None = None  # (B,) float64, rounded up
+    # sound mode: the rounding slack (B, S) subtracted from the specification's bound (set by
+    # :func:`spec_backward`, or by IBP alone): how far the float bound stands below the plain one
+    spec_slack: torch.Tensor | None = None
+    slack_out: list | None = None  # collects it block by block while the specification is bounded
 
     def __post_init__(self):
         # the box as centre ± radius, the radius rounded up so that it still covers [x_lo, x_hi]
         self.x_mid = (self.x_lo + self.x_hi) / 2
         rad = torch.maximum(self.x_hi - self.x_mid, self.x_mid - self.x_lo)
-        self.x_rad = rad * (1 + 4 * U32) if self.sound else rad
+        self.x_rad = rad * (1 + 4 * unit()) if self.sound else rad
 
     @property
     def width(self) -> int:
@@ -94,7 +98,7 @@ def _relax(l: torch.Tensor, u: torch.Tensor, lower_slope: str, sound: bool, alph
     lc, uc = l.clamp(max=0), u.clamp(min=0)
     s = uc / (uc - lc).clamp(min=torch.finfo(l.dtype).tiny)  # 0/tiny = 0 where l = u = 0
     if sound:  # the intercept for the rounded slope: the line stays above max(y, 0) at y = l and y = u
-        t = torch.maximum(-s * lc, uc * (1 - s)) * (1 + 4 * U32)
+        t = torch.maximum(-s * lc, uc * (1 - s)) * (1 + 4 * unit())
     else:
         t = -s * lc
     if lower_slope == "adaptive":
@@ -137,7 +141,9 @@ def slack_factor(width: int) -> float:
     return max(SLACK_FACTOR, 1.0005 / (1 - gamma(width)))
 
 
-ROUND = EXTRA * U32  # the elementwise rounding of Λ·slope at a ReLU, charged against |Λ'|·|its input|
+def round_pending() -> float:
+    """The elementwise rounding of Λ·slope at a ReLU, charged against |Λ'|·|its input|."""
+    return EXTRA * unit()
 
 
 def _relu_step(st: State, i: int, a: torch.Tensor, g, bias, slack, pending: float):
@@ -155,7 +161,7 @@ def _relu_step(st: State, i: int, a: torch.Tensor, g, bias, slack, pending: floa
     if slack is not None:
         slack = slack + rel_signed(st.ops[i].out_size) * contrib.detach().double().abs()
     a = torch.addcmul(a.clamp(min=0) * lo_s[g].unsqueeze(1), neg, up_s[g].unsqueeze(1))
-    return a, bias, slack, ROUND
+    return a, bias, slack, round_pending()
 
 
 def _concretize(st: State, a: torch.Tensor, g, bias, slack, pending: float) -> torch.Tensor:
@@ -211,7 +217,10 @@ def _concretize_box(st: State, a: torch.Tensor, g, bias, slack, pending: float) 
     slack = slack + rel_signed(d) * (d_lo.detach().double() - d_hi.detach().double()) + TINY
     if pending:  # a ReLU on the input itself: |x| ≤ x_hi
         slack = slack + pending * (_dot(pos.detach(), x_hi.detach()) - d_hi.detach()).double()
-    return bound - slack_factor(max(d, st.width)) * slack
+    slack = slack_factor(max(d, st.width)) * slack
+    if st.slack_out is not None and st.l2_center is None:
+        st.slack_out.append(slack.detach())
+    return bound - slack
 
 
 def _affine_step(st: State, i: int, a: torch.Tensor, g, bias, slack, pending: float):
@@ -373,7 +382,7 @@ def crown_layer(st: State, k: int, pure: bool, budget_elems: int) -> None:
         parts_hi.append(-out[:, mm:])
     new_lo, new_hi = _assemble(parts_lo, blocks), _assemble(parts_hi, blocks)
     if st.sound:
-        new_lo, new_hi = down32(new_lo), up32(new_hi)
+        new_lo, new_hi = down_to(new_lo, lo.dtype), up_to(new_hi, lo.dtype)
     else:
         new_lo, new_hi = new_lo.to(lo.dtype), new_hi.to(lo.dtype)
     if pure:
@@ -430,7 +439,7 @@ def spec_backward(st: State, spec: Spec, budget_elems: int) -> torch.Tensor:
     shape = st.lo[k].shape[1:]
     acc = torch.float64 if st.sound else spec.weight.dtype
     width = _max_width(st.ops, k)
-    outs = []
+    outs, slacks = [], []
     blocks = _blocks(bsz, s, width, budget_elems)
     for g, r in blocks:
         a = spec.weight[g, r].reshape(-1, r.stop - r.start, *shape)
@@ -440,5 +449,12 @@ def spec_backward(st: State, spec: Spec, budget_elems: int) -> torch.Tensor:
             zmax = torch.maximum(st.lo[k][g].abs(), st.hi[k][g].abs()).flatten(1)
             mag = torch.einsum("bsn,bn->bs", spec.abs_weight[g, r], zmax.detach()) + spec.abs_bias[g, r]
             slack = spec.rel * mag.double()
+        if slack is not None:
+            st.slack_out = []
         outs.append(backward(st, k, a, g, bias, slack))
+        if slack is not None:
+            slacks.extend(st.slack_out)
+            st.slack_out = None
+    if len(slacks) == len(outs):
+        st.spec_slack = _assemble(slacks, blocks)
     return _assemble(outs, blocks)

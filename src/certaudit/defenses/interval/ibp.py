@@ -1,6 +1,7 @@
 """Interval bound propagation (IBP, Gowal et al. 2018) and the float32 rounding helpers it shares.
 
-* the rounding constants (``U32``, ``EXTRA``, ``SLACK_FACTOR``, ``TINY``) and Higham's ``γ_n``;
+* the rounding constants (``U32``, ``U64``, ``EXTRA``, ``SLACK_FACTOR``, ``TINY``), the unit roundoff of
+  the arithmetic in use (:func:`unit`, :func:`arithmetic`) and Higham's ``γ_n``;
 * :func:`down32` / :func:`up32` (outward rounding of float64 results) and :func:`input_box`
   (the clipped ℓ∞ box, rounded outward when sound);
 * :func:`ibp_step` (one op in centre/radius form, widened for rounding) and :class:`Spec` (the
@@ -11,29 +12,56 @@ The floating-point analysis is described in :mod:`certaudit.defenses.interval.bo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from certaudit.defenses.interval.ops import Affine, Channel, Dense, Op, ReLU, Reshape
+from certaudit.errors import InputError
 
 U32 = 2.0 ** -24  # unit roundoff of float32
+U64 = 2.0 ** -53  # unit roundoff of float64
+_UNIT = contextvars.ContextVar("certaudit_unit_roundoff", default=U32)
 EXTRA = 8  # a few more roundings per step (bias, subtraction, constants of Normalize / BatchNorm)
 SLACK_FACTOR = 1.001  # the slack is itself computed in float32
 TINY = 1e-30  # absolute slack per step (underflow)
 
 
+def unit() -> float:
+    """The unit roundoff ``u`` of the arithmetic the bounds are computed in and the model runs in:
+    float32's ``2⁻²⁴`` unless :func:`arithmetic` says float64 (``2⁻⁵³``). float32's is the default
+    everywhere: it is the larger, so a bound charged with it is sound for a float64 network too."""
+    return _UNIT.get()
+
+
+@contextlib.contextmanager
+def arithmetic(dtype: torch.dtype) -> Iterator[None]:
+    """Charge rounding at the unit roundoff of ``dtype`` (float32 or float64) inside the block: both the
+    bound's own computation and the model's forward pass are in that dtype (a float64 network bounded
+    with float64 inputs: the bound holds for the real-arithmetic network and for its float64 forward)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"bounds are computed in float32 or float64, not {dtype}")
+    token = _UNIT.set(U32 if dtype == torch.float32 else U64)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
+
+
 def gamma(n: int) -> float:
     """Higham's γ_n = n·u/(1 − n·u): |fl(Σ of n products) − Σ| ≤ γ_n·Σ|products|, any order."""
-    nu = n * U32
+    nu = n * unit()
     return nu / (1 - nu)
 
 
 def rel_ibp(op: Affine) -> float:
     """Interval widening per unit of magnitude: our centre and radius (γ_fan_in), the model's own
     forward pass (γ_fan_in), and the few roundings of mid/rad/constants."""
-    return 2 * gamma(op.fan_in) + EXTRA * U32
+    return 2 * gamma(op.fan_in) + EXTRA * unit()
 
 
 def down32(v: torch.Tensor) -> torch.Tensor:
@@ -47,10 +75,20 @@ def up32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(f.double() < v, torch.nextafter(f, torch.full_like(f, math.inf)), f)
 
 
+def down_to(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 lower bounds as ``dtype`` (float32: rounded down; float64: as they are)."""
+    return down32(v) if dtype == torch.float32 else v.to(dtype)
+
+
+def up_to(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return up32(v) if dtype == torch.float32 else v.to(dtype)
+
+
 def input_box(x: torch.Tensor, eps: float | torch.Tensor, sound: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``[max(x − ε, 0), min(x + ε, 1)]``, rounded outward when ``sound``; ε a float or (B,).
 
-    Sound: in float32 with ε rounded up to ``e`` (a float32 ≥ ε), ``nextafter(fl(x − e), −∞) ≤ x − e``
+    Sound: in float32 with ε rounded up to ``e`` (a float32 ≥ ε; float64 ``x``: ``e = ε`` as given, a
+    float64), ``nextafter(fl(x − e), −∞) ≤ x − e``
     (the float below a rounded-to-nearest result lies below the exact value), and likewise above."""
     if isinstance(eps, torch.Tensor):
         e = eps.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.dim() - 1)))
@@ -60,7 +98,8 @@ def input_box(x: torch.Tensor, eps: float | torch.Tensor, sound: bool = True) ->
         e32 = e.to(x.dtype) if isinstance(e, torch.Tensor) else e
         return (x - e32).clamp(0.0, 1.0), (x + e32).clamp(0.0, 1.0)
     with torch.no_grad():
-        e_up = up32(e if isinstance(e, torch.Tensor) else torch.tensor(e, dtype=torch.float64, device=x.device))
+        e64 = e if isinstance(e, torch.Tensor) else torch.tensor(e, dtype=torch.float64, device=x.device)
+        e_up = e64 if x.dtype == torch.float64 else up32(e64)  # ε as a number of x's dtype, not below it
         xd = x.detach()
         lo = torch.nextafter(xd - e_up, xd.new_full((), -math.inf)).clamp_(0.0, 1.0)
         hi = torch.nextafter(xd + e_up, xd.new_full((), math.inf)).clamp_(0.0, 1.0)
@@ -92,7 +131,7 @@ def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg
         c, r = op.forward(mid), op.forward_abs(rad)
         return c - r, c + r, None
     rad = torch.maximum(u - mid, mid - l)
-    rad = rad.mul_(1 + 4 * U32) if _fresh(rad) else rad * (1 + 4 * U32)
+    rad = rad.mul_(1 + 4 * unit()) if _fresh(rad) else rad * (1 + 4 * unit())
     zmax = u if nonneg else torch.maximum(l.abs(), u.abs())
     r = op.forward_abs(rad)
     rel = rel_ibp(op)
@@ -156,18 +195,22 @@ class Spec:
             b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         ca = c.abs()
         return cls(weight=c @ w, bias=c @ b, abs_weight=ca @ w.abs(), abs_bias=ca @ b.abs(),
-                   rel=2 * gamma(last.fan_in) + gamma(w.shape[0]) + EXTRA * U32)
+                   rel=2 * gamma(last.fan_in) + gamma(w.shape[0]) + EXTRA * unit())
 
     def ibp(self, l: torch.Tensor, u: torch.Tensor, sound: bool) -> torch.Tensor:
         """Lower bound of the specification from the interval of the last layer's input (B, n)."""
         mid = (u + l) / 2
         rad = (u - l) / 2
         if sound:
-            rad = torch.maximum(u - mid, mid - l) * (1 + 4 * U32)
+            rad = torch.maximum(u - mid, mid - l) * (1 + 4 * unit())
         c = torch.einsum("bsn,bn->bs", self.weight, mid) + self.bias
         r = torch.einsum("bsn,bn->bs", self.weight.abs(), rad)
         if not sound:
             return c - r
+        return (c - r).double() - self.ibp_slack(l, u)
+
+    def ibp_slack(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The rounding slack (B, S) that the sound :meth:`ibp` subtracts."""
         zmax = torch.maximum(l.abs(), u.abs())
         mag = torch.einsum("bsn,bn->bs", self.abs_weight, zmax) + self.abs_bias
-        return (c - r).double() - (self.rel * mag.detach().double() + TINY)
+        return self.rel * mag.detach().double() + TINY

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from certaudit.defenses.interval.crown import (
-    ROUND, State, l2_concretize, rel_back, rel_signed, rel_start, slack_factor,
+    State, l2_concretize, rel_back, rel_signed, rel_start, round_pending, slack_factor,
 )
-from certaudit.defenses.interval.ibp import TINY, down32, up32
+from certaudit.defenses.interval.ibp import TINY, down_to, up_to
 from certaudit.defenses.interval.ops import Channel, Conv, ReLU
 
 
@@ -161,7 +161,7 @@ def _relu_rows(st, j, a, maps, win, where, bias, slack, pending):
         slack = slack + rel_signed(st.ops[j].out_size) * contrib.detach().double().abs()
     a = torch.addcmul(a.clamp(min=0) * maps.rows(("lo_s", j), lo_s, win, where), neg,
                       maps.rows(("up_s", j), up_s, win, where))
-    return a, bias, slack, ROUND
+    return a, bias, slack, round_pending()
 
 
 def _affine_rows(st, j, a, maps, wins, where, bias, slack, pending):
@@ -259,7 +259,7 @@ def patch_layer(st: State, k: int, pure: bool, budget_elems: int) -> bool:
                     dim=1)
     new_lo, new_hi = new[0], -new[1]
     if st.sound:
-        new_lo, new_hi = down32(new_lo), up32(new_hi)
+        new_lo, new_hi = down_to(new_lo, lo.dtype), up_to(new_hi, lo.dtype)
     else:
         new_lo, new_hi = new_lo.to(lo.dtype), new_hi.to(lo.dtype)
     lf2, hf2 = lf.clone(), hf.clone()
