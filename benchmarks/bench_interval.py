@@ -9,6 +9,9 @@ data set is missing), ours against
 * auto_LiRPA 0.7.1 (``alirpa:ibp``, ``alirpa:crown-ibp``, ``alirpa:crown``: the reference
   implementation of these bounds; skipped with a message where it does not import; install: see
   ``benchmarks/README.md``; ``--alirpa-path`` is added to its ``PYTHONPATH``);
+* ``real:ibp``, ``real:crown-ibp``, ``real:crown``: ours for the real-arithmetic network (auto_LiRPA's
+  claim; ``spec_bounds_real``: the float32-sound bound, images undecided within twice its rounding slack
+  redone in float64), where ``ours:`` bounds the float32 forward pass as well;
 * convex_adversarial 0.4.4 (``oracle:kw``: Wong & Kolter's dual bound, the same linear relaxation as
   our ``crown`` with ``pure=True, lower_slope="parallel"``, shown as ``ours:crown-kw``).
 
@@ -19,7 +22,9 @@ CPUs drift), and keeps the fastest repeat of each::
     PYTHONPATH=src python benchmarks/bench_interval.py speed --threads 1 --rounds 3
     PYTHONPATH=src python benchmarks/bench_interval.py speed --model ../shared/models/kw/cifar_small_8px.pth
 
-``verify`` -- clean and verified error of a model over a data set split (the must-show numbers)::
+``verify`` -- clean and verified error of a model over a data set split (the must-show numbers); a
+method ``real:<m>`` bounds the real-arithmetic network (``spec_bounds_real``: the claim of auto_LiRPA and
+of the papers' verified errors) instead of the deployed float32 one, ``alirpa:<m>`` is auto_LiRPA's::
 
     PYTHONPATH=src python benchmarks/bench_interval.py verify \\
         --model ../shared/models/kw/fashion_mnist.pth --eps 0.1 --methods ibp,crown-ibp,crown --oracle \\
@@ -291,7 +296,13 @@ def verify(args) -> dict:
         if bool((mean != 0).any()) or bool((std != 1).any()):
             raise SystemExit("the oracle comparison needs a model without normalization")
         methods.append("oracle")
-    defenses = {m: IntervalDefense(model, 10, m, batch_size=args.batch) for m in methods if m != "oracle"}
+    defenses = {m: IntervalDefense(model, 10, m, batch_size=args.batch) for m in methods
+                if m != "oracle" and ":" not in m}
+    theirs: dict = {}
+    if any(m.startswith("real:") for m in methods):  # the real-arithmetic network's claim (auto_LiRPA's)
+        from certaudit.defenses.interval.bounds import compile_network, compile_network64
+
+        nets = (compile_network(model, x.shape[1:]), compile_network64(model, x.shape[1:]))
     config = {"bench": "interval-verify", "model": name, "dataset": args.dataset or dataset, "split": args.split,
               "eps": args.eps, "methods": methods}
     writer = RowWriter(args.out, config) if args.out else None
@@ -319,6 +330,20 @@ def verify(args) -> dict:
                         c, _ = specification(pred, 10, xb.dtype)
                         low = torch.cat([DualNetwork(model[1:], xb[k:k + 50], args.eps, bounded_input=False)(c[k:k + 50])
                                          for k in range(0, len(idx), 50)]).double()
+                elif m.startswith("alirpa:"):  # auto_LiRPA 0.7.1 (plain float32, the real network's claim)
+                    if m not in theirs:
+                        if args.alirpa_path and args.alirpa_path not in sys.path:
+                            sys.path.append(args.alirpa_path)
+                        theirs[m] = _alirpa_bound(model, xb, args.eps, m.split(":", 1)[1])
+                    with torch.no_grad():
+                        c, _ = specification(pred, 10, xb.dtype)
+                        low = theirs[m](xb, c).double()
+                elif m.startswith("real:"):
+                    from certaudit.defenses.interval.bounds import spec_bounds_real
+
+                    with torch.no_grad():
+                        c, _ = specification(pred, 10, xb.dtype)
+                        low = spec_bounds_real(*nets, xb, args.eps, c, m.split(":", 1)[1])[0]
                 else:
                     low = defenses[m].bounds(xb, args.eps, target=pred).min(1).values
                 low = low.min(1).values if low.dim() == 2 else low
@@ -463,6 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--time-limit", type=float, default=None, help="stop (cleanly, resumable) after this many seconds")
     v.add_argument("--batch", type=int, default=256)
     v.add_argument("--device", default="cpu")
+    v.add_argument("--alirpa-path", default=str(ALIRPA_PATH), help="directory holding auto_LiRPA (alirpa: methods)")
     al = sub.add_parser("alpha", help="α-CROWN: ours vs auto_LiRPA's CROWN-Optimized, verified count and time")
     al.add_argument("--model", default=None, help="Wong & Kolter .pth or certaudit checkpoint (default: KW FMNIST)")
     al.add_argument("--eps", type=float, default=0.1)

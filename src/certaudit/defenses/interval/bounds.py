@@ -300,8 +300,19 @@ def spec_bounds_real(net: Network, net64: Network, x: torch.Tensor, eps: float |
     if net.last.weight.dtype != torch.float32 or net64.last.weight.dtype != torch.float64:
         raise InputError("spec_bounds_real needs the float32 network and its float64 copy (compile_network64)")
     kw.pop("return_state", None)
-    low, st = spec_bounds(net, x, eps, c, method, return_state=True, **kw)
-    slack = st.spec_slack
+    per = isinstance(eps, torch.Tensor) and eps.dim() > 0
+    # IBP alone in the cache-sized image groups spec_bounds uses (the state of the whole batch would
+    # hold every layer's interval at once); the other methods hold it anyway
+    step = _ibp_images(net, x, kw.get("budget_mb")) if method == "ibp" else x.shape[0]
+    lows, slacks = [], []
+    for i in range(0, x.shape[0], step):
+        low_i, st = spec_bounds(net, x[i:i + step], eps[i:i + step] if per else eps, c[i:i + step], method,
+                                return_state=True, **kw)
+        lows.append(low_i)
+        slacks.append(st.spec_slack)
+        del st
+    low = torch.cat(lows)
+    slack = None if any(t is None for t in slacks) else torch.cat(slacks)
     if slack is None:
         redo = low.min(1).values <= 0
     else:
@@ -310,7 +321,7 @@ def spec_bounds_real(net: Network, net64: Network, x: torch.Tensor, eps: float |
         redo = (low.min(1).values <= 0) & ((low + REDO_FACTOR * slack) > 0).all(1)
     if bool(redo.any()):
         idx = redo.nonzero().flatten()
-        e = eps[idx] if isinstance(eps, torch.Tensor) and eps.dim() > 0 else eps
+        e = eps[idx] if per else eps
         again = spec_bounds(net64, x[idx].double(), e, c[idx].double(), method, **kw)
         low = low.clone()
         low[idx] = torch.maximum(low[idx], again.to(low.dtype))
