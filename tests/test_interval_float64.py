@@ -53,7 +53,7 @@ def _corner_values(model64: nn.Module, x: torch.Tensor, eps: float, c: torch.Ten
     return torch.einsum("bsk,bsk->bs", c.double(), f)
 
 
-@pytest.mark.parametrize("method", ("ibp", "crown-ibp", "crown"))
+@pytest.mark.parametrize("method", ("ibp", "crown-ibp", "crown", "alpha-crown"))
 def test_float64_bounds_are_sound_and_their_slack_is_float64_sized(method):
     model = _cnn(1)
     model64 = copy.deepcopy(model).double()
