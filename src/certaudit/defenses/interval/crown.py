@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from certaudit.defenses.interval.ibp import (
-    EXTRA, SLACK_FACTOR, TINY, Spec, down_to, gamma, ibp_step, nonneg_after, unit, up_to,
+    EXTRA, SLACK_FACTOR, TINY, U32, Spec, down_to, gamma, ibp_step, nonneg_after, unit, up_to,
 )
 from certaudit.defenses.interval.ops import Affine, Channel, Op, ReLU, Reshape
 
@@ -135,10 +135,20 @@ def rel_signed(n: int) -> float:
     return gn / (1 - gn)
 
 
-def slack_factor(width: int) -> float:
-    """Multiplier of an accumulated slack whose float32 dot products sum at most ``width`` terms of one
-    sign (computed ≥ (1 − γ_width)·exact), with room for its float64 rounding."""
-    return max(SLACK_FACTOR, 1.0005 / (1 - gamma(width)))
+def slack_factor(width: int, steps: int = 0) -> float:
+    """Multiplier of an accumulated slack whose dot products sum at most ``width`` terms of one sign
+    (computed ≥ (1 − γ_width)·exact), with room for its float64 rounding.
+
+    ``steps`` (the ops walked): the running bias is a float64 sum of at most ``A = steps + 6``
+    contributions (one per op, the start, the two concretization dots, the final subtraction), each
+    of magnitude at most ``1/u`` times the slack it was charged (every contribution's charge has a
+    coefficient ≥ u), so the float64 rounding of that sum is at most ``A·u₆₄·Σ|contributions| ≤
+    A·(u₆₄/u)·slack``. With float32 arithmetic that is below 2⁻²⁹·A of the slack (inside the factor's
+    margin); in float64 arithmetic (``u = u₆₄``) it is up to ``A`` times the slack, charged here."""
+    f = max(SLACK_FACTOR, 1.0005 / (1 - gamma(width)))
+    if unit() < U32:
+        f *= 1 + steps + 6
+    return f
 
 
 def round_pending() -> float:
@@ -202,7 +212,7 @@ def l2_concretize(st: State, a: torch.Tensor, x_c: torch.Tensor, x_hi: torch.Ten
     slack = slack + rel_signed(d) * (d_p.detach().double() - d_n.detach().double()) + TINY
     if pending:
         slack = slack + pending * dot(a.detach().abs(), x_hi.detach()).double()
-    return bound - slack_factor(max(d, st.width)) * slack
+    return bound - slack_factor(max(d, st.width), len(st.ops)) * slack
 
 
 def _concretize_box(st: State, a: torch.Tensor, g, bias, slack, pending: float) -> torch.Tensor:
@@ -217,7 +227,7 @@ def _concretize_box(st: State, a: torch.Tensor, g, bias, slack, pending: float) 
     slack = slack + rel_signed(d) * (d_lo.detach().double() - d_hi.detach().double()) + TINY
     if pending:  # a ReLU on the input itself: |x| ≤ x_hi
         slack = slack + pending * (_dot(pos.detach(), x_hi.detach()) - d_hi.detach()).double()
-    slack = slack_factor(max(d, st.width)) * slack
+    slack = slack_factor(max(d, st.width), len(st.ops)) * slack
     if st.slack_out is not None and st.l2_center is None:
         st.slack_out.append(slack.detach())
     return bound - slack

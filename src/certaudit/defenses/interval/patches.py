@@ -234,7 +234,7 @@ def _concretize_box_rows(st, a, maps, win, where, bias, slack, pending):
     slack = slack + rel_signed(d) * (d_lo.detach().double() - d_hi.detach().double()) + TINY
     if pending:
         slack = slack + pending * (_bdot(pos.detach(), x_hi.detach()) - d_hi.detach()).double()
-    return bound - slack_factor(max(d, st.width)) * slack
+    return bound - slack_factor(max(d, st.width), len(st.ops)) * slack
 
 
 def patch_layer(st: State, k: int, pure: bool, budget_elems: int) -> bool:
