@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,3 +36,29 @@ def digits():
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's data cache from tests."""
     monkeypatch.setenv("CERTAUDIT_DATA", str(tmp_path / "cache"))
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test: tiny tensors run as fast, and one thread does not spin on a CPU
+    shared with other jobs (OpenMP)."""
+    with _threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_module")``),
+    module-scoped fixtures after it included."""
+    with _threads(1):
+        yield

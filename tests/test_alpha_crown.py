@@ -30,6 +30,8 @@ from certaudit.defenses.interval.ops import ReLU
 from certaudit.errors import InputError
 from certaudit.models import ModelMeta, Normalize, build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 
 def _init(m: nn.Module, seed: int, scale: float = 1.5) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -64,15 +66,6 @@ def mlp2(hidden: tuple[int, ...], seed: int, outputs: int = 3) -> nn.Sequential:
         width = h
     layers.append(nn.Linear(width, outputs))
     return _init(nn.Sequential(*layers), seed, scale=2.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP spinning on cores shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from certaudit.data import load_dataset
 from certaudit.models import load_checkpoint
 from certaudit.results import read_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 EPS = 0.25
 CDS = ("clean", "certify", "degrade")
 FAST = dict(eps=EPS, chunk=4, attack_steps=5, spoof_steps=8, spoof_images=3, examples=2)
@@ -74,14 +76,6 @@ def validate(value, schema, path="$"):
 
 
 # ---------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and one thread does not spin on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

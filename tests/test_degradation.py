@@ -18,6 +18,8 @@ from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm
 from certaudit.defenses.lipschitz import LipschitzDefense
 from certaudit.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (1, 4, 4)
 D = 16
 
@@ -42,14 +44,6 @@ def _points(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     base = torch.full((D,), 0.5)
     t = (2.0 + s - base @ w) / (w @ w)
     return (base[None] + t[:, None] * w[None]).reshape(-1, *SHAPE)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_linear_model_radius_is_known():

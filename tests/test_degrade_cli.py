@@ -5,21 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from certaudit.audits.degradation import summarize_degradation
 from certaudit.cli import main
 from certaudit.results import read_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 COMMON = ["--defense", "lipschitz", "--eps", "0.1", "--device", "cpu", "--steps", "10"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,12 @@ from certaudit.verify.ibp_milp import IBPProblem, ibp_margins, interval_ops  # n
 from certaudit.verify.milp import MarginProblem, as_flat, exact_network, min_margin  # noqa: E402
 from certaudit.verify.oracle import exact_certified, interval_degradable, lipschitz_degradable  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPS_INF = 0.01  # CROWN certifies nearly all test inputs of the tiny net, its IBP 2ε proof a few
 EPS_L2 = 0.1
 N = 12
 TOL = 1e-4  # float32 model vs float64 MILP
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -372,14 +372,6 @@ def test_cli_bad_lipschitz_input_exits_2(gloro_ckpt, capsys):
 
 # ------------------------------------------------- float32 decisions (docs/lipschitz.md, fast path)
 
-@pytest.fixture
-def one_thread():
-    """Many small float64 passes: one thread is faster than two on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _tiny(seed: int, scale: float = 1.0) -> nn.Sequential:
     torch.manual_seed(seed)

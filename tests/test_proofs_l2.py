@@ -21,15 +21,9 @@ from certaudit.errors import InputError
 from certaudit.models import load_checkpoint
 from certaudit.zoo import model_path
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 N = 24
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,9 @@ from certaudit.audits.pipeline import AuditSettings, AuditSource, run_audit
 from certaudit.models import load_checkpoint
 from certaudit.report import SECTIONS, AuditData, fmt, glance_rows, headline_rows, load_audit, write_report
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

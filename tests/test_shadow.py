@@ -30,14 +30,7 @@ from certaudit.defenses.base import ABSTAIN, Certificates, Defense, Norm
 from certaudit.defenses.smoothing import SmoothedClassifier
 from certaudit.errors import InputError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run faster on one thread (and do not fight other jobs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_net(channels: int = 3, classes: int = 4, size: int = 6, seed: int = 0) -> nn.Module:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from certaudit.cli import app, main
 from certaudit.results import read_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 if "spoof" not in [c.name for c in app.registered_commands]:  # until cli.COMMAND_MODULES lists it
     from certaudit.commands import spoof as _spoof
@@ -17,14 +18,6 @@ if "spoof" not in [c.name for c in app.registered_commands]:  # until cli.COMMAN
 
 FAST = ["--steps", "12", "--samples", "16", "--n0", "20", "--n", "200", "--select-n", "40", "--alpha", "0.01",
         "--seed", "1", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
