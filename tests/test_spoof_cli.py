@@ -286,3 +286,20 @@ def test_sweep_entry_like_the_main_budget_is_merged_into_it(tmp_path, capsys):
     header, rows = read_rows(out)
     assert [b["max_linf"] for b in header["config"]["sweep"]] == [0.0627451, None]
     assert all(len(r["sweep"]) == 2 for r in rows if r["attacked"])
+
+
+def test_smoothing_spoof_writes_rows_in_small_blocks_by_default(gauss_model, tmp_path, monkeypatch):
+    """Every image costs Monte Carlo CERTIFYs at every step: rows are written per block of at most 10
+    images unless --chunk says otherwise (a whole-budget block wrote nothing for an hour on CIFAR)."""
+    from certaudit.audits.session import Session
+
+    seen, run = [], Session.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["block"])
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "run", spy)
+    assert _spoof(gauss_model, "--limit", "1", "--out", str(tmp_path / "a.jsonl")) == 0
+    assert _spoof(gauss_model, "--limit", "1", "--chunk", "37", "--out", str(tmp_path / "b.jsonl")) == 0
+    assert 1 <= seen[0] <= 10 and seen[1] == 37

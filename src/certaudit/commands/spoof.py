@@ -61,7 +61,8 @@ def spoof_cmd(
                                                          "best target (authors: 2·n0)"),
     batch_size: o.BatchSize = None, seed: o.Seed = 0, device: o.Device = "auto", dataset: o.Dataset = None,
     split: o.Split = "test", limit: o.Limit = None, skip: o.Skip = 0, stride: o.Stride = 1,
-    chunk: Optional[int] = typer.Option(None, "--chunk", help="images per batched attack (default: from memory)"),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="images per batched attack and per write of rows "
+                                                             "(default: from memory, at most 10 for smoothing)"),
     data_root: o.DataRoot = None, out: o.Out = None,
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid natural | δ | x+δ (images attacked in this run)"),
     grid_images: int = typer.Option(8, "--grid-images", help="rows of the grid"),
