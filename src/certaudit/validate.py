@@ -115,6 +115,20 @@ def seed(value: Any, name: str = "seed") -> int:
     return int(value)
 
 
+def seed_or_draw(value: Any = None, generator: Any = None) -> int | None:
+    """A run's base seed: ``value`` (checked), else one integer drawn from ``generator`` (a
+    ``torch.Generator``), else None (the caller's default)."""
+    if value is not None:
+        return seed(value)
+    if generator is None:
+        return None
+    import torch  # validate stays importable without torch for the CLI's argument checks
+
+    if not isinstance(generator, torch.Generator):
+        raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+
+
 def eps(value: Any, name: str = "eps") -> float:
     """A radius ε: a finite number > 0."""
     return positive(value, name)

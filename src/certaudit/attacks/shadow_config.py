@@ -165,13 +165,8 @@ def noise_key(base: int, index: int) -> int:
 
 def base_seed(seed: int | None = None, generator: torch.Generator | None = None) -> int:
     """The run's base seed: ``seed``, else one drawn from ``generator``, else 0 (never the global RNG)."""
-    if seed is not None:
-        return validate.seed(seed)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    return 0
+    drawn = validate.seed_or_draw(seed, generator)
+    return 0 if drawn is None else drawn
 
 
 __all__ = [

@@ -310,12 +310,9 @@ class SmoothedClassifier(SamplingEngine, Defense):
         return x
 
     def _base_seed(self, seed: int | None, generator: torch.Generator | None) -> int:
-        if seed is not None:
-            return validate.seed(seed)
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        drawn = validate.seed_or_draw(seed, generator)
+        if drawn is not None:
+            return drawn
         if self.seed is not None:
             return self.seed
         return int(torch.randint(0, 2**62, (1,)).item())
