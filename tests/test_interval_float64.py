@@ -172,3 +172,80 @@ def test_real_network_bounds_refuse_what_they_do_not_cover():
         spec_bounds_real(net, net64, x, 0.1, c, "crown", norm="l2")
     with torch.no_grad():
         assert math.isfinite(float(spec_bounds_real(net, net64, x, 0.1, c, "crown-ibp")[0].min()))
+
+
+def test_real_network_ibp_selects_images_by_the_widening_of_every_layer():
+    """IBP's float32 gap comes from the widening at every layer, not the last one's slack: an image whose
+    float64 IBP bound is a quarter of that gap is still redone and proven."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10)).eval()
+    torch.manual_seed(4)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.uniform_(m.weight, -0.1, 0.1)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    eps = 0.002
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    c, _ = specification(pred, 10, torch.float32)
+    for _ in range(2):  # set image 0's smallest float64 IBP margin to a quarter of float32's gap
+        net, net64 = compile_network(model, x.shape[1:]), compile_network64(model, x.shape[1:])
+        with torch.no_grad():
+            f32 = spec_bounds(net, x, eps, c, "ibp")
+            plain = spec_bounds(net, x, eps, c, "ibp", sound=False).double()
+            f64 = spec_bounds(net64, x.double(), eps, c.double(), "ibp")
+            gap = float((plain[0] - f32[0]).min())
+            model[5].bias[int(pred[0])] += float(gap / 4 - f64[0].min())
+    net, net64 = compile_network(model, x.shape[1:]), compile_network64(model, x.shape[1:])
+    with torch.no_grad():
+        assert int(model(x[:1]).argmax(1)) == int(pred[0])
+        f32 = spec_bounds(net, x, eps, c, "ibp")
+        f64 = spec_bounds(net64, x.double(), eps, c.double(), "ibp")
+        _, st = spec_bounds(net, x, eps, c, "ibp", return_state=True)
+        real, redo = spec_bounds_real(net, net64, x, eps, c, "ibp")
+    last_slack = float(st.spec_slack[0].min())
+    assert float(f32[0].min()) <= 0 < float(f64[0].min()) < gap
+    assert gap > 2 * 1e-6 and bool(redo[0]) and float(real[0].min()) > 0
+    assert last_slack >= gap / 2  # the selection measure covers the whole gap
+
+
+def test_float64_networks_with_pooling_and_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
+    model[1].running_mean.uniform_(-0.2, 0.2)
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    net64 = compile_network64(model, x.shape[1:])
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        pred = model64(x).argmax(1)
+        c, _ = specification(pred, 10, torch.float64)
+        for method in ("ibp", "crown-ibp", "crown"):
+            low = spec_bounds(net64, x, 0.01, c, method)
+            assert low.dtype == torch.float64
+            assert bool((low <= torch.einsum("bsk,bk->bs", c, model64(x))).all())
+
+
+def test_real_network_bounds_refuse_a_float64_network_of_another_model_and_bad_inputs():
+    model = _linear(2, d=16, hidden=8)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[2].bias[0] += 5
+    x = torch.rand(2, 1, 4, 4)
+    net = compile_network(model, x.shape[1:])
+    c, _ = specification(torch.zeros(2, dtype=torch.long), 10, torch.float32)
+    with pytest.raises(InputError, match="same model"):
+        spec_bounds_real(net, compile_network64(other, x.shape[1:]), x, 0.1, c, "crown")
+    net64 = compile_network64(model, x.shape[1:])
+    bad = [((x.double(), 0.1, c), "float32 batch"), ((x, 0.1, c.double()), "specification"),
+           ((x * float("nan"), 0.1, c), "finite"), ((x + 2, 0.1, c), r"\[0, 1\]"), ((x, -0.1, c), "> 0"),
+           ((x, float("nan"), c), "> 0"), ((x, torch.tensor([0.1]), c), "per-image"),
+           ((x[:0], 0.1, c[:0]), "non-empty"), ((x, 0.1, c[:1]), "specification")]
+    for (xb, e, cb), msg in bad:
+        with pytest.raises(InputError, match=msg):
+            spec_bounds_real(net, net64, xb, e, cb, "crown-ibp")
+    with pytest.raises(InputError, match="float64 tensor"):
+        spec_bounds(net64, x, 0.1, c.double(), "crown")
+    with pytest.raises(InputError, match="nn.Module"):
+        compile_network64("model.pth", x.shape[1:])

@@ -107,9 +107,9 @@ from certaudit.defenses.interval.crown import (
     DEFAULT_BUDGET_MB, State, backward, box_exact, budget_elements, crown_layer, repropagate, spec_backward,
 )
 from certaudit.defenses.interval.ibp import (
-    U32, U64, Spec, arithmetic, down32, gamma, ibp_step, input_box, nonneg_after, unit, up32,
+    U32, U64, Spec, arithmetic, down32, down_to, gamma, ibp_step, input_box, nonneg_after, rel_ibp, unit, up32, up_to,
 )
-from certaudit.defenses.interval.ops import Dense, Op, ReLU, compile_model, to_device
+from certaudit.defenses.interval.ops import Affine, Channel, Dense, Op, ReLU, compile_model, to_device
 from certaudit.errors import InputError
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -196,7 +196,11 @@ def spec_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, c: tor
     with float64's: its bound holds for the real-arithmetic network and its float64 forward pass.
     """
     method = parse_method(method)
-    with arithmetic(net.last.weight.dtype):  # rounding charged at the network's unit roundoff
+    dtype = net.last.weight.dtype
+    if not isinstance(x, torch.Tensor) or x.dtype != dtype:
+        raise InputError(f"x must be a {dtype} tensor for this {dtype} network (compile_network64 for float64), "
+                         f"got {getattr(x, 'dtype', type(x).__name__)}")
+    with arithmetic(dtype):  # rounding charged at the network's unit roundoff
         return _spec_bounds(net, x, eps, c, method, sound=sound, lower_slope=lower_slope, pure=pure, beta=beta,
                             budget_mb=budget_mb, return_state=return_state, alpha=alpha, norm=norm)
 
@@ -246,7 +250,7 @@ def _spec_bounds(net: Network, x: torch.Tensor, eps, c: torch.Tensor, method: st
         ibp_bound = spec.ibp(lo[-1], hi[-1], sound)
         if method == "ibp" or beta == 0:
             if return_state and sound:
-                st.spec_slack = spec.ibp_slack(lo[-1], hi[-1])
+                st.spec_slack = spec.ibp_slack(lo[-1], hi[-1]) + _ibp_gap(st, spec)
             return (ibp_bound, st) if return_state else ibp_bound
     budget = budget_elements(x.device, budget_mb)
     if method == "crown":
@@ -278,6 +282,8 @@ REDO_FACTOR = 2.0  # spec_bounds_real: rows within this many times their roundin
 
 def compile_network64(model: torch.nn.Module, input_shape: Sequence[int]) -> Network:
     """A float64 copy of ``model`` compiled for bounds in float64 arithmetic (the model is not changed)."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"compile_network64 needs a torch.nn.Module, got {type(model).__name__}")
     return compile_network(copy.deepcopy(model).double(), input_shape)
 
 
@@ -297,10 +303,12 @@ def spec_bounds_real(net: Network, net64: Network, x: torch.Tensor, eps: float |
     method = parse_method(method)
     if method == "alpha-crown" or kw.get("norm", "linf") != "linf" or not kw.get("sound", True):
         raise InputError("real-network bounds: ibp, crown-ibp or crown over the ℓ∞ ball, sound")
-    if net.last.weight.dtype != torch.float32 or net64.last.weight.dtype != torch.float64:
-        raise InputError("spec_bounds_real needs the float32 network and its float64 copy (compile_network64)")
+    if not (isinstance(net, Network) and isinstance(net64, Network)) or net.last.weight.dtype != torch.float32 \
+            or net64.last.weight.dtype != torch.float64 or not _same_network(net, net64):
+        raise InputError("spec_bounds_real needs a float32 network and its float64 copy (compile_network64 of the "
+                         "same model)")
+    per = _check_real_inputs(net, x, eps, c)
     kw.pop("return_state", None)
-    per = isinstance(eps, torch.Tensor) and eps.dim() > 0
     # IBP alone in the cache-sized image groups spec_bounds uses (the state of the whole batch would
     # hold every layer's interval at once); the other methods hold it anyway
     step = _ibp_images(net, x, kw.get("budget_mb")) if method == "ibp" else x.shape[0]
@@ -326,6 +334,74 @@ def spec_bounds_real(net: Network, net64: Network, x: torch.Tensor, eps: float |
         low = low.clone()
         low[idx] = torch.maximum(low[idx], again.to(low.dtype))
     return low, redo
+
+
+def _same_network(net: Network, net64: Network) -> bool:
+    """Whether ``net64`` holds exactly ``net``'s ops and parameters (in float64)."""
+    ops, ops64 = net.body + [net.last], net64.body + [net64.last]
+    if len(ops) != len(ops64) or net.input_shape != net64.input_shape:
+        return False
+    for a, b in zip(ops, ops64):
+        if type(a) is not type(b) or a.in_shape != b.in_shape or a.out_shape != b.out_shape:
+            return False
+        for name in ("weight", "bias", "scale", "shift"):
+            ta, tb = getattr(a, name, None), getattr(b, name, None)
+            if (ta is None) != (tb is None):
+                return False
+            if ta is None:
+                continue
+            ta, tb = ta.detach().double(), tb.detach()
+            if ta.shape != tb.shape:
+                return False
+            # weights are the same numbers; a per-channel map's scale and shift are computed from the
+            # statistics (1/std, −mean/std) in each dtype: equal up to float32 rounding
+            same = torch.equal(ta, tb) if name in ("weight", "bias") else torch.allclose(ta, tb, rtol=1e-6, atol=1e-7)
+            if not same:
+                return False
+    return True
+
+
+def _check_real_inputs(net: Network, x, eps, c) -> bool:
+    """Clear errors for :func:`spec_bounds_real`'s inputs; whether ε is per image."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or tuple(x.shape[1:]) != net.input_shape \
+            or x.shape[0] == 0:
+        raise InputError(f"x must be a non-empty float32 batch of shape (B, {', '.join(map(str, net.input_shape))}), "
+                         f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
+        raise InputError("x must be finite and in [0, 1]")
+    if not isinstance(c, torch.Tensor) or c.dtype != torch.float32 or c.dim() != 3 or c.shape[0] != x.shape[0] \
+            or c.shape[2] != net.num_classes or not bool(torch.isfinite(c).all()):
+        raise InputError(f"C must be a finite float32 (B, S, {net.num_classes}) specification for the {x.shape[0]} "
+                         f"images, got {getattr(c, 'dtype', type(c).__name__)} {tuple(getattr(c, 'shape', ()))}")
+    e = eps if isinstance(eps, torch.Tensor) else torch.tensor(float(eps), dtype=torch.float64)
+    per = e.dim() > 0
+    if per and tuple(e.shape) != (x.shape[0],):
+        raise InputError(f"a per-image ε must have shape ({x.shape[0]},), got {tuple(e.shape)}")
+    if not bool(torch.isfinite(e).all()) or bool((e <= 0).any()):
+        raise InputError("ε must be finite and > 0")
+    return per
+
+
+def _ibp_gap(st: State, spec: Spec) -> torch.Tensor:
+    """How far (B, S), at most, the widening of sound IBP's intervals moves the specification's bound
+    (in exact arithmetic; :func:`spec_bounds_real` selects images by it, soundness never rests on it).
+
+    ``g`` bounds ``max(|Δl|, |Δu|)`` per image: each affine op adds its widening ``(rel + 4u)·M`` to
+    ``|W|·g ≤ max(g)·(|W|·1)``; a ReLU and a reshape pass it on; the input box starts it at ``4u``
+    (the outward rounding). A scalar per image in the propagation keeps it to elementwise work."""
+    u = unit()
+    g = torch.full((st.x_lo.shape[0],), 4 * u, dtype=torch.float64, device=st.x_lo.device)
+    vec = None
+    for i, op in enumerate(st.ops):
+        if not isinstance(op, Affine) or (isinstance(op, Channel) and op.identity):
+            continue
+        ones = torch.ones((1, *op.in_shape), dtype=st.x_lo.dtype, device=st.x_lo.device)
+        rows = op.forward_abs(ones).double()  # |W|·1 per output neuron
+        vec = g.view(-1, *([1] * len(op.out_shape))) * rows + (rel_ibp(op) + 4 * u) * st.mag[i + 1].double()
+        g = vec.flatten(1).amax(1)
+    if vec is None:
+        return torch.zeros(spec.weight.shape[:2], dtype=torch.float64, device=spec.weight.device)
+    return torch.einsum("bsn,bn->bs", spec.abs_weight.double(), vec.flatten(1))
 
 
 def _ibp_images(net: Network, x: torch.Tensor, budget_mb: float | None) -> int:
@@ -358,7 +434,7 @@ def logit_bounds(net: Network, x: torch.Tensor, eps: float | torch.Tensor, metho
     low = spec_bounds(net, x, eps, c, method, **kw)
     lower, upper = low[:, :k], -low[:, k:]
     if kw.get("sound", True):
-        return down32(lower), up32(upper)
+        return down_to(lower, x.dtype), up_to(upper, x.dtype)
     return lower, upper
 
 

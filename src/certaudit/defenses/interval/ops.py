@@ -491,9 +491,9 @@ def _pool(name: str, m: nn.Module, shape: Shape) -> Conv:
 
 
 def to_device(ops: list[Op], device: torch.device, dtype: torch.dtype) -> None:
-    """Move parameter-free tensors (pool kernels) to the model's device."""
+    """Move parameter-free tensors (pool kernels) to the model's device and dtype."""
     for op in ops:
-        if isinstance(op, Conv) and op.weight.device != device:
+        if isinstance(op, Conv) and (op.weight.device != device or op.weight.dtype != dtype):
             op.weight = op.weight.to(device=device, dtype=dtype)
             op._abs = op._phases = None
             op._jac = {}
