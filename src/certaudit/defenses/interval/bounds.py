@@ -69,11 +69,15 @@ counts the products that can be non-zero):
   ``max(−s·l, u·(1 − s))·(1 + 4u)``, so it stays above ``max(y, 0)`` on ``[l, u]``; any lower
   slope in [0, 1] is valid as computed;
 * the input box is ``nextafter(fl(x ∓ e), ∓∞)`` with ``e ≥ ε`` the float32 above ε, clipped to [0, 1];
-* float64 results are rounded down (lower bounds) or up (upper bounds) to float32.
+* float64 results are rounded down (lower bounds) or up (upper bounds) to float32 (to the network's
+  dtype: a float64 network keeps them).
 
 Arithmetic. ``u`` is the unit roundoff of the network's dtype (:func:`.ibp.arithmetic`, set by
 :func:`spec_bounds`): a float64 network (:func:`compile_network64`) with float64 inputs is bounded
-with ``u = 2⁻⁵³`` and ε as given, for the real network and its float64 forward pass;
+with ``u = 2⁻⁵³`` and ε as given, for the real network and its float64 forward pass. The running
+sums of the bias are float64 in both modes: against float32's ``u`` their rounding is negligible (inside
+the slack factor's margin); with float64's it is charged explicitly, as up to ``ops + 6`` times the
+slack (:func:`.crown.slack_factor`, which gives the argument);
 :func:`spec_bounds_real` gives the real-network claim at float32 speed (docs/interval.md, "Which
 network a bound is about").
 
@@ -294,9 +298,10 @@ def spec_bounds_real(net: Network, net64: Network, x: torch.Tensor, eps: float |
 
     The float32-sound bound of :func:`spec_bounds` holds for the real network too (and for its float32
     forward pass); an image it may leave undecided only by its own rounding (some row ≤ 0, every row > 0
-    with twice the subtracted slack added back: the selection, not the soundness, rests on that factor)
-    is bounded again by the same method on ``net64``
-    (:func:`compile_network64`) in float64 arithmetic, where the slack is ~2⁻²⁹ of float32's, and each
+    with twice a selection measure added back: the backward pass's subtracted slack, for IBP the
+    widening of every layer, :func:`_ibp_gap`; the tightness, not the soundness, rests on it) is
+    bounded again by the same method on ``net64`` (:func:`compile_network64`) in float64 arithmetic,
+    where the slack is ~10⁻⁸ of float32's, and each
     row keeps the larger of the two sound bounds. The second bound holds for the real network and its
     float64 forward pass, **not** for the float32 one: use :func:`spec_bounds` for the deployed model.
     """
