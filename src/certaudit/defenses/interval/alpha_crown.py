@@ -420,7 +420,8 @@ def _sound_layer(st: State, ch: _Chunk, img: torch.Tensor, gi: int, best: dict, 
     val = torch.cat(vals)
     low = rr < m
     neuron, rows_img = sidx[gg, rr % m], img[gg]
-    new_lo, new_hi = (down_to(val[low], st.lo[g.k].dtype), up_to(-val[~low], st.lo[g.k].dtype)) if st.sound else (val[low], -val[~low])
+    dt = st.lo[g.k].dtype
+    new_lo, new_hi = (down_to(val[low], dt), up_to(-val[~low], dt)) if st.sound else (val[low], -val[~low])
     shape = st.lo[g.k].shape
     lf, hf = st.lo[g.k].flatten(1), st.hi[g.k].flatten(1)
     at_lo, at_hi = (rows_img[low], neuron[low]), (rows_img[~low], neuron[~low])

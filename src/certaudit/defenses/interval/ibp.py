@@ -117,11 +117,16 @@ def _fresh(t: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and t.requires_grad)
 
 
-def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False):
+def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False,
+               need_mag: bool = True):
     """One affine layer in centre/radius form; returns (lower, upper, magnitude bound or None).
 
     ``nonneg``: the caller knows ``l ≥ 0`` (a ReLU output or the input box), so ``max(|l|, |u|) = u``.
     Sound: ``[c − w, c + w]`` with ``w = |W|·rad + rel·M``, ``M = |W|·max(|l|, |u|) + |b| + TINY/rel``.
+    ``need_mag=False`` (IBP alone, no backward pass to charge): ``w = |W|·(rad + rel'·max(|l|, |u|)) +
+    rel'·|b| + TINY``, one product with ``|W|`` instead of two; ``rel' = rel + 4u`` pays for the two
+    elementwise roundings of the sum (each ≤ u of it, so ≤ 2u·M through ``|W|``) and the second-order
+    ``γ·rel·M`` of its product; returns no magnitude.
     """
     if isinstance(op, Channel):
         return ibp_channel(op, l, u, sound, nonneg)
@@ -133,6 +138,16 @@ def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg
     rad = torch.maximum(u - mid, mid - l)
     rad = rad.mul_(1 + 4 * unit()) if _fresh(rad) else rad * (1 + 4 * unit())
     zmax = u if nonneg else torch.maximum(l.abs(), u.abs())
+    if not need_mag:
+        rel = rel_ibp(op) + 4 * unit()
+        s = rad.add_(zmax.detach(), alpha=rel) if _fresh(rad) else rad + rel * zmax.detach()
+        w = op.forward_abs(s)
+        ab = op.abs_bias()
+        extra = TINY if ab is None else rel * ab + TINY
+        w = w.add_(extra) if _fresh(w) else w + extra
+        c = op.forward(mid)
+        hi = c + w
+        return c.sub_(w) if _fresh(c) else c - w, hi, None
     r = op.forward_abs(rad)
     rel = rel_ibp(op)
     with torch.no_grad():
@@ -164,13 +179,14 @@ def ibp_channel(op: Channel, l: torch.Tensor, u: torch.Tensor, sound: bool, nonn
     return a - w, b + w, mag
 
 
-def ibp_step(op: Op, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False):
-    """One op of IBP; ``nonneg``: the caller knows ``l ≥ 0`` (after a ReLU, or the input box)."""
+def ibp_step(op: Op, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg: bool = False, need_mag: bool = True):
+    """One op of IBP; ``nonneg``: the caller knows ``l ≥ 0`` (after a ReLU, or the input box);
+    ``need_mag=False``: IBP alone, no magnitudes kept (:func:`ibp_affine`)."""
     if isinstance(op, ReLU):
         return l.clamp(min=0), u.clamp(min=0), None
     if isinstance(op, Reshape):
         return op.forward(l), op.forward(u), None
-    return ibp_affine(op, l, u, sound, nonneg)
+    return ibp_affine(op, l, u, sound, nonneg, need_mag)
 
 
 def nonneg_after(op: Op, nonneg: bool) -> bool:
@@ -196,6 +212,10 @@ class Spec:
         ca = c.abs()
         return cls(weight=c @ w, bias=c @ b, abs_weight=ca @ w.abs(), abs_bias=ca @ b.abs(),
                    rel=2 * gamma(last.fan_in) + gamma(w.shape[0]) + EXTRA * unit())
+
+    def rows(self, sl: slice) -> "Spec":
+        """The specification of the images ``sl``."""
+        return Spec(self.weight[sl], self.bias[sl], self.abs_weight[sl], self.abs_bias[sl], self.rel)
 
     def ibp(self, l: torch.Tensor, u: torch.Tensor, sound: bool) -> torch.Tensor:
         """Lower bound of the specification from the interval of the last layer's input (B, n)."""
