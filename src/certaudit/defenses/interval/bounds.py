@@ -48,7 +48,9 @@ counts the products that can be non-zero):
   model's own forward pass (so intervals contain the float forward values too); after a ReLU (and
   for the input box) ``max(|l|, |u|) = u``; a per-channel map (Normalize, BatchNorm) maps ``l`` and
   ``u`` elementwise with the same widening (fan-in 2), and ``Normalize(0, 1)`` is the identity, exact
-  in the model and here;
+  in the model and here; IBP alone (no backward pass needs ``M``) folds the widening into the radius,
+  ``|W|·(rad + rel'·max(|l|, |u|)) + rel'·|b|`` with ``rel' = rel + 4u`` (one product with ``|W|``
+  instead of two; the two extra roundings of the sum are paid by the ``4u``, :func:`.ibp.ibp_affine`);
 * each backward affine step subtracts ``(γ_fan_in + γ_fan_out + γ_(C + HW) + 8u)·Σ|Λ|·M``
   (the model's forward rounding seen as an additive perturbation of the layer output, our
   rounding of ``Λ W``, and the per-channel contraction ``Λ·b``); ``fan_out`` counts the products
