@@ -249,3 +249,49 @@ def test_real_network_bounds_refuse_a_float64_network_of_another_model_and_bad_i
         spec_bounds(net64, x, 0.1, c.double(), "crown")
     with pytest.raises(InputError, match="nn.Module"):
         compile_network64("model.pth", x.shape[1:])
+
+
+def test_real_network_ibp_selects_a_deep_chain_whose_gap_is_its_rounded_up_radii():
+    """30 one-neuron layers: the float32 gap is mostly the rounded-up radii (4u·|W|·rad a layer); an
+    exact margin of a few 1e-6 is still redone and proven (a measure without that term missed it)."""
+    def chain(d):
+        layers = [Normalize([0.5], [0.5]), nn.Flatten()]
+        for _ in range(30):
+            lin = nn.Linear(1, 1)
+            nn.init.ones_(lin.weight)
+            nn.init.zeros_(lin.bias)
+            layers.append(lin)
+        last = nn.Linear(1, 2)
+        with torch.no_grad():
+            last.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            last.bias.copy_(torch.tensor([1.0 + d, -1.0]))
+        return nn.Sequential(*layers + [last]).eval()
+
+    x, c = torch.full((1, 1, 1, 1), 0.5), torch.tensor([[[1.0, -1.0]]])
+    for d in (2 * 2.0 ** -23, 30 * 2.0 ** -23):
+        model = chain(d)
+        net, net64 = compile_network(model, (1, 1, 1)), compile_network64(model, (1, 1, 1))
+        with torch.no_grad():
+            f32 = float(spec_bounds(net, x, 0.5, c, "ibp"))
+            real, redo = spec_bounds_real(net, net64, x, 0.5, c, "ibp")
+        assert f32 <= 0 < float(real) <= d + 1e-12 and bool(redo)
+
+
+def test_weights_changed_in_place_after_compiling():
+    """The compiled network reads the model's weights live: cached |W| follows an in-place change, and a
+    float64 copy made before it is refused by spec_bounds_real (it is no longer the same model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 10)).eval()
+    x = torch.rand(2, 1, 6, 6)
+    c, _ = specification(torch.zeros(2, dtype=torch.long), 10, torch.float32)
+    net, net64 = compile_network(model, x.shape[1:]), compile_network64(model, x.shape[1:])
+    with torch.no_grad():
+        spec_bounds_real(net, net64, x, 0.05, c, "crown-ibp")
+        before = spec_bounds(net, x, 0.05, c, "ibp")
+        model[0].weight.mul_(10)
+        model[3].bias.add_(1)
+        stale = spec_bounds(net, x, 0.05, c, "ibp")
+        fresh = spec_bounds(compile_network(model, x.shape[1:]), x, 0.05, c, "ibp")
+        assert torch.equal(stale, fresh) and not torch.equal(stale, before)
+        with pytest.raises(InputError, match="same model"):
+            spec_bounds_real(net, net64, x, 0.05, c, "crown-ibp")

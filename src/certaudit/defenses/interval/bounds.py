@@ -115,7 +115,7 @@ from certaudit.defenses.interval.crown import (
 from certaudit.defenses.interval.ibp import (
     U32, U64, Spec, arithmetic, down32, down_to, gamma, ibp_step, input_box, nonneg_after, rel_ibp, unit, up32, up_to,
 )
-from certaudit.defenses.interval.ops import Affine, Channel, Dense, Op, ReLU, compile_model, to_device
+from certaudit.defenses.interval.ops import Affine, Channel, Dense, Op, ReLU, _version, compile_model, to_device
 from certaudit.errors import InputError
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -367,7 +367,7 @@ def _ibp_alone(net: Network, x: torch.Tensor, eps, c: torch.Tensor, sound: bool,
                 zm = u.flatten(1).amax(1) if nonneg else torch.maximum(u.flatten(1).amax(1), -l.flatten(1).amin(1))
                 zm = zm.double().clamp(min=0)
                 r, bmax = _abs_row_max(op)
-                rel = rel_ibp(op) + 4 * unit()
+                rel = rel_ibp(op) + 8 * unit()  # the folded widening: (rel + 4u)·M and 4u·|W|·rad
                 g = r * (g + rel * zm) + rel * bmax
             l, u, _ = ibp_step(op, l, u, sound, nonneg, need_mag=False)
             nonneg = nonneg_after(op, nonneg)
@@ -396,23 +396,37 @@ def _abs_row_max(op: Affine) -> tuple[float, float]:
 
 
 def _gap_step(op: Affine, g: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
-    """One affine op of :func:`_ibp_gap`'s propagation: ``max(g)·(|W|·1) + (rel + 4u)·M`` (B, *out)."""
+    """One affine op of :func:`_ibp_gap`'s propagation: ``max(g)·(|W|·1) + (rel + 8u)·M`` (B, *out): the
+    folded widening is ``(rel + 4u)·M`` plus the ``4u·|W|·rad`` of the rounded-up radius."""
     rows = getattr(op, "_abs_rowsum", None)
     if rows is None or rows.dtype != mag.dtype or rows.device != mag.device:
         rows = op.forward_abs(torch.ones((1, *op.in_shape), dtype=mag.dtype, device=mag.device))
         op._abs_rowsum = rows
     gmax = g.flatten(1).amax(1) if g.dim() > 1 else g
-    return torch.addcmul((rel_ibp(op) + 4 * unit()) * mag, gmax.view(-1, *([1] * len(op.out_shape))), rows)
+    return torch.addcmul((rel_ibp(op) + 8 * unit()) * mag, gmax.view(-1, *([1] * len(op.out_shape))), rows)
 
 
 def _same_network(net: Network, net64: Network) -> bool:
-    """Whether ``net64`` holds exactly ``net``'s ops and parameters (in float64); remembered on ``net64``."""
-    if getattr(net64, "_copy_of", None) is net:
+    """Whether ``net64`` holds exactly ``net``'s ops and parameters (in float64); remembered on ``net64``
+    together with the in-place version of every parameter of both, so a weight changed in place since
+    (``net`` reads the model's parameters live, ``net64`` is a copy) is compared again."""
+    key = (id(net), _versions(net), _versions(net64))
+    if getattr(net64, "_checked", None) == key:
         return True
     if _compare_networks(net, net64):
-        net64._copy_of = net
+        net64._checked = key
         return True
     return False
+
+
+def _versions(net: Network) -> tuple:
+    out = []
+    for op in net.body + [net.last]:
+        for name in ("weight", "bias", "scale", "shift"):
+            t = getattr(op, name, None)
+            if isinstance(t, torch.Tensor):
+                out.append((id(t), _version(t)))
+    return tuple(out)
 
 
 def _compare_networks(net: Network, net64: Network) -> bool:
@@ -465,7 +479,7 @@ def _ibp_gap(st: State, spec: Spec) -> torch.Tensor:
     """How far (B, S), at most, the widening of sound IBP's intervals moves the specification's bound
     (in exact arithmetic; :func:`spec_bounds_real` selects images by it, soundness never rests on it).
 
-    ``g`` bounds ``max(|Δl|, |Δu|)`` per image: each affine op adds its widening ``(rel + 4u)·M`` to
+    ``g`` bounds ``max(|Δl|, |Δu|)`` per image: each affine op adds its widening ``(rel + 8u)·M`` to
     ``|W|·g ≤ max(g)·(|W|·1)``; a ReLU and a reshape pass it on; the input box starts it at ``4u``
     (the outward rounding). A scalar per image in the propagation keeps it to elementwise work."""
     g = torch.full((st.x_lo.shape[0],), 4 * unit(), dtype=st.x_lo.dtype, device=st.x_lo.device)

@@ -60,8 +60,11 @@ def gamma(n: int) -> float:
 
 def rel_ibp(op: Affine) -> float:
     """Interval widening per unit of magnitude: our centre and radius (γ_fan_in), the model's own
-    forward pass (γ_fan_in), and the few roundings of mid/rad/constants."""
-    return 2 * gamma(op.fan_in) + EXTRA * unit()
+    forward pass (γ_fan_in), and the few roundings of mid/rad/constants; divided by ``1 − γ_fan_in``
+    because the widening's own product with ``|W|`` may come out that much short (second order, but
+    it grows with the fan-in: a 32,768-input layer needs it)."""
+    g = gamma(op.fan_in)
+    return (2 * g + EXTRA * unit()) / (1 - g)
 
 
 def down32(v: torch.Tensor) -> torch.Tensor:
@@ -124,9 +127,9 @@ def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg
     ``nonneg``: the caller knows ``l ≥ 0`` (a ReLU output or the input box), so ``max(|l|, |u|) = u``.
     Sound: ``[c − w, c + w]`` with ``w = |W|·rad + rel·M``, ``M = |W|·max(|l|, |u|) + |b| + TINY/rel``.
     ``need_mag=False`` (IBP alone, no backward pass to charge): ``w = |W|·(rad + rel'·max(|l|, |u|)) +
-    rel'·|b| + TINY``, one product with ``|W|`` instead of two; ``rel' = rel + 4u`` pays for the two
-    elementwise roundings of the sum (each ≤ u of it, so ≤ 2u·M through ``|W|``) and the second-order
-    ``γ·rel·M`` of its product; returns no magnitude.
+    rel'·|b| + TINY``, one product with ``|W|`` instead of two; ``rel' = (rel + 4u)/(1 − γ)`` pays for
+    the two elementwise roundings of the sum (each ≤ u of it, so ≤ 2u·M through ``|W|``) and for the
+    product's own shortfall (≤ γ of it); returns no magnitude.
     """
     if isinstance(op, Channel):
         return ibp_channel(op, l, u, sound, nonneg)
@@ -139,7 +142,7 @@ def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg
     rad = rad.mul_(1 + 4 * unit()) if _fresh(rad) else rad * (1 + 4 * unit())
     zmax = u if nonneg else torch.maximum(l.abs(), u.abs())
     if not need_mag:
-        rel = rel_ibp(op) + 4 * unit()
+        rel = (rel_ibp(op) + 4 * unit()) / (1 - gamma(op.fan_in))
         s = rad.add_(zmax.detach(), alpha=rel) if _fresh(rad) else rad + rel * zmax.detach()
         w = op.forward_abs(s)
         ab = op.abs_bias()
@@ -211,7 +214,7 @@ class Spec:
             b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         ca = c.abs()
         return cls(weight=c @ w, bias=c @ b, abs_weight=ca @ w.abs(), abs_bias=ca @ b.abs(),
-                   rel=2 * gamma(last.fan_in) + gamma(w.shape[0]) + EXTRA * unit())
+                   rel=(2 * gamma(last.fan_in) + gamma(w.shape[0]) + EXTRA * unit()) / (1 - gamma(last.fan_in)))
 
     def rows(self, sl: slice) -> "Spec":
         """The specification of the images ``sl``."""

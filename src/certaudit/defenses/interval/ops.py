@@ -97,6 +97,14 @@ class Affine(Op):
         raise NotImplementedError
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of a weight (None for inference tensors, which cannot change)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class Dense(Affine):
     kind = "dense"
 
@@ -106,10 +114,13 @@ class Dense(Affine):
         self.fan_in, self.fan_out = int(weight.shape[1]) + (bias is not None), int(weight.shape[0])
         self.name = name
         self._abs: torch.Tensor | None = None
+        self._ver = _version(weight)
 
     def _wabs(self) -> torch.Tensor:
-        if self._abs is None:
-            self._abs = self.weight.abs()
+        """``|W|``, cached while the weight is unchanged (a model trained in place after compiling
+        invalidates it)."""
+        if self._abs is None or self._ver != _version(self.weight):
+            self._abs, self._ver = self.weight.abs(), _version(self.weight)
         return self._abs
 
     def forward(self, z):
@@ -161,8 +172,16 @@ class Conv(Affine):
         self._abs: torch.Tensor | None = None
         self._phases: torch.Tensor | None = None
         self._jac: dict = {}  # patch size -> (matrix of Λ ↦ Λ W over the patch, output patch shape)
+        self._ver = _version(weight)
+
+    def _check_cache(self) -> None:
+        """Drop the caches derived from the weight when it was changed in place since."""
+        v = _version(self.weight)
+        if v != self._ver:
+            self._abs, self._phases, self._jac, self._ver = None, None, {}, v
 
     def _wabs(self) -> torch.Tensor:
+        self._check_cache()
         if self._abs is None:
             self._abs = self.weight.abs()
         return self._abs
@@ -206,6 +225,7 @@ class Conv(Affine):
         n_in = math.prod(size)
         if torch.is_grad_enabled() and (a.requires_grad or self.weight.requires_grad) or n_in > 4096:
             return self.backward_full(a)
+        self._check_cache()
         if size not in self._jac:
             with torch.no_grad():
                 eye = torch.eye(n_in, dtype=a.dtype, device=a.device).view(n_in, *size)
@@ -240,6 +260,7 @@ class Conv(Affine):
     def _phase_kernels(self) -> torch.Tensor:
         """The transposed convolution as s_h·s_w ordinary stride-1 convolutions, one per output phase:
         weight (s_h·s_w·C_in, C_out, ⌈k_h/s_h⌉, ⌈k_w/s_w⌉), flipped, taps beyond k zero."""
+        self._check_cache()
         if self._phases is None:
             w = self.weight.detach()
             c_out, c_in, kh, kw = w.shape
@@ -497,3 +518,4 @@ def to_device(ops: list[Op], device: torch.device, dtype: torch.dtype) -> None:
             op.weight = op.weight.to(device=device, dtype=dtype)
             op._abs = op._phases = None
             op._jac = {}
+            op._ver = _version(op.weight)
