@@ -43,13 +43,13 @@ Higham's ``γ_n = n·u/(1 − n·u)`` (the error of any float sum of ``n`` produ
 relative to the sum of their magnitudes; exact zeros among the products add no rounding, so ``n``
 counts the products that can be non-zero):
 
-* every IBP interval is widened by ``(2·γ_fan_in + 8u)·M``, where ``M = |W|·max(|l|, |u|) + |b|``
+* every IBP interval is widened by ``(2·γ_fan_in + 8u)/(1 − γ_fan_in)·M``, where ``M = |W|·max(|l|, |u|) + |b|``
   bounds the magnitudes a layer sums: one ``γ`` for our centre/radius products, one for the
   model's own forward pass (so intervals contain the float forward values too); after a ReLU (and
   for the input box) ``max(|l|, |u|) = u``; a per-channel map (Normalize, BatchNorm) maps ``l`` and
   ``u`` elementwise with the same widening (fan-in 2), and ``Normalize(0, 1)`` is the identity, exact
   in the model and here; IBP alone (no backward pass needs ``M``) folds the widening into the radius,
-  ``|W|·(rad + rel'·max(|l|, |u|)) + rel'·|b|`` with ``rel' = rel + 4u`` (one product with ``|W|``
+  ``|W|·(rad + rel'·max(|l|, |u|)) + rel'·|b|`` with ``rel' = (rel + 4u)/(1 − γ)`` (one product with ``|W|``
   instead of two; the two extra roundings of the sum are paid by the ``4u``, :func:`.ibp.ibp_affine`);
 * each backward affine step subtracts ``(γ_fan_in + γ_fan_out + γ_(C + HW) + 8u)·Σ|Λ|·M``
   (the model's forward rounding seen as an additive perturbation of the layer output, our
