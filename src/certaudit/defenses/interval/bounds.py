@@ -44,7 +44,8 @@ relative to the sum of their magnitudes; exact zeros among the products add no r
 counts the products that can be non-zero):
 
 * every IBP interval is widened by ``(2·γ_fan_in + 8u)/(1 − γ_fan_in)·M``, where ``M = |W|·max(|l|, |u|) + |b|``
-  bounds the magnitudes a layer sums: one ``γ`` for our centre/radius products, one for the
+  bounds the magnitudes a layer sums (computed, then divided by ``1 − γ_fan_in``: an upper bound of
+  the exact value, which every later use of ``M`` as a magnitude relies on): one ``γ`` for our centre/radius products, one for the
   model's own forward pass (so intervals contain the float forward values too); after a ReLU (and
   for the input box) ``max(|l|, |u|) = u``; a per-channel map (Normalize, BatchNorm) maps ``l`` and
   ``u`` elementwise with the same widening (fan-in 2), and ``Normalize(0, 1)`` is the identity, exact

@@ -157,6 +157,8 @@ def ibp_affine(op: Affine, l: torch.Tensor, u: torch.Tensor, sound: bool, nonneg
         mag = op.forward_abs(zmax)
         ab = op.abs_bias()
         mag.add_(TINY / rel if ab is None else ab + TINY / rel)  # TINY: the absolute slack (underflow)
+        # an upper bound of the exact |W|·max(|l|, |u|) + |b|: the computed product may be γ short
+        mag.mul_(1 / (1 - gamma(op.fan_in)))
     w = r.add_(mag, alpha=rel) if _fresh(r) else r + rel * mag
     c = op.forward(mid)
     hi = c + w
