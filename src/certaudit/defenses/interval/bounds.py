@@ -382,27 +382,29 @@ def _ibp_alone(net: Network, x: torch.Tensor, eps, c: torch.Tensor, sound: bool,
     return low, (gaps[0] if len(gaps) == 1 else torch.cat(gaps))
 
 
+def _abs_rowsum(op: Affine, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``|W|·1`` per output neuron (1, *out), cached on the op while its weight is unchanged in place."""
+    w = getattr(op, "weight", None)
+    key = (dtype, device, None if w is None else (id(w), _version(w)))
+    cached = getattr(op, "_abs_rowsum", None)
+    if cached is None or cached[0] != key:
+        cached = (key, op.forward_abs(torch.ones((1, *op.in_shape), dtype=dtype, device=device)))
+        op._abs_rowsum = cached
+    return cached[1]
+
+
 def _abs_row_max(op: Affine) -> tuple[float, float]:
     """The largest row sum of ``|W|`` and the largest ``|b|`` (a Channel: ``|scale|`` and its magnitudes)."""
-    cached = getattr(op, "_abs_row_max", None)
-    if cached is None:
-        if isinstance(op, Channel):
-            cached = (float(op.scale.abs().max()), float(op.mag.abs().max()))
-        else:
-            ones = torch.ones((1, *op.in_shape), dtype=op.weight.dtype, device=op.weight.device)
-            ab = op.abs_bias()
-            cached = (float(op.forward_abs(ones).max()), 0.0 if ab is None else float(ab.max()))
-        op._abs_row_max = cached
-    return cached
+    dtype, device = (op.weight.dtype, op.weight.device) if isinstance(getattr(op, "weight", None), torch.Tensor) \
+        else (op.scale.dtype, op.scale.device)
+    ab = op.abs_bias()
+    return float(_abs_rowsum(op, dtype, device).max()), 0.0 if ab is None else float(ab.abs().max())
 
 
 def _gap_step(op: Affine, g: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
     """One affine op of :func:`_ibp_gap`'s propagation: ``max(g)·(|W|·1) + (rel + 8u)·M`` (B, *out): the
     folded widening is ``(rel + 4u)·M`` plus the ``4u·|W|·rad`` of the rounded-up radius."""
-    rows = getattr(op, "_abs_rowsum", None)
-    if rows is None or rows.dtype != mag.dtype or rows.device != mag.device:
-        rows = op.forward_abs(torch.ones((1, *op.in_shape), dtype=mag.dtype, device=mag.device))
-        op._abs_rowsum = rows
+    rows = _abs_rowsum(op, mag.dtype, mag.device)
     gmax = g.flatten(1).amax(1) if g.dim() > 1 else g
     return torch.addcmul((rel_ibp(op) + 8 * unit()) * mag, gmax.view(-1, *([1] * len(op.out_shape))), rows)
 
