@@ -10,8 +10,8 @@ data set is missing), ours against
   implementation of these bounds; skipped with a message where it does not import; install: see
   ``benchmarks/README.md``; ``--alirpa-path`` is added to its ``PYTHONPATH``);
 * ``real:ibp``, ``real:crown-ibp``, ``real:crown``: ours for the real-arithmetic network (auto_LiRPA's
-  claim; ``spec_bounds_real``: the float32-sound bound, images undecided within twice its rounding slack
-  redone in float64), where ``ours:`` bounds the float32 forward pass as well;
+  claim; ``spec_bounds_real``: the float32-sound bound, the images it may leave undecided by its own
+  rounding redone in float64), where ``ours:`` bounds the float32 forward pass as well;
 * convex_adversarial 0.4.4 (``oracle:kw``: Wong & Kolter's dual bound, the same linear relaxation as
   our ``crown`` with ``pure=True, lower_slope="parallel"``, shown as ``ours:crown-kw``).
 
@@ -42,6 +42,7 @@ A "bound" is one image's K − 1 = 9 margin lower bounds; verified = all nine > 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -291,6 +292,17 @@ def verify(args) -> dict:
     stop = len(y) if not args.limit else min(len(y), args.skip + args.limit)
     wanted = list(range(args.skip, stop))
     methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        who, _, what = m.rpartition(":")
+        if who not in ("", "real", "alirpa") or what not in METHODS:
+            raise SystemExit(f"unknown method {m!r}: use {', '.join(METHODS)}, or real:/alirpa: before one")
+        if who == "alirpa":
+            if args.alirpa_path and args.alirpa_path not in sys.path:
+                sys.path.append(args.alirpa_path)
+            try:
+                importlib.import_module("auto_LiRPA")
+            except Exception as exc:  # noqa: BLE001 -- any import failure: say so in one line
+                raise SystemExit(f"{m}: auto_LiRPA does not import ({type(exc).__name__}); see benchmarks/README.md")
     if args.oracle:
         mean, std = model[0].mean, model[0].std
         if bool((mean != 0).any()) or bool((std != 1).any()):
@@ -332,8 +344,6 @@ def verify(args) -> dict:
                                          for k in range(0, len(idx), 50)]).double()
                 elif m.startswith("alirpa:"):  # auto_LiRPA 0.7.1 (plain float32, the real network's claim)
                     if m not in theirs:
-                        if args.alirpa_path and args.alirpa_path not in sys.path:
-                            sys.path.append(args.alirpa_path)
                         theirs[m] = _alirpa_bound(model, xb, args.eps, m.split(":", 1)[1])
                     with torch.no_grad():
                         c, _ = specification(pred, 10, xb.dtype)
